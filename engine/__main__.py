@@ -1,0 +1,3 @@
+from nextn.cli import main
+
+raise SystemExit(main())

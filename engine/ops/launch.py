@@ -1,0 +1,37 @@
+"""What a kernel factory hands to the plan: one prepared kernel launch.
+
+A model step is a list of `Launch` records. Static arguments (buffers, shapes, constants) are set on
+the kernel once, when the step is built. What changes from step to step is only the number of tokens
+in the batch (`n_tokens`, step variable 0); per-token data (token ids, positions, slot of each token)
+lives in device buffers that the host writes before running the plan.
+
+The global size of dimension d is `round_up(global_const[d] + global_per_token[d] * n_tokens, local[d])`
+so one prepared kernel serves every batch size up to the maximum the step was built for. Arguments
+listed in `dyn_args` as `(arg_index, var_index)` are set to the int32 step variable before each launch.
+"""
+
+from dataclasses import dataclass, field
+
+import pyopencl as cl
+
+VAR_N_TOKENS = 0
+N_VARS = 4  # room for more step variables; only n_tokens is used today
+
+
+@dataclass
+class Launch:
+    kernel: cl.Kernel
+    global_const: tuple[int, ...]
+    global_per_token: tuple[int, ...]
+    local: tuple[int, ...] | None = None
+    dyn_args: list[tuple[int, int]] = field(default_factory=list)
+    name: str = ""  # for profiling and error messages; llama.cpp-style tensor name when it has one
+
+    def global_size(self, n_tokens: int) -> tuple[int, ...]:
+        out = []
+        for d, (c, m) in enumerate(zip(self.global_const, self.global_per_token)):
+            g = c + m * n_tokens
+            if self.local is not None and self.local[d]:
+                g = -(-g // self.local[d]) * self.local[d]
+            out.append(max(g, 1) if self.local is None else max(g, self.local[d]))
+        return tuple(out)
