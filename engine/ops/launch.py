@@ -5,17 +5,20 @@ the kernel once, when the step is built. What changes from step to step is only 
 in the batch (`n_tokens`, step variable 0); per-token data (token ids, positions, slot of each token)
 lives in device buffers that the host writes before running the plan.
 
-The global size of dimension d is `round_up(global_const[d] + global_per_token[d] * n_tokens, local[d])`
-so one prepared kernel serves every batch size up to the maximum the step was built for. Arguments
-listed in `dyn_args` as `(arg_index, var_index)` are set to the int32 step variable before each launch.
+The global size of dimension d is `round_up(global_const[d] + global_per_token[d] * vars[scale_var],
+local[d])` (at least local[d], or 1 without a local size), so one prepared kernel serves every batch size
+up to the maximum the step was built for. `scale_var` is usually VAR_N_TOKENS; kernels that only touch
+the rows whose logits are wanted scale with VAR_N_OUTPUTS. Arguments listed in `dyn_args` as
+`(arg_index, var_index)` are set to the int32 step variable before each launch.
 """
 
 from dataclasses import dataclass, field
 
 import pyopencl as cl
 
-VAR_N_TOKENS = 0
-N_VARS = 4  # room for more step variables; only n_tokens is used today
+VAR_N_TOKENS = 0  # tokens in this batch
+VAR_N_OUTPUTS = 1  # rows of the batch whose logits are computed (last token of a prompt, every draft)
+N_VARS = 4
 
 
 @dataclass
@@ -25,12 +28,13 @@ class Launch:
     global_per_token: tuple[int, ...]
     local: tuple[int, ...] | None = None
     dyn_args: list[tuple[int, int]] = field(default_factory=list)
+    scale_var: int = VAR_N_TOKENS
     name: str = ""  # for profiling and error messages; llama.cpp-style tensor name when it has one
 
-    def global_size(self, n_tokens: int) -> tuple[int, ...]:
+    def global_size(self, vars) -> tuple[int, ...]:
         out = []
         for d, (c, m) in enumerate(zip(self.global_const, self.global_per_token)):
-            g = c + m * n_tokens
+            g = c + m * int(vars[self.scale_var])
             if self.local is not None and self.local[d]:
                 g = -(-g // self.local[d]) * self.local[d]
             out.append(max(g, 1) if self.local is None else max(g, self.local[d]))
