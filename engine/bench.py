@@ -1,0 +1,124 @@
+"""`nextn bench`: prompt and decode speed, host time per step, and decode vs the memory-bandwidth bound.
+
+Everything is measured in one process, side by side (these machines are shared and noisy): the same
+model and prompt with the Cython plan and with the plain pyopencl plan, medians of several repeats.
+"""
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nextn.cl.runtime import Runtime, default_cache_dir
+
+BENCH_MODEL = dict(arch="qwen3", qtype="Q8_0", seed=0, n_embd=1024, n_layer=9, n_head=16, n_head_kv=8,
+                   head_dim=128, n_ff=3072, n_ctx=4096)
+
+
+def bench_model_path() -> Path:
+    """A random ~300M-parameter Q8_0 qwen3 with Qwen2's 151936-token vocabulary, made once and cached."""
+    from nextn.tiny import make_tiny
+
+    vocab = Path(__file__).resolve().parent.parent / "tests" / "data" / "vocab" / "ggml-vocab-qwen2.gguf"
+    path = default_cache_dir().parent / "bench" / "qwen3-300m-q8_0-seed0.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        make_tiny(tmp, vocab=str(vocab) if vocab.exists() else "bytes", **BENCH_MODEL)
+        tmp.replace(path)
+    return path
+
+
+def decode_bytes_per_token(runner, n_past: int) -> int:
+    """Bytes a decode step must read: every weight matrix once (the embedding table only for its one row,
+    unless it is also the output head), the norms, and the KV cache of n_past positions."""
+    hp, w = runner.hp, runner.weights
+    total = 0
+    for name, t in w.items():
+        if name == "token_embd.weight" and w["output.weight"] is not t:
+            total += t.nbytes // t.n_rows
+        elif name == "output.weight" and t is w["token_embd.weight"]:
+            total += t.nbytes
+        elif hasattr(t, "nbytes") and hasattr(t, "n_rows"):
+            total += t.nbytes
+        else:
+            total += int(t.size)
+    total += hp.n_layer * 2 * n_past * hp.n_head_kv * hp.head_dim * 2  # f16 K and V
+    return total
+
+
+def _time_decode(runner, prompt, n_decode):
+    """Greedy decode after `prompt`; returns per-step wall seconds and per-step host enqueue seconds."""
+    top, _ = runner.eval(0, prompt, 0, want_logits=False)
+    token, pos = int(top[-1]), len(prompt)
+    plan = runner._plan(1)
+    walls, hosts = [], []
+    for _ in range(n_decode):
+        t0 = time.perf_counter()
+        top, _ = runner.step([token], [pos], [0], [0])
+        walls.append(time.perf_counter() - t0)
+        token, pos = int(top[-1]), pos + 1
+    # host time of one step: the plan's enqueue loop alone, the device queue drained before each timing
+    from nextn.cl import plan as planmod
+
+    for _ in range(n_decode):
+        planmod.finish(runner.rt.queue)
+        t0 = time.perf_counter()
+        plan.run(runner._vars)
+        hosts.append(time.perf_counter() - t0)
+    planmod.finish(runner.rt.queue)
+    return walls, hosts
+
+
+def main(args) -> int:
+    from nextn.cl.runtime import DeviceChoice
+    from nextn.ops.bandwidth import measure_bandwidth
+    from nextn.runner import ModelRunner
+
+    def sel(v):
+        return int(v) if v is not None and str(v).isdigit() else v
+
+    rt = Runtime(DeviceChoice(sel(args.platform), sel(args.device)))
+    path = Path(args.model) if args.model else bench_model_path()
+    t0 = time.perf_counter()
+    runner = ModelRunner(path, rt=rt, n_ctx=args.n_prompt + args.n_decode + 16, n_batch=args.n_prompt)
+    load_s = time.perf_counter() - t0
+    n_params = sum(t.n_rows * t.n_cols for t in runner.weights.values() if hasattr(t, "n_cols"))
+    print(f"device:     {rt.describe()}")
+    print(f"model:      {path.name}: {runner.file.arch}, {n_params / 1e6:.0f} M parameters in matrices, "
+          f"{runner.memory.weights / 2**20:.0f} MiB weights; loaded in {load_s:.1f} s "
+          f"({rt.builds_compiled} programs compiled, {rt.builds_cached} from cache)")
+    bw = measure_bandwidth(rt)
+    print(f"bandwidth:  {bw:.1f} GB/s (device copy kernel, read + write)")
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, min(runner.n_vocab, 100000), args.n_prompt).tolist()
+    pp = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        runner.eval(0, prompt, 0, want_logits=False)
+        pp.append(time.perf_counter() - t0)
+    pp_tps = args.n_prompt / statistics.median(pp)
+    print(f"prompt:     {args.n_prompt} tokens, {pp_tps:.1f} tok/s (median of {args.repeats})")
+
+    bytes_tok = decode_bytes_per_token(runner, args.n_prompt + args.n_decode // 2)
+    bound = bw * 1e9 / bytes_tok
+    print(f"decode bound: {bytes_tok / 2**20:.1f} MiB read per token -> {bound:.1f} tok/s at {bw:.1f} GB/s")
+    rows = []
+    for native in (True, False):
+        runner.use_native_plans(native)
+        walls, hosts = [], []
+        for _ in range(args.repeats):
+            w, h = _time_decode(runner, prompt[:64], args.n_decode)
+            walls += w
+            hosts += h
+        step = statistics.median(walls)
+        rows.append((("cython" if native else "pyopencl"), 1.0 / step, statistics.median(hosts), runner.plans[0][1].n_launches))
+    runner.use_native_plans(True)
+    print(f"{'plan':<10}{'decode tok/s':>14}{'of bound':>10}{'host us/step':>14}{'launches':>10}")
+    for name, tps, host, n in rows:
+        print(f"{name:<10}{tps:>14.1f}{tps / bound:>9.0%}{host * 1e6:>14.0f}{n:>10}")
+    print(f"ratio cython/pyopencl decode: {rows[0][1] / rows[1][1]:.2f}x; host time per step: "
+          f"{rows[1][2] / rows[0][2]:.1f}x less")
+    return 0

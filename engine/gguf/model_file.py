@@ -1,0 +1,111 @@
+"""A GGUF file opened for loading: metadata, the tensor table, and memory-mapped tensor bytes.
+
+Everything that can be wrong with a file (bad magic, truncation, a tensor that is missing, mis-shaped
+or of an unsupported type) is reported as one ModelLoadError that names the file and the problem, before
+anything is uploaded to the device.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from nextn.errors import ModelLoadError
+from nextn.gguf.metadata import metadata_dict
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    qtype: gguf.GGMLQuantizationType
+    ne: tuple[int, ...]  # GGUF order: ne[0] is the contiguous dimension (a 2-D weight is [n_cols, n_rows])
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.ne[1:])) if len(self.ne) > 1 else 1
+
+    @property
+    def n_cols(self) -> int:
+        return self.ne[0]
+
+
+class ModelFile:
+    """An open GGUF file. `raw(name)` gives a tensor's bytes as uint8 [n_rows, row_bytes] (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelLoadError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise ModelLoadError(f"{self.path}: is a directory, not a GGUF file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on a cut or corrupt header
+            raise ModelLoadError(f"{self.path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
+        self.meta: dict[str, Any] = metadata_dict(self._reader)
+        self.tensors: dict[str, TensorInfo] = {}
+        for t in self._reader.tensors:
+            try:
+                qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+            except ValueError:
+                raise ModelLoadError(f"{self.path}: tensor {t.name} has unknown type id {int(t.tensor_type)}") from None
+            info = TensorInfo(t.name, qtype, tuple(int(x) for x in t.shape), int(t.data_offset), int(t.n_bytes))
+            if info.offset + info.nbytes > size:
+                raise ModelLoadError(
+                    f"{self.path}: file is truncated: tensor {t.name} ends at byte {info.offset + info.nbytes} "
+                    f"but the file has {size} bytes"
+                )
+            self.tensors[t.name] = info
+        self.arch: str = self.meta.get("general.architecture", "")
+        if not self.arch:
+            raise ModelLoadError(f"{self.path}: metadata has no general.architecture")
+
+    # -- metadata ---------------------------------------------------------------------------------------
+
+    def key(self, name: str, default: Any = ...) -> Any:
+        """Metadata value; `{arch}` in the name is replaced by the architecture. Missing and no default: error."""
+        full = name.replace("{arch}", self.arch)
+        if full in self.meta:
+            return self.meta[full]
+        if default is ...:
+            raise ModelLoadError(f"{self.path}: metadata key {full} is missing")
+        return default
+
+    # -- tensors ----------------------------------------------------------------------------------------
+
+    def tensor(self, name: str, ne: tuple[int, ...], types: frozenset | None = None) -> TensorInfo:
+        """The tensor `name`, checked to have shape `ne` (GGUF order) and a type in `types`."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise ModelLoadError(f"{self.path}: tensor {name} is missing (architecture {self.arch})")
+        if tuple(info.ne) != tuple(ne):
+            raise ModelLoadError(f"{self.path}: tensor {name} has shape {list(info.ne)}, expected {list(ne)}")
+        if types is not None and info.qtype not in types:
+            allowed = ", ".join(sorted(t.name for t in types))
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} has type {info.qtype.name}, which nextn does not support here "
+                f"(supported: {allowed})"
+            )
+        return info
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def raw(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as uint8 [n_rows, row_bytes], memory-mapped (no copy)."""
+        data = self._reader.data[info.offset : info.offset + info.nbytes]
+        return data.reshape(info.n_rows, info.nbytes // info.n_rows)
+
+    def array_f32(self, info: TensorInfo) -> np.ndarray:
+        """A float32 tensor (norm weights) as a flat float32 array."""
+        return self.raw(info).view(np.float32).reshape(-1)

@@ -1,0 +1,11 @@
+"""llama: Llama-family dense models. No q/k norm; RoPE rotates adjacent pairs (GGML's NORM mode), because
+llama.cpp's converter permutes the q/k weights of LlamaForCausalLM for it."""
+
+from nextn.models.dense import DenseHParams
+
+ROPE_NEOX = False
+QK_NORM = False
+
+
+def hparams(mf) -> DenseHParams:
+    return DenseHParams.from_file(mf, rope_neox=ROPE_NEOX, qk_norm=QK_NORM)

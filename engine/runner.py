@@ -1,0 +1,161 @@
+"""ModelRunner: a GGUF model loaded onto an OpenCL device, with prepared step plans, ready to evaluate.
+
+Loading checks everything before spending device memory: the file, the architecture, every tensor's shape
+and type, and whether weights + KV cache + activations fit on the device. Then it uploads the weights,
+builds the kernels and compiles one plan per batch-size bucket (decode: 1 token; verify: a few; prompt:
+n_batch). Evaluating a batch is: write token ids / positions / sequences / wanted rows (a few bytes),
+run the plan from Cython, read back argmax ids (and full logits only when a sampler needs them).
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nextn.cl import plan as planmod
+from nextn.cl.runtime import Runtime
+from nextn.errors import RequestError
+from nextn.gguf.model_file import ModelFile
+from nextn.memory.kv_cache import KVCache
+from nextn.models import architecture, dense
+from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
+from nextn.ops.matmul import MatmulOps
+from nextn.tokenizer import Tokenizer
+
+VERIFY_TOKENS = 16  # largest batch served by the "few tokens" plan (speculative drafts, several slots)
+
+
+@dataclass
+class MemoryPlan:
+    weights: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        rt: Runtime | None = None,
+        n_ctx: int | None = None,
+        n_seq: int = 1,
+        n_batch: int = 512,
+        native_plan: bool = True,
+        progress: bool = False,
+    ):
+        t0 = time.perf_counter()
+        self.file = mf = ModelFile(path)
+        self.arch = architecture(mf.arch, mf.path)
+        self.hp = hp = self.arch.hparams(mf)
+        infos = dense.check_tensors(hp, mf)
+        self.tokenizer = Tokenizer.from_metadata(mf.meta)
+        self.n_ctx = int(n_ctx or min(hp.n_ctx_train, 4096))
+        self.n_seq = n_seq
+        self.n_batch = max(1, min(n_batch, self.n_ctx))
+        self.memory = MemoryPlan(
+            weights=dense.weights_bytes(infos),
+            kv_cache=KVCache.bytes_needed(hp.n_layer, n_seq, self.n_ctx, hp.n_head_kv, hp.head_dim),
+            activations=dense.StepBuffers.bytes_needed(hp, self.n_batch),
+        )
+        self.rt = rt or Runtime()
+        self.rt.check_fits(self.memory.total, f"{mf.path.name} (weights + KV cache for {n_seq}x{self.n_ctx} + activations)")
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(i.nbytes for i in infos.values()), unit="B", unit_scale=True, desc="loading")
+        self.weights = dense.upload(self.rt, mf, infos, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        self.cache = KVCache(self.rt, hp.n_layer, n_seq, self.n_ctx, hp.n_head_kv, hp.head_dim)
+        self.buffers = dense.StepBuffers.allocate(self.rt, hp, self.n_batch)
+        self.mm = MatmulOps(self.rt)
+        buckets = sorted({1, min(VERIFY_TOKENS, self.n_batch), self.n_batch})
+        self.plans = []  # (max_tokens, plan), smallest first
+        self.launches = {}  # max_tokens -> the plan's Launch list (bench swaps plan kinds over the same launches)
+        for max_tokens in buckets:
+            launches = dense.build_step(self.rt, self.mm, hp, self.weights, self.buffers, self.cache, max_tokens)
+            self.plans.append((max_tokens, planmod.make_plan(self.rt.queue, launches, native=native_plan)))
+            self.launches[max_tokens] = launches
+        self.load_seconds = time.perf_counter() - t0
+        # Host staging arrays, alive for the runner's life (writes are non-blocking).
+        self._vars = np.zeros(N_VARS, np.int32)
+        self._ids = np.zeros(self.n_batch, np.int32)
+        self._pos = np.zeros(self.n_batch, np.int32)
+        self._seq = np.zeros(self.n_batch, np.int32)
+        self._out_idx = np.zeros(self.n_batch, np.int32)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.hp.n_vocab
+
+    def use_native_plans(self, native: bool) -> None:
+        """Rebuild every plan as native (Cython) or pyopencl over the same prepared kernels."""
+        self.plans = [(m, planmod.make_plan(self.rt.queue, self.launches[m], native=native)) for m, _ in self.plans]
+
+    def _plan(self, n_tokens: int):
+        for max_tokens, plan in self.plans:
+            if n_tokens <= max_tokens:
+                return plan
+        raise ValueError(f"batch of {n_tokens} tokens exceeds n_batch={self.n_batch}")
+
+    def step(self, ids, pos, seq, out_rows, want_logits: bool = False):
+        """One forward pass over a batch (at most n_batch tokens). Returns (argmax ids, logits or None) of the
+        rows listed in `out_rows`."""
+        n, n_out = len(ids), len(out_rows)
+        q, b = self.rt.queue, self.buffers
+        self._ids[:n] = ids
+        self._pos[:n] = pos
+        self._seq[:n] = seq
+        self._out_idx[:n_out] = out_rows
+        planmod.enqueue_write(q, b.ids, self._ids[:n])
+        planmod.enqueue_write(q, b.pos, self._pos[:n])
+        planmod.enqueue_write(q, b.seq, self._seq[:n])
+        planmod.enqueue_write(q, b.out_idx, self._out_idx[:n_out])
+        self._vars[VAR_N_TOKENS] = n
+        self._vars[VAR_N_OUTPUTS] = n_out
+        self._plan(n).run(self._vars)
+        top = np.empty(n_out, np.int32)
+        if n_out == 0:  # a mid-prompt chunk: the head's kernels see zero rows and do nothing
+            planmod.finish(q)
+            return top, None
+        planmod.enqueue_read(q, b.argmax, top)
+        logits = None
+        if want_logits:
+            logits = np.empty((n_out, self.n_vocab), np.float32)
+            planmod.enqueue_read(q, b.logits, logits)
+        return top, logits
+
+    def eval(self, seq: int, tokens, start_pos: int, all_logits: bool = False, want_logits: bool = True):
+        """Evaluate `tokens` of sequence `seq` at positions start_pos.. in chunks of n_batch.
+
+        Returns (argmax, logits) for the last token, or for every token with all_logits=True.
+        """
+        tokens = list(tokens)
+        if not tokens:
+            raise RequestError("nothing to evaluate: the prompt is empty")
+        if start_pos + len(tokens) > self.n_ctx:
+            raise RequestError(
+                f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx} tokens (--ctx-size)"
+            )
+        tops, logits = [], []
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i : i + self.n_batch]
+            n = len(chunk)
+            last = i + n == len(tokens)
+            rows = list(range(n)) if all_logits else ([n - 1] if last else [])
+            pos = np.arange(start_pos + i, start_pos + i + n, dtype=np.int32)
+            t, lg = self.step(chunk, pos, [seq] * n, rows, want_logits)
+            tops.append(t)
+            if lg is not None:
+                logits.append(lg)
+        self.cache.lengths[seq] = start_pos + len(tokens)
+        top = np.concatenate(tops)
+        return top, (np.concatenate(logits) if logits else None)
