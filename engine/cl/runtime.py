@@ -81,8 +81,9 @@ def choose_device(choice: DeviceChoice = DeviceChoice()) -> cl.Device:
 class Runtime:
     """One device, its context and in-order queue, built programs and a memory ledger."""
 
-    def __init__(self, choice: DeviceChoice = DeviceChoice(), cache_dir: Path | None = None):
+    def __init__(self, choice: DeviceChoice = DeviceChoice(), cache_dir: Path | None = None, kernel_dir: Path | None = None):
         self.device = choose_device(choice)
+        self.kernel_dir = Path(kernel_dir) if kernel_dir is not None else KERNEL_DIR
         self.ctx = cl.Context([self.device])
         self.queue = cl.CommandQueue(self.ctx, self.device)
         self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
@@ -115,11 +116,11 @@ class Runtime:
     def build(self, filename: str, defines: dict | None = None, extra_options: tuple[str, ...] = ()) -> cl.Program:
         """Build engine/kernels/<filename> with -D defines, once per process, cached on disk."""
         defines = defines or {}
-        options = [f"-I{KERNEL_DIR}", "-cl-std=CL1.2", "-cl-mad-enable", *extra_options]
+        options = [f"-I{self.kernel_dir}", "-cl-std=CL1.2", "-cl-mad-enable", *extra_options]
         options += [f"-D{k}={v}" for k, v in sorted(defines.items())]
-        source = (KERNEL_DIR / filename).read_text()
+        source = (self.kernel_dir / filename).read_text()
         # Included headers take part in the key: a changed header must rebuild every program.
-        headers = "".join(p.read_text() for p in sorted(KERNEL_DIR.glob("*.h")))
+        headers = "".join(p.read_text() for p in sorted(self.kernel_dir.glob("*.h")))
         key = (filename, tuple(options))
         if key in self._programs:
             return self._programs[key]
