@@ -1,0 +1,63 @@
+// elementwise.cl - element-wise ops on activations: residual add, SwiGLU, row gather.
+//
+// kernel_add:     y[i] = a[i] + b[i]                      for i < n_tokens * n   (y may alias a or b)
+// kernel_swiglu:  y[i] = gate[i] / (1 + exp(-gate[i])) * up[i]   (silu(gate) * up; y may alias gate or up)
+// kernel_gather_rows_f4 / _f1:  y[i, :] = x[idx[i], :]    for i < n_rows        (idx int32)
+//
+// NDRange:
+//   add, swiglu: 1-D, work-item g handles the float4 at 4g (a scalar tail when the total is not a multiple
+//     of 4); global = n_tokens * ceil(n / 4) rounded up to the local size (64), so the kernel bounds itself
+//     by n * n_tokens (n_tokens is the per-step argument).
+//   gather_rows: 2-D (chunk of the row, row); global = (ceil(row_len / V) rounded up to 64, n_rows),
+//     local = (64, 1); _f4 moves float4 chunks (row_len % 4 == 0), _f1 single floats. The grid has at
+//     least one row even when n_rows is 0, and idx[0] may then be stale: the n_rows bound keeps that
+//     row from reading x out of bounds.
+// Defines: none.
+// Reference: tests/test_ops_elementwise.py (numpy: a + b, g / (1 + np.exp(-g)) * u, x[idx]).
+
+__kernel void kernel_add(__global const float *a, __global const float *b, __global float *y, const int n,
+                         const int n_tokens) {
+    const int total = n * n_tokens;
+    const int i = get_global_id(0) * 4;
+    if (i + 4 <= total) {
+        vstore4(vload4(0, a + i) + vload4(0, b + i), 0, y + i);
+    } else {
+        for (int j = i; j < total; j++) {
+            y[j] = a[j] + b[j];
+        }
+    }
+}
+
+// exp(-g) overflows to +inf for g < -88: g / inf = -0, the limit of silu, so no clamp is needed.
+__kernel void kernel_swiglu(__global const float *gate, __global const float *up, __global float *y,
+                            const int n, const int n_tokens) {
+    const int total = n * n_tokens;
+    const int i = get_global_id(0) * 4;
+    if (i + 4 <= total) {
+        const float4 g = vload4(0, gate + i);
+        vstore4(g / (1.0f + exp(-g)) * vload4(0, up + i), 0, y + i);
+    } else {
+        for (int j = i; j < total; j++) {
+            const float g = gate[j];
+            y[j] = g / (1.0f + exp(-g)) * up[j];
+        }
+    }
+}
+
+__kernel void kernel_gather_rows_f4(__global const float *x, __global const int *idx, __global float *y,
+                                    const int row_len, const int n_rows) {
+    const int c = get_global_id(0);
+    const int r = get_global_id(1);
+    if (c < (row_len >> 2) && r < n_rows) {
+        vstore4(vload4(c, x + (size_t)idx[r] * row_len), c, y + (size_t)r * row_len);
+    }
+}
+
+__kernel void kernel_gather_rows_f1(__global const float *x, __global const int *idx, __global float *y,
+                                    const int row_len, const int n_rows) {
+    const int c = get_global_id(0);
+    const int r = get_global_id(1);
+    if (c < row_len && r < n_rows) {
+        y[(size_t)r * row_len + c] = x[(size_t)idx[r] * row_len + c];
+    }
+}

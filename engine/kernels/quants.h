@@ -1,0 +1,173 @@
+// quants.h - the device layout of weight matrices, the helpers that decode it, and the matmul driver
+// shared by matmul_<type>.cl and get_rows.cl.
+//
+// Tile layout (built on the host by engine/ops/weights.py::repack):
+//     A weight [n_rows, n_cols] is cut into tiles of TILE_ROWS = 16 consecutive rows (the last tile padded
+//     with zero rows). A tile is stored block after block (a GGUF block: 32 columns for Q8_0/Q4_0, 256
+//     for the K-quants, 1 column for F32/F16/BF16). One tile block holds the GGUF block of each of the 16
+//     rows, field by field in GGUF order, and inside a field element-major, row-minor:
+//         field f, element k, row lane l  at byte  16 * off_f + (k * 16 + l) * elsize_f
+//     so one 16-byte load (or a 32-byte ushort16 load for halves) gives the same element of all 16 rows.
+//     A tile block is exactly 16 GGUF blocks long: the device holds the file's bytes, only reordered.
+//
+// Why: on a CPU (PoCL) a work-item that owns a tile keeps the 16 rows in the 16 lanes of a float16 and
+// does rank-1 updates, acc += w_col * x[col] with x broadcast from memory, so the x operand costs no shuffle
+// and one decoded column serves every token of the batch (weights are read once per work-item for all
+// tokens). The per-row reduction at the end disappears: lane l is row l. The measured alternative (one row
+// per work-item, dot products over blocks) needed a shuffle per block to broadcast its scale and a
+// horizontal sum per row.
+
+#ifndef NEXTN_QUANTS_H
+#define NEXTN_QUANTS_H
+
+#define TILE_ROWS 16
+
+// Bytes of one tile block (16 rows x one GGUF block) per type.
+#define TB_F32 64      // 16 x float
+#define TB_F16 32      // 16 x half
+#define TB_BF16 32     // 16 x bfloat16
+#define TB_Q8_0 544    // d[16] half | qs[32][16] int8
+#define TB_Q4_0 288    // d[16] half | qs[16][16] uint8 (low nibble: column j, high nibble: column j + 16)
+#define TB_Q4_K 2304   // d[16] | dmin[16] half | scales[12][16] (6-bit packed) | qs[128][16]
+#define TB_Q5_K 2816   // d[16] | dmin[16] half | scales[12][16] | qh[32][16] | qs[128][16]
+#define TB_Q6_K 3360   // ql[128][16] | qh[64][16] | scales[16][16] int8 | d[16] half
+
+// Field offsets inside a tile block (bytes).
+#define Q8_0_QS 32
+#define Q4_0_QS 32
+#define QK_DMIN 32     // Q4_K / Q5_K
+#define QK_SCALES 64
+#define Q4_K_QS 256
+#define Q5_K_QH 256
+#define Q5_K_QS 768
+#define Q6_K_QH 2048
+#define Q6_K_SC 3072
+#define Q6_K_D 3328
+
+// 16 IEEE halves -> floats with integer ops only: PoCL implements vload_half in scalar software and the
+// device need not have cl_khr_fp16. Exact for normals, subnormals, zeros, infinities and NaNs.
+inline float16 half16_to_float16(const ushort16 h) {
+    const uint16 u = convert_uint16(h);
+    const uint16 mag = (u & 0x7fffu) << 13;               // exponent + mantissa in float position
+    float16 f = as_float16(mag) * 0x1p112f;               // rebias 15 -> 127; renormalises subnormals
+    f = select(f, as_float16(mag | 0x7f800000u), mag >= 0x0f800000u);  // inf / NaN keep exponent 255
+    return as_float16(as_uint16(f) | ((u & 0x8000u) << 16));
+}
+
+inline float16 bf16x16_to_float16(const ushort16 h) {
+    return as_float16(convert_uint16(h) << 16);
+}
+
+inline float half_to_float(const ushort h) {
+    const uint mag = ((uint)h & 0x7fffu) << 13;
+    float f = as_float(mag) * 0x1p112f;
+    if (mag >= 0x0f800000u) {
+        f = as_float(mag | 0x7f800000u);
+    }
+    return as_float(as_uint(f) | (((uint)h & 0x8000u) << 16));
+}
+
+// 6-bit scales and mins of Q4_K / Q5_K (ggml's get_scale_min_k4), for 16 rows at once.
+// q: the 12 packed scale bytes as uchar16 row vectors; j: sub-block 0..7 (compile-time after unrolling).
+inline void scale_min_k4(const int j, __global const uchar *q, float16 *sc, float16 *m) {
+    if (j < 4) {
+        *sc = convert_float16(vload16(j, q) & (uchar)63);
+        *m = convert_float16(vload16(j + 4, q) & (uchar)63);
+    } else {
+        const uchar16 a = vload16(j + 4, q);
+        *sc = convert_float16((a & (uchar)0xF) | ((vload16(j - 4, q) >> (uchar)6) << (uchar)4));
+        *m = convert_float16((a >> (uchar)4) | ((vload16(j, q) >> (uchar)6) << (uchar)4));
+    }
+}
+
+// ---- matmul driver -------------------------------------------------------------------------------------
+//
+// A tile function `tile_<type>(TT, NA, ...)` computes y[t, r0:r0+16] (+)= W[r0:r0+16, :] . x[t, :] for TT
+// consecutive tokens. TT and NA are compile-time constants at each call site (the function is inlined),
+// so the accumulator array acc[TT][NA] lives in registers. NA > 1 splits each token's sum over columns
+// into NA independent FMA chains: with one token a single chain would wait on the FMA latency.
+
+#define MM_TT_MAX 8
+#define MM_NA_MAX 4
+
+// acc[t][a] += w * x[t, col] for the TT tokens; xp points at x[0, col], rows of x are n_cols apart.
+#define MM_COL(w, xp, a)                                                                                   \
+    _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
+        acc[t_][(a)] = fma((w), (float16)((xp)[t_ * n_cols]), acc[t_][(a)]);                               \
+    }
+
+#define MM_ACC_DECL                                                                                         \
+    float16 acc[MM_TT_MAX][MM_NA_MAX];                                                                      \
+    _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
+        _Pragma("unroll") for (int a_ = 0; a_ < NA; a_++) {                                                 \
+            acc[t_][a_] = (float16)(0.0f);                                                                  \
+        }                                                                                                   \
+    }
+
+// y[t, :rows] (+)= sum over a of acc[t][a]; y points at y[0, r0], rows of y are n_rows apart.
+#define MM_STORE(y)                                                                                         \
+    _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
+        float16 v_ = acc[t_][0];                                                                            \
+        _Pragma("unroll") for (int a_ = 1; a_ < NA; a_++) {                                                 \
+            v_ += acc[t_][a_];                                                                              \
+        }                                                                                                   \
+        store_rows(v_, (y) + (size_t)t_ * n_rows, rows, accumulate);                                        \
+    }
+
+inline void store_rows(float16 v, __global float *yr, const int rows, const int accumulate) {
+    if (rows == TILE_ROWS) {
+        if (accumulate) {
+            v += vload16(0, yr);
+        }
+        vstore16(v, 0, yr);
+    } else {
+        float tmp[TILE_ROWS];
+        vstore16(v, 0, tmp);
+        for (int i = 0; i < rows; i++) {
+            yr[i] = accumulate ? yr[i] + tmp[i] : tmp[i];
+        }
+    }
+}
+
+// The parameter list every tile function takes (after TT, NA).
+#define MM_TILE_PARAMS                                                                                      \
+    __global const uchar *wt, const int nb, __global const float *x, const int n_cols, __global float *y,  \
+        const int n_rows, const int rows, const int accumulate
+
+// Kernel entry: work-item (tile, chunk) handles rows [16 tile, 16 tile + 16) for tokens
+// [chunk * tchunk, min(n_tokens, (chunk + 1) * tchunk)), in groups of 8, 4, 2 and 1 tokens.
+#define MM_KERNEL(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                              \
+    __kernel void NAME(__global const uchar *w, __global const float *x, __global float *y,                 \
+                       const int n_rows, const int n_cols, const int n_tokens, const int tchunk,            \
+                       const int accumulate) {                                                               \
+        const int tile = get_global_id(0);                                                                  \
+        const int r0 = tile * TILE_ROWS;                                                                    \
+        if (r0 >= n_rows) {                                                                                 \
+            return;                                                                                         \
+        }                                                                                                   \
+        const int rows = min(TILE_ROWS, n_rows - r0);                                                       \
+        const int nb = n_cols / (BLOCK_COLS);                                                               \
+        __global const uchar *wt = w + (size_t)tile * nb * (TILE_BLOCK_BYTES);                              \
+        int t0 = get_global_id(1) * tchunk;                                                                 \
+        const int t1 = min(n_tokens, t0 + tchunk);                                                          \
+        while (t0 < t1) {                                                                                   \
+            __global const float *xt = x + (size_t)t0 * n_cols;                                             \
+            __global float *yt = y + (size_t)t0 * n_rows + r0;                                              \
+            const int rem = t1 - t0;                                                                        \
+            if (rem >= 8) {                                                                                 \
+                TILE_FN(8, 1, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                t0 += 8;                                                                                    \
+            } else if (rem >= 4) {                                                                          \
+                TILE_FN(4, 1, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                t0 += 4;                                                                                    \
+            } else if (rem >= 2) {                                                                          \
+                TILE_FN(2, 2, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                t0 += 2;                                                                                    \
+            } else {                                                                                        \
+                TILE_FN(1, 4, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                t0 += 1;                                                                                    \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
+#endif

@@ -1,0 +1,107 @@
+"""KV-cache store and causal multi-sequence attention (kernels/attention.cl).
+
+The cache of one layer is K and V, each half [n_seq, n_ctx, n_head_kv, head_dim]: token t of a batch is
+stored at (seqs[t], positions[t]) and attends to positions 0..positions[t] of its own sequence.
+"""
+
+import numpy as np
+import pyopencl as cl
+
+from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.ops.norm import check_buffer
+
+
+def kv_cache_bytes(n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int) -> int:
+    """Bytes of K + V of one layer (half precision)."""
+    return 2 * 2 * n_seq * n_ctx * n_head_kv * head_dim
+
+
+def _n_seq(cache, n_ctx: int, n_head_kv: int, head_dim: int) -> int:
+    n_seq = cache.size // (2 * n_ctx * n_head_kv * head_dim)
+    if n_seq < 1:
+        raise ValueError(f"KV cache buffer of {cache.size} bytes holds no sequence of n_ctx={n_ctx}")
+    return n_seq
+
+
+def kv_store(rt, k, v, k_cache, v_cache, positions, seqs, n_head_kv: int, head_dim: int, n_ctx: int,
+             max_tokens: int) -> list[Launch]:
+    """Write k, v float32 [n_tokens, n_head_kv*head_dim] into the half caches at (seqs[t], positions[t])."""
+    kv_dim = n_head_kv * head_dim
+    if kv_dim % 4:
+        raise ValueError(f"kv_store: n_head_kv * head_dim = {kv_dim} must be a multiple of 4")
+    check_buffer(k, 4 * max_tokens * kv_dim, "kv_store k")
+    check_buffer(v, 4 * max_tokens * kv_dim, "kv_store v")
+    n_seq = min(_n_seq(k_cache, n_ctx, n_head_kv, head_dim), _n_seq(v_cache, n_ctx, n_head_kv, head_dim))
+    kern = rt.kernel(rt.build("attention.cl"), "kernel_kv_store")
+    kern.set_args(k, v, k_cache, v_cache, positions, seqs, np.int32(kv_dim), np.int32(n_ctx), np.int32(n_seq),
+                  np.int32(0))
+    return [Launch(kern, (kv_dim // 4, 0), (0, 1), None, [(9, VAR_N_TOKENS)], VAR_N_TOKENS, name="kv_store")]
+
+
+def local_bytes(head_dim: int, n_rep: int, shape: dict) -> int:
+    """Local memory of kernel_attention (Qs, Kt, Vs, Sc, row state, token state; strides as in the kernel)."""
+    r, bc, bq = shape["BQ"] * n_rep, shape["BC"], shape["BQ"]
+    return 4 * (r * (head_dim + 1) + head_dim * (bc + shape["VW"]) + bc * head_dim + r * bc + 3 * r) + 8 * bq
+
+
+def default_shape(rt, head_dim: int, n_rep: int) -> dict:
+    """Tile shape per device kind; see the header of attention.cl for what each define means."""
+    if rt.device.type & cl.device_type.CPU:
+        # PoCL: a work-group runs on one core, work-item after work-item; float16 vectors are one AVX-512
+        # register. 16 work-items, 4x2 register blocks (measured best of WG 8..32, BQ 4..16, BC 32/64,
+        # RB 2..8, OB 1..2 at head_dim 128, n_rep 2, for both 1 and 512 query tokens).
+        shape = {"WG": 16, "BQ": 8, "BC": 32, "VW": 16, "RB": 4, "CB": 2, "OB": 2}
+    else:
+        # GPU: 64 work-items (two warps / one wavefront), about 16 query rows per group
+        bq = 1
+        while bq * 2 * n_rep <= 16:
+            bq *= 2
+        shape = {"WG": 64, "BQ": bq, "BC": 32, "VW": 4, "RB": 2, "CB": 1, "OB": 1}
+    while head_dim % shape["VW"]:
+        shape["VW"] //= 2  # head_dim % 4 == 0 is required, so this stops at 4
+    limit = int(rt.device.local_mem_size) - 256
+    while local_bytes(head_dim, n_rep, shape) > limit and shape["BC"] > max(8, shape["VW"]):
+        shape["BC"] //= 2
+    while local_bytes(head_dim, n_rep, shape) > limit and shape["BQ"] > 1:
+        shape["BQ"] //= 2
+    while (shape["BQ"] * n_rep) % shape["RB"]:
+        shape["RB"] //= 2
+    while (shape["BC"] // shape["VW"]) % shape["CB"]:
+        shape["CB"] //= 2
+    while (head_dim // shape["VW"]) % shape["OB"]:
+        shape["OB"] //= 2
+    return shape
+
+
+def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head_kv: int, head_dim: int,
+              n_ctx: int, scale: float, max_tokens: int, *, shape: dict | None = None) -> list[Launch]:
+    """out[t, h] = softmax(scale * q[t, h] . K[seq, 0..pos, h // n_rep]) V[...] for every token of the batch.
+
+    q: float32 [n_tokens, n_head, head_dim]; out: float32 [n_tokens, n_head*head_dim]; positions, seqs
+    int32 [n_tokens]. `shape` overrides the tile shape (WG, BQ, BC, VW, RB, CB, OB) for tests and tuning.
+    """
+    if n_head % n_head_kv:
+        raise ValueError(f"attention: n_head={n_head} is not a multiple of n_head_kv={n_head_kv}")
+    if head_dim % 4:
+        raise ValueError(f"attention: head_dim={head_dim} must be a multiple of 4")
+    n_rep = n_head // n_head_kv
+    shape = dict(shape or default_shape(rt, head_dim, n_rep))
+    wg, bq, bc, vw = shape["WG"], shape["BQ"], shape["BC"], shape["VW"]
+    shape.setdefault("OB", 1)
+    if (wg % bq or head_dim % vw or bc % vw or (bq * n_rep) % shape["RB"] or (bc // vw) % shape["CB"]
+            or (head_dim // vw) % shape["OB"]):
+        raise ValueError(f"attention: shape {shape} needs WG % BQ == 0, head_dim % VW == 0, BC % VW == 0, "
+                         f"BQ * n_rep % RB == 0, BC / VW % CB == 0 and head_dim / VW % OB == 0 "
+                         f"(n_rep = {n_rep})")
+    if local_bytes(head_dim, n_rep, shape) > int(rt.device.local_mem_size):
+        raise ValueError(f"attention: shape {shape} needs more local memory than the device has")
+    check_buffer(q, 4 * max_tokens * n_head * head_dim, "attention q")
+    check_buffer(out, 4 * max_tokens * n_head * head_dim, "attention out")
+    n_seq = min(_n_seq(k_cache, n_ctx, n_head_kv, head_dim), _n_seq(v_cache, n_ctx, n_head_kv, head_dim))
+    prg = rt.build("attention.cl", {"D": head_dim, "N_REP": n_rep, **shape})
+    kern = rt.kernel(prg, "kernel_attention")
+    kern.set_args(q, k_cache, v_cache, positions, seqs, out, np.int32(n_head), np.int32(n_head_kv),
+                  np.int32(n_ctx), np.int32(n_seq), np.float32(scale), np.int32(0))
+    # dim 0: ceil(n_tokens / BQ) groups of WG work-items (n_tokens * WG/BQ rounded up to WG)
+    return [Launch(kern, (0, n_head_kv), (wg // bq, 0), (wg, 1), [(11, VAR_N_TOKENS)], VAR_N_TOKENS,
+                   name="attention")]

@@ -1,0 +1,43 @@
+"""Element-wise blocks (kernels/elementwise.cl): residual add, SwiGLU, gathering the rows to project."""
+
+import numpy as np
+
+from nextn.ops.launch import VAR_N_OUTPUTS, VAR_N_TOKENS, Launch
+from nextn.ops.norm import check_buffer
+
+LOCAL = 64
+
+
+def _binary(rt, name: str, bufs, n: int, max_tokens: int, token_var: int) -> list[Launch]:
+    if n <= 0:
+        raise ValueError(f"{name}: n={n}")
+    for b in bufs:
+        check_buffer(b, 4 * max_tokens * n, name)
+    k = rt.kernel(rt.build("elementwise.cl"), f"kernel_{name}")
+    k.set_args(*bufs, np.int32(n), np.int32(0))
+    # one float4 per work-item; the grid is rounded up to LOCAL, so the kernel bounds itself by n * n_tokens
+    per_token = -(-n // 4)
+    return [Launch(k, (0,), (per_token,), (LOCAL,), [(4, token_var)], token_var, name=name)]
+
+
+def add(rt, a, b, y, n: int, max_tokens: int, token_var: int = VAR_N_TOKENS) -> list[Launch]:
+    """y = a + b over vars[token_var] * n floats (y may alias a or b)."""
+    return _binary(rt, "add", (a, b, y), n, max_tokens, token_var)
+
+
+def swiglu(rt, gate, up, y, n: int, max_tokens: int) -> list[Launch]:
+    """y = silu(gate) * up over n_tokens * n floats, silu(x) = x / (1 + exp(-x)) (y may alias gate or up)."""
+    return _binary(rt, "swiglu", (gate, up, y), n, max_tokens, VAR_N_TOKENS)
+
+
+def gather_rows(rt, x, idx, y, row_len: int, max_rows: int, token_var: int = VAR_N_OUTPUTS) -> list[Launch]:
+    """y[i] = x[idx[i]] for i < vars[token_var]; x, y float32 rows of row_len, idx int32 [max_rows]."""
+    if row_len <= 0:
+        raise ValueError(f"gather_rows: row_len={row_len}")
+    check_buffer(y, 4 * max_rows * row_len, "gather_rows y")
+    check_buffer(idx, 4 * max_rows, "gather_rows idx")
+    vec = 4 if row_len % 4 == 0 else 1
+    k = rt.kernel(rt.build("elementwise.cl"), f"kernel_gather_rows_f{vec}")
+    k.set_args(x, idx, y, np.int32(row_len), np.int32(0))
+    chunks = -(-(row_len // vec) // LOCAL) * LOCAL
+    return [Launch(k, (chunks, 0), (0, 1), (LOCAL, 1), [(4, token_var)], token_var, name="gather_rows")]

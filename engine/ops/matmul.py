@@ -1,0 +1,107 @@
+"""Matrix products and embedding lookup on quantized weights (kernels/matmul_<type>_f32.cl, get_rows.cl).
+
+One kernel per weight type serves every batch size: a work-item owns a tile of 16 weight rows and a chunk of
+tokens, decodes each column of its tile once per group of up to 8 tokens and accumulates in float32 with x
+in float32 (no activation quantization), so the mat-vec, the few-token and the prompt variants differ only
+in how tokens are chunked over the grid and agree to float rounding. The variant is chosen by max_tokens:
+
+    mat-vec (1 token)        grid = tiles x 1,  tchunk 1   decode: bound by memory bandwidth
+    few tokens (2..16)       grid = tiles x 1,  tchunk = max_tokens: the weight is streamed once
+    prompt (> 16 tokens)     grid = tiles x ceil(max_tokens / 64), tchunk 64: x chunk stays in L2
+
+Run this module (`python -m nextn.ops.matmul`) for the bandwidth and GFLOP/s figures of every type.
+"""
+
+import numpy as np
+import pyopencl as cl
+from gguf import GGMLQuantizationType
+
+from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.ops.norm import check_buffer
+from nextn.ops.weights import SUPPORTED_TYPES, TILE_ROWS, DeviceWeight, block_shape
+
+T = GGMLQuantizationType
+
+FEW_TOKENS = 16  # up to this many tokens one chunk covers the whole batch (speculative verification)
+PROMPT_CHUNK = 64  # tokens per work-item in the prompt variant: 64 x n_cols floats of x fit a CPU's L2
+GET_ROWS_COLS = 16  # columns per get_rows work-item for the float types (the quantized ones do a block)
+
+KERNEL_NAMES = {t: t.name.lower() for t in SUPPORTED_TYPES}
+ARG_N_TOKENS = 5  # index of n_tokens in kernel_matmul_*'s argument list (set before each launch)
+
+
+def matmul_kernel_file(qtype) -> str:
+    return f"matmul_{KERNEL_NAMES[T(qtype)]}_f32.cl"
+
+
+class MatmulOps:
+    """Builds the matmul / get_rows programs lazily (once per weight type) and prepares launches."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self._programs: dict[tuple[str, T], cl.Program] = {}
+        self.compute_units = max(1, int(rt.device.max_compute_units))
+        self.is_cpu = bool(rt.device.type & cl.device_type.CPU)
+
+    def _program(self, kind: str, qtype) -> cl.Program:
+        key = (kind, T(qtype))
+        if key not in self._programs:
+            if T(qtype) not in SUPPORTED_TYPES:
+                raise ValueError(f"{kind}: weight type {T(qtype).name} is not supported")
+            filename = matmul_kernel_file(qtype) if kind == "matmul" else "get_rows.cl"
+            self._programs[key] = self.rt.build(filename)
+        return self._programs[key]
+
+    def _local_size(self, kernel: cl.Kernel, n_items: int, n_chunks: int) -> int:
+        """Tiles per work-group: as many as keep >= 8 work-groups per compute unit (PoCL runs a work-group
+        on one thread, so fewer groups would leave cores idle), at most 16 and the kernel's limit."""
+        limit = int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.rt.device))
+        wg = 16
+        while wg > 1 and (wg > limit or -(-n_items // wg) * n_chunks < 8 * self.compute_units):
+            wg //= 2
+        return wg
+
+    def matmul(self, w: DeviceWeight, x: cl.Buffer, y: cl.Buffer, max_tokens: int,
+               token_var: int = VAR_N_TOKENS, accumulate: bool = False) -> list[Launch]:
+        """y[t, r] (+)= sum_c w[r, c] * x[t, c] for t < vars[token_var] <= max_tokens.
+
+        x: float32 [n_tokens, n_cols]; y: float32 [n_tokens, n_rows] (must not alias x).
+        """
+        if max_tokens <= 0:
+            raise ValueError(f"matmul: max_tokens={max_tokens}")
+        check_buffer(x, 4 * max_tokens * w.n_cols, "matmul x")
+        check_buffer(y, 4 * max_tokens * w.n_rows, "matmul y")
+        if max_tokens == 1:
+            tchunk = 1
+        elif max_tokens <= FEW_TOKENS:
+            tchunk = max_tokens
+        else:
+            tchunk = PROMPT_CHUNK
+        n_chunks = -(-max_tokens // tchunk)
+        k = self.rt.kernel(self._program("matmul", w.qtype), f"kernel_matmul_{KERNEL_NAMES[w.qtype]}_f32")
+        k.set_args(w.buffers["tiles"], x, y, np.int32(w.n_rows), np.int32(w.n_cols), np.int32(0),
+                   np.int32(tchunk), np.int32(1 if accumulate else 0))
+        wg = self._local_size(k, w.n_tiles, n_chunks)
+        n_groups = -(-w.n_tiles // wg)
+        return [Launch(k, (n_groups * wg, n_chunks), (0, 0), (wg, 1), [(ARG_N_TOKENS, token_var)], token_var,
+                       name=f"matmul_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]")]
+
+    def get_rows(self, w: DeviceWeight, ids: cl.Buffer, y: cl.Buffer, max_tokens: int,
+                 token_var: int = VAR_N_TOKENS) -> list[Launch]:
+        """y[t, :] = dequant(w[ids[t], :]) as float32 for t < vars[token_var]; ids int32 [n_tokens].
+
+        An id outside [0, n_rows) gives a row of zeros rather than a read out of bounds.
+        """
+        if max_tokens <= 0:
+            raise ValueError(f"get_rows: max_tokens={max_tokens}")
+        check_buffer(ids, 4 * max_tokens, "get_rows ids")
+        check_buffer(y, 4 * max_tokens * w.n_cols, "get_rows y")
+        cols, _ = block_shape(w.qtype)
+        per_item = cols if cols > 1 else GET_ROWS_COLS
+        n_items = -(-w.n_cols // per_item)
+        k = self.rt.kernel(self._program("get_rows", w.qtype), f"kernel_get_rows_{KERNEL_NAMES[w.qtype]}")
+        k.set_args(w.buffers["tiles"], ids, y, np.int32(w.n_rows), np.int32(w.n_cols), np.int32(0))
+        wg = min(64, 1 << max(0, (n_items - 1).bit_length()))
+        # the grid has at least one token even when n_tokens is 0: the kernel bounds itself by n_tokens
+        return [Launch(k, (-(-n_items // wg) * wg, 0), (0, 1), (wg, 1), [(5, token_var)], token_var,
+                       name=f"get_rows_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]")]

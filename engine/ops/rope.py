@@ -1,0 +1,30 @@
+"""Rotary position embedding (kernels/rope.cl), in place on q or k, matching ggml's rope math."""
+
+import math
+
+import numpy as np
+
+from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.ops.norm import check_buffer
+
+
+def rope(rt, x, positions, n_head: int, head_dim: int, n_rot: int, neox: bool, freq_base: float,
+         freq_scale: float, max_tokens: int, row_stride: int | None = None) -> list[Launch]:
+    """Rotate the first n_rot dims of each head of x [n_tokens, n_head, head_dim] (in place).
+
+    positions: int32 [max_tokens]. neox=False rotates pairs (2i, 2i+1) (llama), True (i, i + n_rot/2)
+    (qwen2/qwen3). row_stride: floats between tokens, default n_head * head_dim.
+    """
+    if n_rot <= 0 or n_rot % 2 or n_rot > head_dim:
+        raise ValueError(f"rope: n_rot={n_rot} must be even and in 1..head_dim={head_dim}")
+    row_stride = n_head * head_dim if row_stride is None else row_stride
+    if row_stride < n_head * head_dim:
+        raise ValueError(f"rope: row_stride={row_stride} < n_head * head_dim = {n_head * head_dim}")
+    check_buffer(x, 4 * ((max_tokens - 1) * row_stride + n_head * head_dim), "rope x")
+    check_buffer(positions, 4 * max_tokens, "rope positions")
+    k = rt.kernel(rt.build("rope.cl"), "kernel_rope_neox" if neox else "kernel_rope_norm")
+    # float64 on the host, one float32 rounding for the kernel (ggml computes powf(base, -2/n_rot) in float)
+    log2_theta_scale = -2.0 * math.log2(freq_base) / n_rot
+    k.set_args(x, positions, np.int32(n_head), np.int32(head_dim), np.int32(row_stride), np.int32(n_rot),
+               np.float32(freq_scale), np.float32(log2_theta_scale))
+    return [Launch(k, (n_rot // 2, 0), (0, 1), None, [], VAR_N_TOKENS, name="rope")]

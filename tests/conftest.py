@@ -1,0 +1,21 @@
+"""Shared test helpers: one OpenCL runtime per session, and a plain-pyopencl runner for Launch lists."""
+
+import numpy as np
+import pyopencl as cl
+import pytest
+
+
+@pytest.fixture(scope="session")
+def rt():
+    from nextn.cl.runtime import Runtime
+
+    return Runtime()
+
+
+def run_launches(rt, launches, vars) -> None:
+    """Run prepared launches in order (the plain-pyopencl path; the Cython plan does the same from C)."""
+    for launch in launches:
+        for arg_index, var_index in launch.dyn_args:
+            launch.kernel.set_arg(arg_index, np.int32(vars[var_index]))
+        cl.enqueue_nd_range_kernel(rt.queue, launch.kernel, launch.global_size(vars), launch.local)
+    rt.queue.finish()

@@ -1,0 +1,187 @@
+"""kernels/attention.cl (kv_store + attention) against numpy.
+
+Every case starts from a cache that already holds random earlier positions of two sequences, stores the
+batch's K/V with kv_store, then runs attention; the reference reads the same float16 cache, so:
+- kv_store must equal numpy's float16 rounding (round to nearest even) bit for bit;
+- attention differs from the float64 reference only by float32 arithmetic: atol 2e-5 on outputs of
+  magnitude ~1 (measured ~1.5e-6).
+Against K/V kept in float32 instead, the f16 cache itself costs ~1e-3 relative: that comparison uses
+atol 5e-3.
+"""
+
+
+import numpy as np
+import pyopencl as cl
+import pytest
+
+from conftest import run_launches
+from nextn.ops.attention import attention, default_shape, kv_cache_bytes, kv_store
+
+GPU_SHAPE = {"WG": 64, "BQ": 8, "BC": 32, "VW": 4, "RB": 2, "CB": 1, "OB": 1}  # the GPU default at n_rep 2
+# small tiles (many tiles), and a work-group size that divides no unit count: 32 O units over 6 work-items
+ODD_SHAPE = {"WG": 6, "BQ": 2, "BC": 8, "VW": 8, "RB": 2, "CB": 1, "OB": 1}
+
+
+def ref_attention(q, k_cache, v_cache, pos, seq, n_head_kv, scale):
+    """q [T, n_head, D]; caches [n_seq, n_ctx, n_head_kv, D] -> [T, n_head * D], float64."""
+    n_tokens, n_head, d = q.shape
+    rep = n_head // n_head_kv
+    out = np.zeros((n_tokens, n_head, d))
+    for t in range(n_tokens):
+        for h in range(n_head):
+            k = k_cache[seq[t], : pos[t] + 1, h // rep].astype(np.float64)
+            v = v_cache[seq[t], : pos[t] + 1, h // rep].astype(np.float64)
+            s = scale * (k @ q[t, h].astype(np.float64))
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v
+    return out.reshape(n_tokens, n_head * d)
+
+
+def run_case(rt, rng, head_dim, n_head, n_head_kv, pos, seq, shape=None, n_seq=2, n_ctx=192):
+    pos, seq = np.asarray(pos, np.int32), np.asarray(seq, np.int32)
+    n_tokens = len(pos)
+    max_tokens = n_tokens + 3  # the plan is built for more tokens than this step has
+    kv = n_head_kv * head_dim
+    k_cache = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
+    v_cache = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
+    k = rng.standard_normal((max_tokens, kv)).astype(np.float32)
+    v = rng.standard_normal((max_tokens, kv)).astype(np.float32)
+    q = rng.standard_normal((max_tokens, n_head, head_dim)).astype(np.float32)
+    pos_buf = np.zeros(max_tokens, np.int32)
+    seq_buf = np.zeros(max_tokens, np.int32)
+    pos_buf[:n_tokens], seq_buf[:n_tokens] = pos, seq
+    b = {name: rt.upload(a, name) for name, a in dict(k=k, v=v, q=q, kc=k_cache, vc=v_cache, pos=pos_buf,
+                                                        seq=seq_buf).items()}
+    b["out"] = rt.upload(np.full((max_tokens, n_head * head_dim), 3.0, np.float32), "out")
+    scale = 1.0 / np.sqrt(head_dim)
+    launches = kv_store(rt, b["k"], b["v"], b["kc"], b["vc"], b["pos"], b["seq"], n_head_kv, head_dim, n_ctx,
+                        max_tokens)
+    launches += attention(rt, b["q"], b["kc"], b["vc"], b["pos"], b["seq"], b["out"], n_head, n_head_kv,
+                          head_dim, n_ctx, scale, max_tokens, shape=shape)
+    run_launches(rt, launches, [n_tokens, n_tokens, 0, 0])
+
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    for t in range(n_tokens):
+        want_k[seq[t], pos[t]] = k[t].reshape(n_head_kv, head_dim).astype(np.float16)
+        want_v[seq[t], pos[t]] = v[t].reshape(n_head_kv, head_dim).astype(np.float16)
+    got_k, got_v = np.empty_like(k_cache), np.empty_like(v_cache)
+    out = np.empty((max_tokens, n_head * head_dim), np.float32)
+    for host, name in ((got_k, "kc"), (got_v, "vc"), (out, "out")):
+        cl.enqueue_copy(rt.queue, host, b[name])
+    np.testing.assert_array_equal(got_k.view(np.uint16), want_k.view(np.uint16))
+    np.testing.assert_array_equal(got_v.view(np.uint16), want_v.view(np.uint16))
+    ref = ref_attention(q[:n_tokens], want_k, want_v, pos, seq, n_head_kv, scale)
+    np.testing.assert_allclose(out[:n_tokens], ref, rtol=0, atol=2e-5)
+    assert (out[n_tokens:] == 3.0).all()  # rows past n_tokens are not written
+    return dict(q=q[:n_tokens], k=k[:n_tokens], v=v[:n_tokens], out=out[:n_tokens], k_cache=want_k,
+                v_cache=want_v, pos=pos, seq=seq, scale=scale)
+
+
+# (head_dim, n_head, n_head_kv, positions, seqs, shape)
+CASES = {
+    # decode: one token of sequence 1, 37 positions already cached
+    "decode_d128_gqa2": (128, 16, 8, [37], [1], None),
+    # a prompt chunk continuing sequence 0 at position 10
+    "chunk_d64_gqa1": (64, 4, 4, list(range(10, 15)), [0] * 5, None),
+    # two sequences interleaved token by token (parallel slots), GQA 4
+    "mixed_d64_gqa4": (64, 8, 2, [3, 50, 4, 51, 5, 0], [0, 1, 0, 1, 0, 1], None),
+    # 64 tokens: a 40-token prompt of seq 1 from 0, then 24 drafts of seq 0 from 100, interleaved blocks
+    "batch64_d128_gqa2": (128, 16, 8, list(range(40)) + list(range(100, 124)), [1] * 40 + [0] * 24, None),
+    "batch64_gpu_shape": (128, 16, 8, list(range(100, 124)) + list(range(40)), [0] * 24 + [1] * 40,
+                          GPU_SHAPE),
+    "odd_shape_d64_gqa4": (64, 8, 2, [150, 3, 151, 152, 4], [0, 1, 0, 0, 1], ODD_SHAPE),
+    # n_rep 3 (qwen2.5-style odd GQA ratios): 24 rows per group on the CPU shape, 12 on a GPU-like one
+    "gqa3_d64": (64, 6, 2, list(range(20, 29)), [1] * 9, None),
+    "gqa3_gpu_shape": (64, 6, 2, list(range(20, 29)), [1] * 9, {**GPU_SHAPE, "BQ": 4}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention(rt, case):
+    head_dim, n_head, n_head_kv, pos, seq, shape = CASES[case]
+    run_case(rt, np.random.default_rng(len(pos) * head_dim), head_dim, n_head, n_head_kv, pos, seq, shape)
+
+
+def test_attention_portable_transpose(rt):
+    """The K transpose that compilers other than clang get (vector subscripts are a clang extension)."""
+    shape = {**default_shape(rt, 128, 2), "PORTABLE_TRANSPOSE": 1}
+    run_case(rt, np.random.default_rng(5), 128, 16, 8, [60, 61, 62, 63, 64], [1] * 5, shape)
+
+
+def test_f16_cache_error_against_float32_kv(rt):
+    """With the batch's own K/V kept in float32, the f16 cache costs ~1e-3 relative."""
+    n = 33
+    r = run_case(rt, np.random.default_rng(9), 64, 4, 2, list(range(n)), [0] * n)
+    k32 = r["k_cache"].astype(np.float32)
+    v32 = r["v_cache"].astype(np.float32)
+    k32[0, :n] = r["k"].reshape(n, 2, 64)
+    v32[0, :n] = r["v"].reshape(n, 2, 64)
+    ref = ref_attention(r["q"], k32, v32, r["pos"], r["seq"], 2, r["scale"])
+    np.testing.assert_allclose(r["out"], ref, rtol=0, atol=5e-3)
+
+
+def test_kv_store_leaves_out_of_range_tokens(rt):
+    """A token whose position is past n_ctx is not stored (no write outside the cache buffer)."""
+    n_ctx, kv = 8, 8
+    k = np.ones((2, kv), np.float32)
+    kc = np.zeros((1, n_ctx, 2, 4), np.float16)
+    bk, bkc, bvc = rt.upload(k, "k"), rt.upload(kc, "kc"), rt.upload(kc, "vc")
+    bpos, bseq = rt.upload(np.array([3, n_ctx], np.int32), "pos"), rt.upload(np.zeros(2, np.int32), "seq")
+    run_launches(rt, kv_store(rt, bk, bk, bkc, bvc, bpos, bseq, 2, 4, n_ctx, 2), [2, 2, 0, 0])
+    got = np.empty_like(kc)
+    cl.enqueue_copy(rt.queue, got, bkc)
+    assert (got[0, 3] == 1).all() and (np.delete(got[0], 3, axis=0) == 0).all()
+
+
+def test_kv_store_with_no_tokens_stores_nothing(rt):
+    kc = np.zeros((1, 4, 1, 4), np.float16)
+    bk, bkc, bvc = rt.upload(np.ones((1, 4), np.float32), "k"), rt.upload(kc, "kc"), rt.upload(kc, "vc")
+    bpos, bseq = rt.upload(np.array([2], np.int32), "pos"), rt.upload(np.zeros(1, np.int32), "seq")
+    run_launches(rt, kv_store(rt, bk, bk, bkc, bvc, bpos, bseq, 1, 4, 4, 1), [0, 0, 0, 0])
+    got = np.empty_like(kc)
+    cl.enqueue_copy(rt.queue, got, bkc)
+    assert (got == 0).all()
+
+
+def test_kv_cache_bytes():
+    assert kv_cache_bytes(2, 4096, 8, 128) == 2 * 2 * 2 * 4096 * 8 * 128
+
+
+def test_shape_checks(rt):
+    buf = rt.alloc(1 << 16, "buf")
+    with pytest.raises(ValueError, match="RB"):
+        attention(rt, buf, buf, buf, buf, buf, buf, 4, 2, 64, 8, 0.125, 1,
+                  shape={"WG": 16, "BQ": 1, "BC": 16, "VW": 16, "RB": 4, "CB": 1})
+
+
+@pytest.mark.slow
+def test_attention_timing(rt):
+    """Prints device time for head_dim 128, 16 heads, 8 kv heads: 1 query over 512 cached positions and a
+    512-token prompt (causal), with the default tile shape."""
+    d, n_head, n_head_kv, n_ctx = 128, 16, 8, 1024
+    rng = np.random.default_rng(0)
+    kc = rt.upload(rng.standard_normal((1, n_ctx, n_head_kv, d)).astype(np.float16), "kc")
+    vc = rt.upload(rng.standard_normal((1, n_ctx, n_head_kv, d)).astype(np.float16), "vc")
+    q = rt.upload(rng.standard_normal((512, n_head, d)).astype(np.float32), "q")
+    out = rt.alloc(512 * n_head * d * 4, "out")
+    queue = cl.CommandQueue(rt.ctx, rt.device, properties=cl.command_queue_properties.PROFILING_ENABLE)
+    cases = (("decode 1 token @ 512 cached", 1, 512, 20), ("prompt 512", 512, 0, 5))
+    for label, n_tokens, pos0, reps in cases:
+        bpos = rt.upload(np.arange(pos0, pos0 + n_tokens, dtype=np.int32), "pos")
+        bseq = rt.upload(np.zeros(n_tokens, np.int32), "seq")
+        (launch,) = attention(rt, q, kc, vc, bpos, bseq, out, n_head, n_head_kv, d, n_ctx, d**-0.5, 512)
+        v = [n_tokens, n_tokens, 0, 0]
+        for i, var in launch.dyn_args:
+            launch.kernel.set_arg(i, np.int32(v[var]))
+        gsize = launch.global_size(v)
+        cl.enqueue_nd_range_kernel(queue, launch.kernel, gsize, launch.local).wait()
+        times = []
+        for _ in range(reps):
+            ev = cl.enqueue_nd_range_kernel(queue, launch.kernel, gsize, launch.local)
+            ev.wait()
+            times.append((ev.profile.end - ev.profile.start) * 1e-9)
+        t = float(np.median(times))
+        kv_bytes = 2 * 2 * n_head_kv * d * (pos0 + n_tokens)
+        flops = 4 * n_head * d * sum(pos0 + i + 1 for i in range(n_tokens))
+        print(f"\nattention {label}: {t * 1e3:.3f} ms, {kv_bytes / t / 1e9:.1f} GB/s of KV, "
+              f"{flops / t / 1e9:.1f} GFLOP/s")
