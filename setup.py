@@ -3,6 +3,8 @@
 import glob
 import os
 
+import numpy
+
 from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
 
@@ -14,6 +16,7 @@ extensions = [
         "nextn." + os.path.splitext(os.path.basename(path))[0],
         [path],
         libraries=["OpenCL"],
+        include_dirs=[numpy.get_include()],
         define_macros=[("CL_TARGET_OPENCL_VERSION", "120"), ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O2"],
     )

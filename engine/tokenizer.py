@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,7 +48,8 @@ _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _PRE_REGEXES: dict[str, tuple[str, ...]] = {
     "llama3": (
-        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        _CONTRACTIONS
+        + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     ),
     "qwen2": (
         _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
@@ -60,8 +62,10 @@ _PRE_REGEXES: dict[str, tuple[str, ...]] = {
     "deepseek3": (
         r"\p{N}{1,3}",
         r"[一-龥぀-ゟ゠-ヿ]+",
-        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
-        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        (
+            r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+            r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        ),
     ),
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"),
 }
@@ -90,12 +94,30 @@ _EOT_TEXTS = (
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
     "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
 )  # fmt: skip
-_FIM_TEXTS = {  # FIM pad/repo/sep tokens also end generation in llama.cpp
+_FIM_TEXTS = {  # fill-in-the-middle tokens, found by text when the file names no id; all become CONTROL
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+                "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+                "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+                "<|code_middle|>", "<|middle|>"),
     "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
     "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     "fim_sep": ("<|file_sep|>",),
-}
+}  # fmt: skip
+_FIM_EOG = ("fim_pad", "fim_rep", "fim_sep")  # these also end generation in llama.cpp
 _SPACE = "\u2581"  # "▁", SentencePiece's escaped space
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Letters, marks and digits that Unicode 16.0 added, which llama.cpp's unicode-data.cpp (Unicode 15)
+# classes as unassigned: found by tokenizing every code point with both (Tokenizer._encode_unicode16).
+_UNICODE16 = re.compile(
+    "[\u0897\u1c89-\u1c8a\ua7cb-\ua7cd\ua7da-\ua7dc\U000105c0-\U000105f3\U00010d40-\U00010d65"
+    "\U00010d69-\U00010d6d\U00010d6f-\U00010d85\U00010ec2-\U00010ec4\U00010efc\U00011380-\U00011389"
+    "\U0001138b\U0001138e\U00011390-\U000113b5\U000113b7-\U000113c0\U000113c2\U000113c5"
+    "\U000113c7-\U000113ca\U000113cc-\U000113d3\U000113e1-\U000113e2\U000116d0-\U000116e3"
+    "\U00011bc0-\U00011be0\U00011bf0-\U00011bf9\U00011f5a\U00013460-\U000143fa\U00016100-\U00016139"
+    "\U00016d40-\U00016d6c\U00016d70-\U00016d79\U00018cff\U0001ccf0-\U0001ccf9\U0001e5d0-\U0001e5fa]"
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -152,8 +174,12 @@ class Tokenizer:
         self.n_vocab = len(self.tokens)
         types = meta.get("tokenizer.ggml.token_type")
         if types is not None and len(types) < self.n_vocab:
-            raise ModelLoadError(f"tokenizer.ggml.token_type has {len(types)} entries for {self.n_vocab} tokens")
-        self._attr = [_TYPE_TO_ATTR.get(t, 0) for t in types] if types is not None else [ATTR_NORMAL] * self.n_vocab
+            raise ModelLoadError(
+                f"tokenizer.ggml.token_type has {len(types)} entries for {self.n_vocab} tokens"
+            )
+        self._attr = (
+            [_TYPE_TO_ATTR.get(t, 0) for t in types] if types is not None else [ATTR_NORMAL] * self.n_vocab
+        )
         self._token_to_id = {t: i for i, t in enumerate(self.tokens)}  # a duplicate text keeps its last id
 
         self._load_special_ids(meta)
@@ -163,13 +189,19 @@ class Tokenizer:
         if self.add_eos and self.eos_id is None:
             raise ModelLoadError("the vocabulary asks for an EOS token (add_eos_token) but has none")
 
-        # llama.cpp's cache_special_tokens: longest text first, so "<|im_start|>" wins over "<|im".
+        # llama.cpp's cache_special_tokens: longest text (in bytes) first, so "<|im_start|>" wins
+        # over a token "<|im".
         special = sorted(
             (i for i, a in enumerate(self._attr) if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)),
-            key=lambda i: -len(self.tokens[i]),
+            key=lambda i: -len(self.tokens[i].encode()),
         )
-        self._special_all = [(i, self.tokens[i]) for i in special]
-        self._special_user = [(i, t) for i, t in self._special_all if not self._attr[i] & (ATTR_CONTROL | ATTR_UNKNOWN)]
+        every = [(i, self.tokens[i]) for i in special]
+        user = [(i, t) for i, t in every if not self._attr[i] & (ATTR_CONTROL | ATTR_UNKNOWN)]
+        # indexed by parse_special: the tokens to split out, and the characters they start with
+        self._specials = {
+            True: (every, frozenset(t[0] for _, t in every)),
+            False: (user, frozenset(t[0] for _, t in user)),
+        }
         self._pieces: list[bytes | None] = [None] * self.n_vocab
 
         if model == "gpt2":
@@ -232,7 +264,8 @@ class Tokenizer:
             self._regex_set, self._ignore_merges, add_bos = _PRE_TYPES[pre]
         else:
             self.pre = "default"
-            self._add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        # read for both models as llama.cpp does; for BPE it only makes decode drop a leading space
+        self._add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", self._add_space_prefix))
         v = meta.get("tokenizer.ggml.add_bos_token")
         self.add_bos: bool = bool(v) if v is not None else add_bos
         self.add_eos: bool = bool(meta.get("tokenizer.ggml.add_eos_token", False))
@@ -261,7 +294,7 @@ class Tokenizer:
             if a & ATTR_CONTROL and "unused" in self.tokens[i]:
                 attr[i] |= ATTR_UNUSED
 
-        eog = {i for i in self._fim.values() if i is not None}
+        eog = {self._fim[f] for f in _FIM_EOG if self._fim[f] is not None}
         for text, i in t2i.items():
             if text in _EOG_TEXTS:
                 eog.add(i)
@@ -286,9 +319,8 @@ class Tokenizer:
         self.eot_ids: frozenset[int] = frozenset(eog)
 
     def _init_bpe(self, meta: dict[str, Any]) -> None:
-        from tokenizers import Regex
+        from tokenizers import Regex, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models, pre_tokenizers
 
         t2i = self._token_to_id
         merges = []
@@ -298,8 +330,9 @@ class Tokenizer:
             if cut < 0:
                 continue
             a, b = m[:cut], m[cut + 1 :]
-            # `tokenizers` refuses merges that leave the vocabulary; llama.cpp would make a symbol
-            # with no id from them and then drop it, so skipping them loses nothing that encodes.
+            # `tokenizers` refuses merges that leave the vocabulary. Only a malformed file has them;
+            # llama.cpp would merge into a symbol with no id and spell it out byte by byte, dropping
+            # non-ASCII bytes, where keeping the two halves loses nothing.
             if a in t2i and b in t2i and a + b in t2i:
                 merges.append((a, b))
         try:
@@ -308,10 +341,14 @@ class Tokenizer:
             raise ModelLoadError(f"cannot build the BPE tokenizer from the vocabulary: {e}") from None
         hf = HFTokenizer(bpe)
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_REGEXES[self._regex_set]]
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
         self._hf = hf
+        # For text with characters new in Unicode 16 (see _UNICODE16): the split alone, and a
+        # tokenizer over the same model that takes the pieces as they are.
+        self._hf_split = pre_tokenizers.Sequence(splits)
+        self._hf_pieces = HFTokenizer(bpe)
+        self._hf_pieces.pre_tokenizer = byte_level
 
     def _init_spm(self, meta: dict[str, Any]) -> None:
         scores = meta.get("tokenizer.ggml.scores")
@@ -324,7 +361,8 @@ class Tokenizer:
         byte_ids = []
         for b in range(256):
             i = t2i.get(f"<0x{b:02X}>")
-            if i is None:  # llama.cpp falls back to the byte as a one-character token
+            if i is None:  # llama.cpp falls back to the byte as a one-character token (and fails
+                # where there is none; <unk> stands in here)
                 i = t2i.get(chr(b)) if b < 0x80 else None
             byte_ids.append(i if i is not None else self.unk_id)
         self._byte_ids = byte_ids
@@ -334,6 +372,10 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of `text`. add_special: BOS/EOS as the vocabulary asks (llama.cpp's add_special);
         parse_special: control tokens written in the text (e.g. "<|im_start|>") become their ids."""
+        if not text.isascii() and _SURROGATE.search(text):
+            # a lone surrogate (e.g. from a JSON "\ud83d" escape) has no UTF-8 form; llama.cpp never
+            # sees one because its input is bytes, so give it what a UTF-8 decoder would: U+FFFD
+            text = _SURROGATE.sub("\ufffd", text)
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self.bos_id)
@@ -343,8 +385,10 @@ class Tokenizer:
             for f in fragments:
                 if type(f) is int:
                     out.append(f)
-                else:
+                elif f.isascii() or not _UNICODE16.search(f):
                     out.extend(encode(f, add_special_tokens=False).ids)
+                else:
+                    out.extend(self._encode_unicode16(f))
         else:
             prev_special = True  # SentencePiece puts a space before the text and after each special token
             for f in fragments:
@@ -360,12 +404,27 @@ class Tokenizer:
             out.append(self.eos_id)
         return out
 
+    def _encode_unicode16(self, text: str) -> list[int]:
+        """Byte-level BPE of text holding characters that Unicode 16 added. llama.cpp's character
+        tables (Unicode 15) do not know them, so its splitter treats them as unassigned, while the
+        regex engine of `tokenizers` knows them as letters, marks or digits. The split is made on a
+        copy where each of them is an always-unassigned code point (U+0378, same length in
+        characters), then the original text is cut at those places."""
+        spans = self._hf_split.pre_tokenize_str(_UNICODE16.sub("\u0378", text))
+        pieces = [text[a:b] for _, (a, b) in spans]
+        return self._hf_pieces.encode(pieces, is_pretokenized=True, add_special_tokens=False).ids
+
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Splits out special tokens the way llama.cpp's tokenizer_st_partition does: one token text
         at a time, longest first, every non-overlapping occurrence in each remaining text fragment."""
+        specials, firsts = self._specials[parse_special]
+        # most texts hold none of the few characters special tokens start with ("<", "[")
+        present = {c for c in firsts if c in text}
+        if not present:
+            return [text]
         fragments: list[str | int] = [text]
-        for tid, ttext in self._special_all if parse_special else self._special_user:
-            if not any(type(f) is str and ttext in f for f in fragments):
+        for tid, ttext in specials:
+            if ttext[0] not in present or not any(type(f) is str and ttext in f for f in fragments):
                 continue
             out: list[str | int] = []
             for f in fragments:
@@ -481,7 +540,7 @@ class Tokenizer:
         return b"".join(pieces).decode("utf-8", errors="replace")
 
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
-        """Incremental decoder for generated ids; CONTROL tokens are not shown by default (as llama-server)."""
+        """Incremental decoder for generated ids; CONTROL tokens are hidden by default, as in llama-server."""
         return StreamDecoder(self, skip_special)
 
     # ---- vocabulary facts
@@ -496,7 +555,9 @@ class Tokenizer:
         """The id of a token by its exact vocabulary text, or None."""
         return self._token_to_id.get(text)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """Renders the chat template (the file's, or ChatML when it has none); kwargs reach the
         template as variables (e.g. enable_thinking=False, tools=[...])."""
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)

@@ -5,11 +5,10 @@ import re
 from datetime import datetime
 
 import pytest
-from tokenizer_data import TEMPLATE_DIR, tiny_meta, vocab_meta, vocab_tokenizer
-
 from nextn.chat_template import ChatTemplate
 from nextn.errors import ModelLoadError, RequestError
 from nextn.tokenizer import Tokenizer
+from tokenizer_data import TEMPLATE_DIR, tiny_meta, vocab_meta, vocab_tokenizer
 
 # Qwen3.5's template as llama.cpp keeps it (models/templates/Qwen3.5-4B.jinja, Apache-2.0 like Qwen's
 # models); the vocabulary test file itself carries Qwen2's shorter ChatML template.
@@ -29,7 +28,8 @@ LLAMA3_STYLE = """{{- bos_token }}
     {%- if message['role'] not in ['user', 'assistant'] %}
         {{- raise_exception("Only user and assistant roles are supported, got " + message['role']) }}
     {%- endif %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+    {{- message['content'] | trim + '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
@@ -88,7 +88,9 @@ def test_qwen35_tools_and_tool_calls(qwen35):
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"days": [1, 2]}}}],
+            "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": {"days": [1, 2]}}}
+            ],
         },
         {"role": "tool", "content": "sunny"},
     ]
@@ -123,7 +125,8 @@ def test_llama_style_template():
 
 def test_llama2_style_template_with_spm_vocab():
     template = (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
         "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
     )
     tok = Tokenizer.from_metadata(vocab_meta("llama-spm"), chat_template=template)
@@ -137,9 +140,16 @@ def test_llama2_style_template_with_spm_vocab():
 def test_chatml_fallback_without_template():
     tok = Tokenizer.from_metadata(tiny_meta())
     assert tok.chat_template.is_fallback
-    parts = [{"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "ok"}]
+    parts = [
+        {"type": "text", "text": "look: "},
+        {"type": "image_url", "image_url": {"url": "x"}},
+        {"type": "text", "text": "ok"},
+    ]
     text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": parts}])
-    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nlook: ok<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nlook: ok<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tok.encode(text, parse_special=True)
     assert ids.count(257) == 3 and ids.count(258) == 2
 
@@ -156,8 +166,9 @@ def test_broken_template_is_a_load_error():
 
 
 def test_sandbox():
-    ct = ChatTemplate("{{ ''.__class__ }}|{{ messages.__class__.__mro__ }}")
-    assert ct.render([]) == "|"  # unsafe attributes are undefined, so nothing of Python leaks
+    assert ChatTemplate("{{ ''.__class__ }}").render([]) == ""  # unsafe attributes are undefined
+    with pytest.raises(RequestError, match="unsafe"):
+        ChatTemplate("{{ messages.__class__.__mro__ }}").render([])  # ... and going further is refused
     with pytest.raises(RequestError, match="unsafe"):
         ChatTemplate("{{ messages.append(1) }}").render([])  # the inputs are immutable to a template
 
@@ -168,13 +179,19 @@ def test_transformers_extensions():
         "{% generation %}{{ m['content'] }};{% endgeneration %}{% endfor %}"
         "{{ messages[0] | tojson(indent=1) }}"
     )
-    msgs = [{"role": "user", "content": "a<b>"}, {"role": "user", "content": "é"}, {"role": "user", "content": "c"}]
+    msgs = [
+        {"role": "user", "content": "a<b>"},
+        {"role": "user", "content": "é"},
+        {"role": "user", "content": "c"},
+    ]
     assert ct.render(msgs) == 'a<b>;é;{\n "role": "user",\n "content": "a<b>"\n}'
 
 
 def test_trim_and_lstrip_blocks():
     # transformers renders with trim_blocks and lstrip_blocks: block tags leave no newlines or indent
-    ct = ChatTemplate("{% for m in messages %}\n    {% if true %}\n[{{ m['content'] }}]\n    {% endif %}\n{% endfor %}")
+    ct = ChatTemplate(
+        "{% for m in messages %}\n    {% if true %}\n[{{ m['content'] }}]\n    {% endif %}\n{% endfor %}"
+    )
     assert ct.render([{"content": "x"}, {"content": "y"}]) == "[x]\n[y]\n"
 
 

@@ -157,7 +157,7 @@ def test_shape_checks(rt):
 @pytest.mark.slow
 def test_attention_timing(rt):
     """Prints device time for head_dim 128, 16 heads, 8 kv heads: 1 query over 512 cached positions and a
-    512-token prompt (causal), with the default tile shape."""
+    512-token prompt (causal), with the default tile shape, one launch at a time."""
     d, n_head, n_head_kv, n_ctx = 128, 16, 8, 1024
     rng = np.random.default_rng(0)
     kc = rt.upload(rng.standard_normal((1, n_ctx, n_head_kv, d)).astype(np.float16), "kc")
@@ -180,8 +180,9 @@ def test_attention_timing(rt):
             ev = cl.enqueue_nd_range_kernel(queue, launch.kernel, gsize, launch.local)
             ev.wait()
             times.append((ev.profile.end - ev.profile.start) * 1e-9)
-        t = float(np.median(times))
+        # min and median: on a shared CPU a small grid often runs on one PoCL thread while the other wakes up
+        t, t_med = min(times), float(np.median(times))
         kv_bytes = 2 * 2 * n_head_kv * d * (pos0 + n_tokens)
         flops = 4 * n_head * d * sum(pos0 + i + 1 for i in range(n_tokens))
-        print(f"\nattention {label}: {t * 1e3:.3f} ms, {kv_bytes / t / 1e9:.1f} GB/s of KV, "
-              f"{flops / t / 1e9:.1f} GFLOP/s")
+        print(f"\nattention {label}: min {t * 1e3:.3f} ms (median {t_med * 1e3:.3f}), "
+              f"{kv_bytes / t / 1e9:.1f} GB/s of KV, {flops / t / 1e9:.1f} GFLOP/s")

@@ -6,10 +6,9 @@ The reference ids are llama.cpp's own test vectors (tests/data/vocab, from llama
 import time
 
 import pytest
-from tokenizer_data import TINY_SPECIALS, read_vectors, tiny_meta, vocab_tokenizer
-
 from nextn.errors import ModelLoadError
 from nextn.tokenizer import Tokenizer
+from tokenizer_data import TINY_SPECIALS, read_vectors, tiny_meta, vocab_tokenizer
 
 # qwen2 is the qwen35 vocabulary with the older pre-tokenizer regex; it costs another ~6 s to load, so
 # it runs with the slow cases while qwen35, llama-bpe and llama-spm run by default.
@@ -64,6 +63,14 @@ def test_mixed_text_round_trips(name):
                 assert b"".join(tok.token_to_piece(i) for i in ids) == text.encode()
 
 
+@pytest.mark.parametrize("name", ["qwen35", "llama-bpe"])
+def test_characters_new_in_unicode_16(name):
+    # U+14298 (Egyptian hieroglyph, Unicode 16) is a letter to the `tokenizers` regex engine but
+    # unassigned to llama.cpp, which then keeps the apostrophe with it: "𔊘'" + "hL", not "𔊘" + "'hL".
+    # The ids are llama.cpp's (its llama_tokenize on this vocabulary).
+    assert vocab_tokenizer(name).encode("\U00014298'hL", add_special=False) == [172, 242, 232, 246, 6, 71, 43]
+
+
 def test_special_tokens_only_with_parse_special():
     tok = vocab_tokenizer("qwen35")
     text = "<|im_start|>user\nhi<|im_end|>"
@@ -77,6 +84,12 @@ def test_special_tokens_only_with_parse_special():
     # CONTROL token: only parse_special finds it
     assert tok.encode("</s>", add_special=False, parse_special=True) == [128247]
     assert tok.encode("</s>", add_special=False) != [128247]
+
+
+@pytest.mark.parametrize("name", ["qwen35", "llama-spm"])
+def test_lone_surrogates_become_replacement_characters(name):
+    tok = vocab_tokenizer(name)
+    assert tok.encode("a\ud83db", add_special=False) == tok.encode("a\ufffdb", add_special=False)
 
 
 def test_skip_special_in_decode():
@@ -175,6 +188,15 @@ def test_tiny_vocabulary():
     assert merged.encode(" they") == [the, ord("y")]
     assert merged.decode(merged.encode(" the hen")) == " the hen"
     assert merged.encode("<|im_end|>", parse_special=True) == [261]
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "qwen35", "llama-bpe", "glm4", "deepseek-v3", "gpt-2", "default"])
+def test_every_pre_tokenizer_splits_losslessly(pre):
+    tok = Tokenizer.from_metadata(tiny_meta(merges=("Ġ t", "h e", "Ġt he"), **{"tokenizer.ggml.pre": pre}))
+    for text in MIXED:
+        ids = tok.encode(text, add_special=False)
+        assert tok.decode(ids) == text
+    assert tok.encode(" the") == [258]
 
 
 def test_unsupported_vocabularies_are_refused():

@@ -44,6 +44,26 @@
 #define Q6_K_SC 3072
 #define Q6_K_D 3328
 
+// Aligned vector loads. Every field of a tile block starts at a multiple of 16 bytes (32 for the halves)
+// and buffers are aligned far beyond that, so the kernels dereference vector pointers: with vload16 from a
+// char pointer LLVM sometimes assembles the vector from 2-byte pieces.
+#define LD_C16(p, i) (((__global const char16 *)(p))[i])
+#define LD_UC16(p, i) (((__global const uchar16 *)(p))[i])
+#define LD_US16(p, i) (((__global const ushort16 *)(p))[i])
+#define LD_F16(p, i) (((__global const float16 *)(p))[i])
+
+// Software prefetch of the weight stream, MM_PREFETCH_BYTES ahead of the tile block being decoded (the
+// host defines it for CPU devices). A mat-vec decodes as it streams, and the hardware prefetcher alone
+// left it well below the copy bandwidth; a prefetch never faults, so running past the buffer is harmless.
+#if defined(MM_PREFETCH_BYTES) && defined(__clang__)
+#define MM_PREFETCH(p, nbytes)                                                                              \
+    _Pragma("unroll") for (int o_ = 0; o_ < (nbytes); o_ += 64) {                                          \
+        __builtin_prefetch((p) + MM_PREFETCH_BYTES + o_);                                                   \
+    }
+#else
+#define MM_PREFETCH(p, nbytes)
+#endif
+
 // 16 IEEE halves -> floats with integer ops only: PoCL implements vload_half in scalar software and the
 // device need not have cl_khr_fp16. Exact for normals, subnormals, zeros, infinities and NaNs.
 inline float16 half16_to_float16(const ushort16 h) {
@@ -69,49 +89,99 @@ inline float half_to_float(const ushort h) {
 
 // 6-bit scales and mins of Q4_K / Q5_K (ggml's get_scale_min_k4), for 16 rows at once.
 // q: the 12 packed scale bytes as uchar16 row vectors; j: sub-block 0..7 (compile-time after unrolling).
-inline void scale_min_k4(const int j, __global const uchar *q, float16 *sc, float16 *m) {
+static __attribute__((always_inline)) inline void scale_min_k4(const int j, __global const uchar *q, float16 *sc,
+                                                        float16 *m) {
     if (j < 4) {
-        *sc = convert_float16(vload16(j, q) & (uchar)63);
-        *m = convert_float16(vload16(j + 4, q) & (uchar)63);
+        *sc = convert_float16(LD_UC16(q, j) & (uchar)63);
+        *m = convert_float16(LD_UC16(q, j + 4) & (uchar)63);
     } else {
-        const uchar16 a = vload16(j + 4, q);
-        *sc = convert_float16((a & (uchar)0xF) | ((vload16(j - 4, q) >> (uchar)6) << (uchar)4));
-        *m = convert_float16((a >> (uchar)4) | ((vload16(j, q) >> (uchar)6) << (uchar)4));
+        const uchar16 a = LD_UC16(q, j + 4);
+        *sc = convert_float16((a & (uchar)0xF) | ((LD_UC16(q, j - 4) >> (uchar)6) << (uchar)4));
+        *m = convert_float16((a >> (uchar)4) | ((LD_UC16(q, j) >> (uchar)6) << (uchar)4));
     }
 }
 
 // ---- matmul driver -------------------------------------------------------------------------------------
 //
 // A tile function `tile_<type>(TT, NA, ...)` computes y[t, r0:r0+16] (+)= W[r0:r0+16, :] . x[t, :] for TT
-// consecutive tokens. TT and NA are compile-time constants at each call site (the function is inlined),
-// so the accumulator array acc[TT][NA] lives in registers. NA > 1 splits each token's sum over columns
-// into NA independent FMA chains: with one token a single chain would wait on the FMA latency.
+// consecutive tokens. TT and NA are compile-time constants at each call site (the function is always
+// inlined), so the arrays below live in registers.
+//
+// Per (sub-)block the tile function sums raw quants times x into partial sums s[t][a] (MM_COL), then
+// applies the block's scale once (MM_BLOCK_END) and, for types with an offset or a min, subtracts
+// min * sum(x over the block) (MM_BLOCK_END_MIN). Scaling per block instead of per column saves one
+// multiply per 16 weights, which is what the one-token case is short of. NA > 1 splits each token's
+// partial sum into NA independent FMA chains: with one token a single chain would wait on FMA latency.
 
 #define MM_TT_MAX 8
+
+// Loads decoded per loop iteration out of a run of N: the whole run for one token (measured 15-40% faster
+// on a mat-vec streaming from memory than 4 at a time), M for several tokens (unrolling further lets the
+// compiler decode every column first and spill them when 8 tokens hold 16 registers).
+#define MM_UNROLL(N, M) (TT == 1 ? (N) : (M))
 #define MM_NA_MAX 4
 
-// acc[t][a] += w * x[t, col] for the TT tokens; xp points at x[0, col], rows of x are n_cols apart.
-#define MM_COL(w, xp, a)                                                                                   \
+#define MM_ACC_DECL                                                                                         \
+    float16 acc[MM_TT_MAX];                                                                                 \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
-        acc[t_][(a)] = fma((w), (float16)((xp)[t_ * n_cols]), acc[t_][(a)]);                               \
+        acc[t_] = (float16)(0.0f);                                                                          \
     }
 
-#define MM_ACC_DECL                                                                                         \
-    float16 acc[MM_TT_MAX][MM_NA_MAX];                                                                      \
+#define MM_PART_DECL(s)                                                                                     \
+    float16 s[MM_TT_MAX][MM_NA_MAX];                                                                        \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
         _Pragma("unroll") for (int a_ = 0; a_ < NA; a_++) {                                                 \
-            acc[t_][a_] = (float16)(0.0f);                                                                  \
+            s[t_][a_] = (float16)(0.0f);                                                                    \
         }                                                                                                   \
     }
 
-// y[t, :rows] (+)= sum over a of acc[t][a]; y points at y[0, r0], rows of y are n_rows apart.
+// s[t][a] += w * x[t, col] for the TT tokens; xp points at x[0, col], rows of x are n_cols apart.
+#define MM_COL(s, w, xp, a)                                                                                 \
+    _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
+        s[t_][(a)] = fma((w), (float16)((xp)[t_ * n_cols]), s[t_][(a)]);                                    \
+    }
+
+static __attribute__((always_inline)) inline float16 mm_part_sum(float16 *s, const int NA) {
+    float16 v = s[0];
+    _Pragma("unroll") for (int a_ = 1; a_ < NA; a_++) {
+        v += s[a_];
+    }
+    return v;
+}
+
+// acc[t] += scale * sum_a s[t][a]
+#define MM_BLOCK_END(s, scale)                                                                              \
+    _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
+        acc[t_] = fma(mm_part_sum(s[t_], NA), (scale), acc[t_]);                                            \
+    }
+
+// acc[t] += scale * sum_a s[t][a] + neg_min * sum(x[t, col : col + NCOL]); xp points at x[0, col]
+#define MM_BLOCK_END_MIN(s, scale, neg_min, xp, NCOL)                                                       \
+    _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
+        acc[t_] = fma(mm_part_sum(s[t_], NA), (scale),                                                      \
+                      fma((neg_min), (float16)(x_sum##NCOL((xp) + t_ * n_cols)), acc[t_]));                \
+    }
+
+inline float x_sum16(__global const float *p) {
+    const float16 v = vload16(0, p);
+    const float8 a = v.lo + v.hi;
+    const float4 b = a.lo + a.hi;
+    const float2 c = b.lo + b.hi;
+    return c.x + c.y;
+}
+
+inline float x_sum32(__global const float *p) {
+    const float16 v = vload16(0, p) + vload16(1, p);
+    const float8 a = v.lo + v.hi;
+    const float4 b = a.lo + a.hi;
+    const float2 c = b.lo + b.hi;
+    return c.x + c.y;
+}
+
+// y[t, :rows] (+)= acc[t]; y points at y[0, r0], rows of y are n_rows apart.
 #define MM_STORE(y)                                                                                         \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
-        float16 v_ = acc[t_][0];                                                                            \
-        _Pragma("unroll") for (int a_ = 1; a_ < NA; a_++) {                                                 \
-            v_ += acc[t_][a_];                                                                              \
-        }                                                                                                   \
-        store_rows(v_, (y) + (size_t)t_ * n_rows, rows, accumulate);                                        \
+        store_rows(acc[t_], (y) + (size_t)t_ * n_rows, rows, accumulate);                                   \
     }
 
 inline void store_rows(float16 v, __global float *yr, const int rows, const int accumulate) {
@@ -158,10 +228,10 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
                 TILE_FN(8, 1, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
                 t0 += 8;                                                                                    \
             } else if (rem >= 4) {                                                                          \
-                TILE_FN(4, 1, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                TILE_FN(4, 2, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
                 t0 += 4;                                                                                    \
             } else if (rem >= 2) {                                                                          \
-                TILE_FN(2, 2, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                TILE_FN(2, 4, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
                 t0 += 2;                                                                                    \
             } else {                                                                                        \
                 TILE_FN(1, 4, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \

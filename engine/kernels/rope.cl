@@ -34,13 +34,13 @@
     }
 
 __kernel void kernel_rope_norm(__global float *x, __global const int *pos, const int n_head,
-                               const int head_dim, const int row_stride, const int n_rot, const float freq_scale,
-                               const float log2_theta_scale) {
+                               const int head_dim, const int row_stride, const int n_rot,
+                               const float freq_scale, const float log2_theta_scale) {
     ROPE_LOOP(2 * i, 2 * i + 1)
 }
 
 __kernel void kernel_rope_neox(__global float *x, __global const int *pos, const int n_head,
-                               const int head_dim, const int row_stride, const int n_rot, const float freq_scale,
-                               const float log2_theta_scale) {
+                               const int head_dim, const int row_stride, const int n_rot,
+                               const float freq_scale, const float log2_theta_scale) {
     ROPE_LOOP(i, i + n_rot / 2)
 }

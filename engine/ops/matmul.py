@@ -24,6 +24,9 @@ T = GGMLQuantizationType
 
 FEW_TOKENS = 16  # up to this many tokens one chunk covers the whole batch (speculative verification)
 PROMPT_CHUNK = 64  # tokens per work-item in the prompt variant: 64 x n_cols floats of x fit a CPU's L2
+CPU_TILES_PER_GROUP = 4  # see MatmulOps._local_size
+PREFETCH_BYTES = 2048  # how far ahead of the weight stream a CPU kernel prefetches
+GET_ROWS_GROUP = 16  # pieces of a row per get_rows work-group on a CPU
 GET_ROWS_COLS = 16  # columns per get_rows work-item for the float types (the quantized ones do a block)
 
 KERNEL_NAMES = {t: t.name.lower() for t in SUPPORTED_TYPES}
@@ -40,26 +43,33 @@ class MatmulOps:
     def __init__(self, rt):
         self.rt = rt
         self._programs: dict[tuple[str, T], cl.Program] = {}
-        self.compute_units = max(1, int(rt.device.max_compute_units))
         self.is_cpu = bool(rt.device.type & cl.device_type.CPU)
+        # software prefetch helps a CPU stream the weights (kernels/quants.h); a GPU has no use for it
+        import os
+        self.defines = {"MM_PREFETCH_BYTES": int(os.environ.get("PFD", PREFETCH_BYTES))} if self.is_cpu else {}
 
     def _program(self, kind: str, qtype) -> cl.Program:
         key = (kind, T(qtype))
         if key not in self._programs:
             if T(qtype) not in SUPPORTED_TYPES:
                 raise ValueError(f"{kind}: weight type {T(qtype).name} is not supported")
-            filename = matmul_kernel_file(qtype) if kind == "matmul" else "get_rows.cl"
-            self._programs[key] = self.rt.build(filename)
+            if kind == "matmul":
+                self._programs[key] = self.rt.build(matmul_kernel_file(qtype), self.defines)
+            else:
+                self._programs[key] = self.rt.build("get_rows.cl")
         return self._programs[key]
 
-    def _local_size(self, kernel: cl.Kernel, n_items: int, n_chunks: int) -> int:
-        """Tiles per work-group: as many as keep >= 8 work-groups per compute unit (PoCL runs a work-group
-        on one thread, so fewer groups would leave cores idle), at most 16 and the kernel's limit."""
+    def _local_size(self, kernel: cl.Kernel) -> int:
+        """Tiles per work-group. On a CPU (PoCL runs a work-group as a loop on one thread) 4 tiles of 16 rows
+        amortise the work-group overhead and leave enough groups to balance the cores; one fixed size also
+        means one machine-code compile per kernel (PoCL compiles per local size). Elsewhere a multiple of
+        the kernel's preferred size."""
         limit = int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.rt.device))
-        wg = 16
-        while wg > 1 and (wg > limit or -(-n_items // wg) * n_chunks < 8 * self.compute_units):
-            wg //= 2
-        return wg
+        if self.is_cpu:
+            return max(1, min(CPU_TILES_PER_GROUP, limit))
+        pref = int(kernel.get_work_group_info(cl.kernel_work_group_info.PREFERRED_WORK_GROUP_SIZE_MULTIPLE,
+                                              self.rt.device))
+        return max(1, min(limit, max(pref, 64)))
 
     def matmul(self, w: DeviceWeight, x: cl.Buffer, y: cl.Buffer, max_tokens: int,
                token_var: int = VAR_N_TOKENS, accumulate: bool = False) -> list[Launch]:
@@ -81,7 +91,7 @@ class MatmulOps:
         k = self.rt.kernel(self._program("matmul", w.qtype), f"kernel_matmul_{KERNEL_NAMES[w.qtype]}_f32")
         k.set_args(w.buffers["tiles"], x, y, np.int32(w.n_rows), np.int32(w.n_cols), np.int32(0),
                    np.int32(tchunk), np.int32(1 if accumulate else 0))
-        wg = self._local_size(k, w.n_tiles, n_chunks)
+        wg = self._local_size(k)
         n_groups = -(-w.n_tiles // wg)
         return [Launch(k, (n_groups * wg, n_chunks), (0, 0), (wg, 1), [(ARG_N_TOKENS, token_var)], token_var,
                        name=f"matmul_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]")]
@@ -101,7 +111,7 @@ class MatmulOps:
         n_items = -(-w.n_cols // per_item)
         k = self.rt.kernel(self._program("get_rows", w.qtype), f"kernel_get_rows_{KERNEL_NAMES[w.qtype]}")
         k.set_args(w.buffers["tiles"], ids, y, np.int32(w.n_rows), np.int32(w.n_cols), np.int32(0))
-        wg = min(64, 1 << max(0, (n_items - 1).bit_length()))
+        wg = GET_ROWS_GROUP if self.is_cpu else 64  # fixed: one PoCL compile per kernel
         # the grid has at least one token even when n_tokens is 0: the kernel bounds itself by n_tokens
         return [Launch(k, (-(-n_items // wg) * wg, 0), (0, 1), (wg, 1), [(5, token_var)], token_var,
                        name=f"get_rows_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]")]

@@ -1,0 +1,41 @@
+// matmul_bf16_f32.cl - y (+)= x . W^T for a BF16 weight in the tile layout of quants.h.
+//
+// Computes y[t, r] (+)= sum_c dequant(W)[r, c] * x[t, c] for t < n_tokens, r < n_rows; x float32
+// [n_tokens, n_cols], y float32 [n_tokens, n_rows] (not aliasing x); any n_cols.
+// BF16: tile block = one column of 16 bfloat16 (the high half of a float).
+// accumulate != 0 adds into y (the residual add after attn_output / ffn_down).
+//
+// NDRange: 2-D (tile, token chunk): global = (ceil(n_rows / 16) rounded up to the local size,
+//     ceil(max_tokens / tchunk)), local = (WG, 1), any WG. Work-item (i, j) owns rows [16 i, 16 i + 16),
+//     lane l of its float16 accumulators being row 16 i + l, and tokens [j tchunk, (j + 1) tchunk) below
+//     n_tokens (a step argument; chunks past it return at once). It decodes each column of its tile once
+//     per group of up to 8 tokens and does rank-1 updates with x broadcast from memory, scaling once per
+//     (sub-)block (see MM_KERNEL in quants.h).
+// Variants (chosen on the host, engine/ops/matmul.py, by max_tokens; the same kernel and the same
+//     arithmetic per (row, token), so results agree to float rounding): mat-vec (max_tokens 1), few tokens
+//     (tchunk = max_tokens <= 16: the weight is streamed from memory once, later token groups of the
+//     work-item re-read its tile from cache) and prompt (tchunk 64: a chunk of x stays in a CPU's L2).
+// Reference: tests/test_matmul.py::reference (gguf.quants.dequantize(raw), then x @ W.T in float64).
+
+#include "quants.h"
+
+static __attribute__((always_inline)) inline void tile_bf16(const int TT, const int NA, MM_TILE_PARAMS) {
+    MM_ACC_DECL
+    MM_PART_DECL(s)
+    // a "block" is one column here (nb = n_cols): no scales, the sums run over the whole row
+    const int U = MM_UNROLL(16, 4);
+    const int n_main = nb - nb % U;
+    _Pragma("unroll 1") for (int c = 0; c < n_main; c += U) {
+        MM_PREFETCH(wt + (size_t)c * TB_BF16, U * TB_BF16)
+        _Pragma("unroll") for (int j = 0; j < U; j++) {
+            MM_COL(s, bf16x16_to_float16(LD_US16(wt, c + j)), x + c + j, j % NA)
+        }
+    }
+    for (int c = n_main; c < nb; c++) {
+        MM_COL(s, bf16x16_to_float16(LD_US16(wt, c)), x + c, 0)
+    }
+    MM_BLOCK_END(s, (float16)(1.0f))
+    MM_STORE(y)
+}
+
+MM_KERNEL(kernel_matmul_bf16_f32, tile_bf16, 1, TB_BF16)

@@ -1,0 +1,45 @@
+// matmul_q4_0_f32.cl - y (+)= x . W^T for a Q4_0 weight in the tile layout of quants.h.
+//
+// Computes y[t, r] (+)= sum_c dequant(W)[r, c] * x[t, c] for t < n_tokens, r < n_rows; x float32
+// [n_tokens, n_cols], y float32 [n_tokens, n_rows] (not aliasing x); n_cols % 32 == 0.
+// Q4_0: w = d * (q - 8) per block of 32 columns, q 4-bit (byte j: column j low, j + 16 high).
+// accumulate != 0 adds into y (the residual add after attn_output / ffn_down).
+//
+// NDRange: 2-D (tile, token chunk): global = (ceil(n_rows / 16) rounded up to the local size,
+//     ceil(max_tokens / tchunk)), local = (WG, 1), any WG. Work-item (i, j) owns rows [16 i, 16 i + 16),
+//     lane l of its float16 accumulators being row 16 i + l, and tokens [j tchunk, (j + 1) tchunk) below
+//     n_tokens (a step argument; chunks past it return at once). It decodes each column of its tile once
+//     per group of up to 8 tokens and does rank-1 updates with x broadcast from memory, scaling once per
+//     (sub-)block (see MM_KERNEL in quants.h).
+// Variants (chosen on the host, engine/ops/matmul.py, by max_tokens; the same kernel and the same
+//     arithmetic per (row, token), so results agree to float rounding): mat-vec (max_tokens 1), few tokens
+//     (tchunk = max_tokens <= 16: the weight is streamed from memory once, later token groups of the
+//     work-item re-read its tile from cache) and prompt (tchunk 64: a chunk of x stays in a CPU's L2).
+// Reference: tests/test_matmul.py::reference (gguf.quants.dequantize(raw), then x @ W.T in float64).
+
+#include "quants.h"
+
+static __attribute__((always_inline)) inline void tile_q4_0(const int TT, const int NA, MM_TILE_PARAMS) {
+    MM_ACC_DECL
+    for (int b = 0; b < nb; b++) {
+        __global const uchar *tb = wt + (size_t)b * TB_Q4_0;
+        MM_PREFETCH(tb, TB_Q4_0)
+        __global const uchar *qs = tb + Q4_0_QS;
+        __global const float *xb = x + b * 32;
+        MM_PART_DECL(s)
+        // raw nibbles 0..15 here; the -8 is applied once per block as -8 d sum(x)
+        const int U = MM_UNROLL(16, 2);
+        _Pragma("unroll 1") for (int j = 0; j < 16; j += U) {
+            _Pragma("unroll") for (int k = 0; k < U; k++) {
+                const int16 q = convert_int16(LD_UC16(qs, j + k));
+                MM_COL(s, convert_float16(q & 15), xb + j + k, (2 * k) % NA)
+                MM_COL(s, convert_float16(q >> 4), xb + j + k + 16, (2 * k + 1) % NA)
+            }
+        }
+        const float16 d = half16_to_float16(LD_US16(tb, 0));
+        MM_BLOCK_END_MIN(s, d, d * -8.0f, xb, 32)
+    }
+    MM_STORE(y)
+}
+
+MM_KERNEL(kernel_matmul_q4_0_f32, tile_q4_0, 32, TB_Q4_0)

@@ -1,0 +1,236 @@
+"""Matmul and get_rows kernels against numpy: gguf.quants.dequantize(raw) is the truth, x @ W.T in float64.
+
+Tolerance: the kernels keep x in float32 (no int8 activation quantization) and accumulate in float32, so
+the only error is float32 rounding of the sums. It is bounded relative to sum_c |w_rc| |x_tc| (the sum of
+the absolute products, which is what rounding errors scale with): 1e-5 of it, about 170 float32 epsilons,
+generous for rows of a few thousand products summed in chains of at most a few hundred. The mat-vec,
+few-token and prompt variants must agree with each other far more tightly than with an int8-activation
+kernel (which would be ~0.5% off per product), because greedy decoding compares their argmaxes.
+"""
+
+import numpy as np
+import pyopencl as cl
+import pytest
+from conftest import run_launches
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gq
+
+from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
+from nextn.ops.matmul import MatmulOps
+from nextn.ops.weights import SUPPORTED_TYPES, TILE_ROWS, device_bytes, repack, upload_weight
+
+T = GGMLQuantizationType
+RTOL = 1e-5
+
+# offsets of the half-precision scale fields inside a K-quant block
+_K_HALVES = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def random_weight(qtype, n_rows: int, n_cols: int, rng) -> np.ndarray:
+    """GGUF bytes uint8 (n_rows, row_bytes) of a random weight of the given type.
+
+    Q8_0, Q4_0 and the float types go through gguf's quantizer. gguf has none for the K-quants, so their
+    blocks are random bytes (every pattern is a valid block) with small half scales, some of them
+    subnormal, so that the kernels' integer half decoding meets every class of finite half.
+    """
+    qtype = T(qtype)
+    if qtype in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0):
+        w = (rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32)
+        if qtype == T.F32:
+            return w.view(np.uint8).reshape(n_rows, -1)
+        return np.asarray(gq.quantize(w, qtype)).view(np.uint8).reshape(n_rows, -1)
+    cols, bb = GGML_QUANT_SIZES[qtype]
+    nb = n_cols // cols
+    raw = rng.integers(0, 256, (n_rows, nb, bb), dtype=np.uint8)
+    for off in _K_HALVES[qtype]:
+        scale = rng.uniform(0.0, 0.01, (n_rows, nb))
+        scale[rng.random((n_rows, nb)) < 0.1] = 3e-6  # subnormal in half precision (< 6.1e-5)
+        raw[:, :, off : off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_rows, nb, 2)
+    return raw.reshape(n_rows, -1)
+
+
+def dequantize(raw: np.ndarray, qtype, n_rows: int, n_cols: int) -> np.ndarray:
+    return gq.dequantize(raw, T(qtype)).reshape(n_rows, n_cols).astype(np.float64)
+
+
+def reference(raw, qtype, x: np.ndarray) -> np.ndarray:
+    n_rows = raw.shape[0]
+    w = dequantize(raw, qtype, n_rows, x.shape[1])
+    return x.astype(np.float64) @ w.T
+
+
+def bound(raw, qtype, x: np.ndarray) -> np.ndarray:
+    """sum_c |w_rc| |x_tc|: the scale of float32 rounding error of y[t, r]."""
+    w = dequantize(raw, qtype, raw.shape[0], x.shape[1])
+    return np.abs(x.astype(np.float64)) @ np.abs(w).T + 1e-30
+
+
+def assert_close(y, ref, scale, what):
+    err = np.abs(y - ref) / scale
+    worst = np.unravel_index(np.argmax(err), err.shape)
+    assert err.max() <= RTOL, f"{what}: error {err.max():.2e} x sum|w x| at {worst} (y {y[worst]}, ref {ref[worst]})"
+
+
+@pytest.fixture(scope="module")
+def mm(rt):
+    return MatmulOps(rt)
+
+
+def read(rt, buf, shape) -> np.ndarray:
+    out = np.empty(shape, np.float32)
+    cl.enqueue_copy(rt.queue, out, buf)
+    return out
+
+
+def step_vars(n_tokens: int, n_outputs: int | None = None) -> list[int]:
+    v = [0] * N_VARS
+    v[VAR_N_TOKENS] = n_tokens
+    v[VAR_N_OUTPUTS] = n_tokens if n_outputs is None else n_outputs
+    return v
+
+
+# (n_rows, n_cols) per type: n_rows not a multiple of 16 (a partial last tile) or of any work-group size;
+# n_cols a multiple of the block (32 / 256), and for the float types not even a multiple of 4.
+SHAPES = {
+    T.Q8_0: [(100, 512), (33, 96)],
+    T.Q4_0: [(100, 512), (19, 64)],
+    T.Q4_K: [(70, 512), (21, 256)],
+    T.Q5_K: [(70, 512), (21, 256)],
+    T.Q6_K: [(70, 512), (21, 256)],
+    T.F32: [(50, 100), (17, 64)],
+    T.F16: [(50, 100), (17, 64)],
+    T.BF16: [(50, 100), (17, 64)],
+}
+TYPES = sorted(SUPPORTED_TYPES, key=lambda t: t.value)
+
+
+def test_supported_types():
+    assert SUPPORTED_TYPES == {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K}
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_repack_is_a_permutation_of_the_file_bytes(qtype):
+    rng = np.random.default_rng(1)
+    n_rows, n_cols = SHAPES[qtype][0]
+    raw = random_weight(qtype, n_rows, n_cols, rng)
+    tiles = repack(raw, qtype, n_rows, n_cols)
+    assert tiles.nbytes == device_bytes(qtype, n_rows, n_cols)
+    pad = (-n_rows) % TILE_ROWS
+    assert tiles.nbytes == (n_rows + pad) * raw.shape[1]
+    # same multiset of bytes, plus the zero padding rows
+    assert np.array_equal(np.bincount(tiles, minlength=256) - np.bincount(raw.reshape(-1), minlength=256),
+                          np.eye(256, dtype=np.int64)[0] * pad * raw.shape[1])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_all_variants(rt, mm, qtype):
+    """Every shape, the three variants (mat-vec, few tokens, prompt) and n_tokens 1, 3, 16, 77."""
+    rng = np.random.default_rng(qtype.value)
+    for n_rows, n_cols in SHAPES[qtype]:
+        raw = random_weight(qtype, n_rows, n_cols, rng)
+        w = upload_weight(rt, raw, qtype, n_rows, n_cols, f"test.{qtype.name}")
+        assert w.nbytes == device_bytes(qtype, n_rows, n_cols)
+        x = rng.standard_normal((77, n_cols)).astype(np.float32)
+        ref, scale = reference(raw, qtype, x), bound(raw, qtype, x)
+        xb = rt.upload(x, "test.x")
+        for max_tokens, runs in ((1, (1,)), (16, (3, 16)), (77, (77,))):
+            yb = rt.alloc(4 * max_tokens * n_rows, "test.y")
+            launches = mm.matmul(w, xb, yb, max_tokens)
+            for n in runs:
+                run_launches(rt, launches, step_vars(n))
+                y = read(rt, yb, (max_tokens, n_rows))[:n]
+                assert_close(y, ref[:n], scale[:n], f"{qtype.name} [{n_rows}x{n_cols}] max_tokens={max_tokens} n={n}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_variants_agree(rt, mm, qtype):
+    """The same token through the mat-vec plan and inside 8- and 4-token groups: float rounding apart."""
+    rng = np.random.default_rng(7)
+    n_rows, n_cols = SHAPES[qtype][0]
+    raw = random_weight(qtype, n_rows, n_cols, rng)
+    w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
+    x = rng.standard_normal((16, n_cols)).astype(np.float32)
+    xb = rt.upload(x, "test.x")
+    y1 = rt.alloc(4 * n_rows, "test.y1")
+    run_launches(rt, mm.matmul(w, xb, y1, 1), step_vars(1))
+    y13 = rt.alloc(4 * 16 * n_rows, "test.y13")
+    run_launches(rt, mm.matmul(w, xb, y13, 16), step_vars(13))  # tokens 0-7 in a group of 8, 8-11 of 4
+    a, b = read(rt, y1, (n_rows,)), read(rt, y13, (16, n_rows))[0]
+    scale = bound(raw, qtype, x[:1])[0]
+    assert np.max(np.abs(a - b) / scale) < 1e-6
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_K, T.BF16], ids=lambda t: t.name)
+def test_matmul_accumulate(rt, mm, qtype):
+    rng = np.random.default_rng(3)
+    n_rows, n_cols = SHAPES[qtype][1]
+    raw = random_weight(qtype, n_rows, n_cols, rng)
+    w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
+    for max_tokens, n in ((1, 1), (16, 5), (70, 70)):
+        x = rng.standard_normal((max_tokens, n_cols)).astype(np.float32)
+        y0 = rng.standard_normal((max_tokens, n_rows)).astype(np.float32)
+        xb, yb = rt.upload(x, "test.x"), rt.upload(y0, "test.y")
+        run_launches(rt, mm.matmul(w, xb, yb, max_tokens, accumulate=True), step_vars(n))
+        y = read(rt, yb, (max_tokens, n_rows))
+        ref = y0[:n] + reference(raw, qtype, x[:n])
+        assert_close(y[:n], ref, bound(raw, qtype, x[:n]) + np.abs(y0[:n]), f"accumulate n={n}")
+        assert np.array_equal(y[n:], y0[n:]), "rows past n_tokens must be left alone"
+
+
+def test_matmul_output_rows_only(rt, mm):
+    """token_var=VAR_N_OUTPUTS: the grid follows n_outputs, not n_tokens; later rows stay untouched."""
+    rng = np.random.default_rng(4)
+    n_rows, n_cols = 100, 512
+    raw = random_weight(T.Q8_0, n_rows, n_cols, rng)
+    w = upload_weight(rt, raw, T.Q8_0, n_rows, n_cols, "test.w")
+    x = rng.standard_normal((16, n_cols)).astype(np.float32)
+    sentinel = np.full((16, n_rows), 7.0, np.float32)
+    xb, yb = rt.upload(x, "test.x"), rt.upload(sentinel, "test.y")
+    run_launches(rt, mm.matmul(w, xb, yb, 16, token_var=VAR_N_OUTPUTS), step_vars(12, n_outputs=3))
+    y = read(rt, yb, (16, n_rows))
+    assert_close(y[:3], reference(raw, T.Q8_0, x[:3]), bound(raw, T.Q8_0, x[:3]), "n_outputs rows")
+    assert np.all(y[3:] == 7.0)
+
+
+def test_matmul_zero_tokens_writes_nothing(rt, mm):
+    rng = np.random.default_rng(5)
+    raw = random_weight(T.Q4_0, 40, 64, rng)
+    w = upload_weight(rt, raw, T.Q4_0, 40, 64, "test.w")
+    xb = rt.upload(rng.standard_normal((4, 64)).astype(np.float32), "test.x")
+    yb = rt.upload(np.full((4, 40), 3.0, np.float32), "test.y")
+    run_launches(rt, mm.matmul(w, xb, yb, 4), step_vars(0))
+    assert np.all(read(rt, yb, (4, 40)) == 3.0)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_get_rows(rt, mm, qtype):
+    rng = np.random.default_rng(10 + qtype.value)
+    n_rows, n_cols = SHAPES[qtype][0]
+    raw = random_weight(qtype, n_rows, n_cols, rng)
+    w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
+    table = dequantize(raw, qtype, n_rows, n_cols).astype(np.float32)
+    ids = np.array([0, n_rows - 1, 5, 5, 17, n_rows, -1, 3, 1], np.int32)  # repeats, the last row, bad ids
+    n = len(ids) - 1  # one slot past n_tokens: must stay untouched
+    idb = rt.upload(ids, "test.ids")
+    sentinel = np.full((len(ids), n_cols), 9.0, np.float32)
+    yb = rt.upload(sentinel, "test.y")
+    run_launches(rt, mm.get_rows(w, idb, yb, len(ids)), step_vars(n))
+    y = read(rt, yb, (len(ids), n_cols))
+    for t in range(n):
+        want = table[ids[t]] if 0 <= ids[t] < n_rows else np.zeros(n_cols, np.float32)
+        np.testing.assert_allclose(y[t], want, rtol=1e-6, atol=1e-6 * np.abs(table).max(), err_msg=f"token {t} id {ids[t]}")
+    assert np.all(y[n] == 9.0)
+
+
+def test_rejects_bad_weights(rt, mm):
+    with pytest.raises(ValueError, match="not supported"):
+        device_bytes(T.Q2_K, 16, 256)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        device_bytes(T.Q4_K, 16, 300)
+    raw = np.zeros((16, 34), np.uint8)
+    with pytest.raises(ValueError, match="expected uint8"):
+        upload_weight(rt, raw, T.Q8_0, 16, 64, "test.bad")
+    w = upload_weight(rt, raw, T.Q8_0, 16, 32, "test.w")
+    small = rt.alloc(4 * 16, "test.small")
+    with pytest.raises(ValueError, match="buffer"):
+        mm.matmul(w, small, small, 2)
