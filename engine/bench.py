@@ -13,7 +13,7 @@ import numpy as np
 from nextn.cl.runtime import Runtime, default_cache_dir
 
 BENCH_MODEL = dict(arch="qwen3", qtype="Q8_0", seed=0, n_embd=1024, n_layer=9, n_head=16, n_head_kv=8,
-                   head_dim=128, n_ff=3072, n_ctx=4096)
+                   head_dim=128, n_ff=3072, n_ctx=4096, tied=True)
 
 
 def bench_model_path() -> Path:

@@ -7,6 +7,7 @@ from collections import Counter
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.kv_cache import KVCache
 from nextn.models import architecture, dense
+from nextn.runner import MAX_OUTPUTS
 
 
 def _mib(n: int) -> str:
@@ -23,7 +24,7 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
     mem = {
         "weights": dense.weights_bytes(infos),
         "kv_cache": KVCache.bytes_needed(hp.n_layer, 1, n_ctx, hp.n_head_kv, hp.head_dim),
-        "activations": dense.StepBuffers.bytes_needed(hp, n_batch),
+        "activations": dense.StepBuffers.bytes_needed(hp, n_batch, min(MAX_OUTPUTS, n_batch)),
     }
     mem["total"] = sum(mem.values())
     return {

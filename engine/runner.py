@@ -24,6 +24,7 @@ from nextn.ops.matmul import MatmulOps
 from nextn.tokenizer import Tokenizer
 
 VERIFY_TOKENS = 16  # largest batch served by the "few tokens" plan (speculative drafts, several slots)
+MAX_OUTPUTS = 64  # rows of one step whose logits can be computed (drafts of all slots, or a chunk of a prompt)
 
 
 @dataclass
@@ -58,10 +59,11 @@ class ModelRunner:
         self.n_ctx = int(n_ctx or min(hp.n_ctx_train, 4096))
         self.n_seq = n_seq
         self.n_batch = max(1, min(n_batch, self.n_ctx))
+        self.max_outputs = min(MAX_OUTPUTS, self.n_batch)
         self.memory = MemoryPlan(
             weights=dense.weights_bytes(infos),
             kv_cache=KVCache.bytes_needed(hp.n_layer, n_seq, self.n_ctx, hp.n_head_kv, hp.head_dim),
-            activations=dense.StepBuffers.bytes_needed(hp, self.n_batch),
+            activations=dense.StepBuffers.bytes_needed(hp, self.n_batch, self.max_outputs),
         )
         self.rt = rt or Runtime()
         self.rt.check_fits(self.memory.total, f"{mf.path.name} (weights + KV cache for {n_seq}x{self.n_ctx} + activations)")
@@ -75,13 +77,15 @@ class ModelRunner:
         if bar:
             bar.close()
         self.cache = KVCache(self.rt, hp.n_layer, n_seq, self.n_ctx, hp.n_head_kv, hp.head_dim)
-        self.buffers = dense.StepBuffers.allocate(self.rt, hp, self.n_batch)
+        self.buffers = dense.StepBuffers.allocate(self.rt, hp, self.n_batch, self.max_outputs)
         self.mm = MatmulOps(self.rt)
         buckets = sorted({1, min(VERIFY_TOKENS, self.n_batch), self.n_batch})
         self.plans = []  # (max_tokens, plan), smallest first
         self.launches = {}  # max_tokens -> the plan's Launch list (bench swaps plan kinds over the same launches)
         for max_tokens in buckets:
-            launches = dense.build_step(self.rt, self.mm, hp, self.weights, self.buffers, self.cache, max_tokens)
+            launches = dense.build_step(
+                self.rt, self.mm, hp, self.weights, self.buffers, self.cache, max_tokens, self.max_outputs
+            )
             self.plans.append((max_tokens, planmod.make_plan(self.rt.queue, launches, native=native_plan)))
             self.launches[max_tokens] = launches
         self.load_seconds = time.perf_counter() - t0
@@ -110,6 +114,8 @@ class ModelRunner:
         """One forward pass over a batch (at most n_batch tokens). Returns (argmax ids, logits or None) of the
         rows listed in `out_rows`."""
         n, n_out = len(ids), len(out_rows)
+        if n > self.n_batch or n_out > self.max_outputs:
+            raise ValueError(f"step of {n} tokens / {n_out} outputs exceeds {self.n_batch} / {self.max_outputs}")
         q, b = self.rt.queue, self.buffers
         self._ids[:n] = ids
         self._pos[:n] = pos
@@ -146,8 +152,9 @@ class ModelRunner:
                 f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx} tokens (--ctx-size)"
             )
         tops, logits = [], []
-        for i in range(0, len(tokens), self.n_batch):
-            chunk = tokens[i : i + self.n_batch]
+        chunk_size = self.max_outputs if all_logits else self.n_batch
+        for i in range(0, len(tokens), chunk_size):
+            chunk = tokens[i : i + chunk_size]
             n = len(chunk)
             last = i + n == len(tokens)
             rows = list(range(n)) if all_logits else ([n - 1] if last else [])

@@ -24,13 +24,13 @@ static __attribute__((always_inline)) inline void tile_q5_k(const int TT, const 
     MM_ACC_DECL
     for (int b = 0; b < nb; b++) {
         __global const uchar *tb = wt + (size_t)b * TB_Q5_K;
-        MM_PREFETCH(tb, TB_Q5_K)
         __global const uchar *qs = tb + Q5_K_QS;
         __global const uchar *qh = tb + Q5_K_QH;
         const float16 d = half16_to_float16(LD_US16(tb, 0));
         const float16 dmin = half16_to_float16(LD_US16(tb + QK_DMIN, 0));
         _Pragma("unroll 1") for (int c = 0; c < 4; c++) {  // 64-column chunk: sub-blocks 2c (low) and 2c+1
             __global const float *xc = x + b * 256 + c * 64;
+            MM_PREFETCH(tb + c * (TB_Q5_K / 4), TB_Q5_K / 4)  // a quarter per chunk: spread over the block
             MM_PART_DECL(slo)
             MM_PART_DECL(shi)
             const int U = MM_UNROLL(32, 4);

@@ -158,8 +158,8 @@ class StepBuffers:
     argmax: object  # int32 [max_tokens]
 
     @classmethod
-    def allocate(cls, rt, hp: DenseHParams, max_tokens: int) -> "StepBuffers":
-        n = max_tokens
+    def allocate(cls, rt, hp: DenseHParams, max_tokens: int, max_outputs: int) -> "StepBuffers":
+        n, n_out = max_tokens, max_outputs
         f = 4
         return cls(
             ids=rt.alloc(n * 4, "batch.ids"),
@@ -174,22 +174,22 @@ class StepBuffers:
             kqv_out=rt.alloc(n * hp.n_head * hp.head_dim * f, "act.kqv_out"),
             gate=rt.alloc(n * hp.n_ff * f, "act.gate"),
             up=rt.alloc(n * hp.n_ff * f, "act.up"),
-            x_out=rt.alloc(n * hp.n_embd * f, "act.x_out"),
-            logits=rt.alloc(n * hp.n_vocab * f, "act.logits"),
-            argmax=rt.alloc(n * 4, "act.argmax"),
+            x_out=rt.alloc(n_out * hp.n_embd * f, "act.x_out"),
+            logits=rt.alloc(n_out * hp.n_vocab * f, "act.logits"),
+            argmax=rt.alloc(n_out * 4, "act.argmax"),
         )
 
     @staticmethod
-    def bytes_needed(hp: DenseHParams, max_tokens: int) -> int:
-        per_token = 4 * (
-            4 + 3 * hp.n_embd + 2 * hp.n_head * hp.head_dim + 2 * hp.n_head_kv * hp.head_dim + 2 * hp.n_ff
-            + hp.n_vocab + 1
-        )
-        return per_token * max_tokens
+    def bytes_needed(hp: DenseHParams, max_tokens: int, max_outputs: int) -> int:
+        per_token = 4 * (4 + 2 * hp.n_embd + 2 * hp.n_head * hp.head_dim + 2 * hp.n_head_kv * hp.head_dim + 2 * hp.n_ff)
+        per_output = 4 * (hp.n_embd + hp.n_vocab + 1)
+        return per_token * max_tokens + per_output * max_outputs
 
 
-def build_step(rt, mm, hp: DenseHParams, w: dict, buf: StepBuffers, cache, max_tokens: int) -> list[Launch]:
-    """The launches of one forward step over up to `max_tokens` tokens, ending in logits and argmax.
+def build_step(rt, mm, hp: DenseHParams, w: dict, buf: StepBuffers, cache, max_tokens: int,
+               max_outputs: int) -> list[Launch]:
+    """The launches of one forward step over up to `max_tokens` tokens, ending in logits and argmax of up to
+    `max_outputs` of them.
 
     `mm` is a MatmulOps; `cache` a KVCache whose per-layer buffers hold all sequences.
     """
@@ -222,8 +222,9 @@ def build_step(rt, mm, hp: DenseHParams, w: dict, buf: StepBuffers, cache, max_t
         L += elementwise.swiglu(rt, buf.gate, buf.up, buf.gate, hp.n_ff, n)  # ffn_swiglu
         L += mm.matmul(w[b + "ffn_down.weight"], buf.gate, buf.x, n, accumulate=True)  # l_out = ffn_inp + ffn
     # output head, only on the rows whose logits are wanted
-    L += elementwise.gather_rows(rt, buf.x, buf.out_idx, buf.x_out, hp.n_embd, n)
-    L += norm.rms_norm(rt, buf.x_out, buf.x_out, w["output_norm.weight"], hp.n_embd, 1, hp.rms_eps, n, token_var=VAR_N_OUTPUTS)
-    L += mm.matmul(w["output.weight"], buf.x_out, buf.logits, n, token_var=VAR_N_OUTPUTS)  # result_output
-    L += select.argmax(rt, buf.logits, buf.argmax, hp.n_vocab, n)
+    m = min(max_outputs, n)
+    L += elementwise.gather_rows(rt, buf.x, buf.out_idx, buf.x_out, hp.n_embd, m)
+    L += norm.rms_norm(rt, buf.x_out, buf.x_out, w["output_norm.weight"], hp.n_embd, 1, hp.rms_eps, m, token_var=VAR_N_OUTPUTS)
+    L += mm.matmul(w["output.weight"], buf.x_out, buf.logits, m, token_var=VAR_N_OUTPUTS)  # result_output
+    L += select.argmax(rt, buf.logits, buf.argmax, hp.n_vocab, m)
     return L

@@ -1,0 +1,256 @@
+"""Quantize float32 weights into GGUF tensor bytes, for the tiny test models and for kernel tests.
+
+`quantize(w, qtype)` turns a float32 matrix [n_rows, n_cols] into the bytes a GGUF file stores for it,
+uint8 [n_rows, row_bytes], block after block as llama.cpp lays them out (ggml/src/ggml-common.h).
+
+F32, F16, BF16, Q8_0 and Q4_0 go through gguf-py's own quantizers (gguf.quants), which match
+ggml-quants.c bit for bit. gguf-py 0.19 can only *de*quantize the K-quants, so Q4_K, Q5_K and Q6_K are
+written here, numpy-vectorised over blocks, following quantize_row_q{4,5,6}_K_ref in ggml-quants.c: the
+same per-sub-block scale search (make_qkx2_quants for Q4_K/Q5_K, make_qx_quants for Q6_K), the same
+6-/8-bit quantization of the sub-block scales and the same bit packing. The results are valid blocks that
+gguf.quants.dequantize (and llama.cpp) read back; they are close to, but not guaranteed bit-identical
+with, llama.cpp's output (float32 summation order differs).
+
+Relative RMS error (RMS(dequant - w) / RMS(w)) on Gaussian weights, as tests/test_quantize.py checks:
+F32 0, F16 < 1e-3, BF16 < 4e-3, Q8_0 < 1e-2, Q6_K < 2e-2, Q5_K < 4e-2, Q4_0 < 0.12, Q4_K < 0.09.
+"""
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+QK_K = 256
+
+# the types nextn's kernels read; everything the tiny-model maker can write
+SUPPORTED = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+
+# elements quantized per numpy pass in the K-quant search: bounds the temporaries to a few tens of MB
+_CHUNK_ELEMS = 1 << 20
+
+
+def parse_qtype(name: "str | QT") -> QT:
+    """'q8_0' / 'Q8_0' / GGMLQuantizationType.Q8_0 -> GGMLQuantizationType.Q8_0 (one of SUPPORTED)."""
+    if isinstance(name, QT):
+        qtype = name
+    else:
+        try:
+            qtype = QT[str(name).upper()]
+        except KeyError:
+            raise ValueError(
+                f"unknown tensor type {name!r}; supported: {', '.join(t.name for t in SUPPORTED)}"
+            ) from None
+    if qtype not in SUPPORTED:
+        raise ValueError(f"tensor type {qtype.name} is not supported; supported: {', '.join(t.name for t in SUPPORTED)}")
+    return qtype
+
+
+def block_size(qtype: QT) -> int:
+    """Elements per block; a row length must be a multiple of it."""
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def row_bytes(n_cols: int, qtype: QT) -> int:
+    """Bytes one row of n_cols elements takes in qtype."""
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    if n_cols % bs:
+        raise ValueError(f"row length {n_cols} is not a multiple of the {qtype.name} block size {bs}")
+    return n_cols // bs * ts
+
+
+def quantize(weights: np.ndarray, qtype: "QT | str") -> np.ndarray:
+    """float32 [n_rows, n_cols] (or 1-D [n_cols]) -> uint8 [n_rows, row_bytes] in GGUF block layout."""
+    qtype = parse_qtype(qtype)
+    w = np.asarray(weights, dtype=np.float32)
+    if w.ndim == 1:
+        w = w[None, :]
+    if w.ndim != 2:
+        raise ValueError(f"quantize expects a 1-D or 2-D array, got shape {w.shape}")
+    n_rows, n_cols = w.shape
+    rb = row_bytes(n_cols, qtype)
+    w = np.ascontiguousarray(w)
+    if qtype == QT.F32:
+        return w.view(np.uint8).reshape(n_rows, rb)
+    if qtype == QT.F16:
+        return w.astype(np.float16).view(np.uint8).reshape(n_rows, rb)
+    if qtype in (QT.BF16, QT.Q8_0, QT.Q4_0):
+        return np.asarray(gguf.quants.quantize(w, qtype), dtype=np.uint8).reshape(n_rows, rb)
+    blocks_fn = {QT.Q4_K: _q4_k_blocks, QT.Q5_K: _q5_k_blocks, QT.Q6_K: _q6_k_blocks}[qtype]
+    out = np.empty((n_rows, rb), dtype=np.uint8)
+    rows_per_chunk = max(1, _CHUNK_ELEMS // n_cols)
+    for r0 in range(0, n_rows, rows_per_chunk):
+        chunk = w[r0 : r0 + rows_per_chunk].reshape(-1, QK_K)
+        out[r0 : r0 + rows_per_chunk] = blocks_fn(chunk).reshape(-1, rb)
+    return out
+
+
+def dequantize(data: np.ndarray, qtype: "QT | str", n_cols: int) -> np.ndarray:
+    """uint8 [n_rows, row_bytes] -> float32 [n_rows, n_cols] (gguf-py's dequantizer; for tests and tools)."""
+    qtype = parse_qtype(qtype)
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(n_cols, qtype))
+    if qtype == QT.F32:
+        return data.view(np.float32).reshape(-1, n_cols)
+    return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(-1, n_cols)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    """float [n] -> uint8 [n, 2] (IEEE half, little-endian)."""
+    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _f16_round(x: np.ndarray) -> np.ndarray:
+    """The value a float32 has after a trip through half precision (the block's stored scale)."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Asymmetric (scale, min) search for sub-blocks x [n, 32]; ggml-quants.c make_qkx2_quants.
+
+    Tries nstep+1 candidate inverse scales around nmax/(max-min), fits scale and min by weighted least
+    squares for each rounding, and keeps the best. Returns (scale [n], -min [n] >= 0).
+    """
+    w = np.sqrt(np.mean(x * x, axis=1, keepdims=True)) + np.abs(x)  # weights: av_x + |x|
+    xmin = np.minimum(x.min(axis=1), 0.0)
+    xmax = x.max(axis=1)
+    rng = xmax - xmin
+    flat = rng == 0
+    safe_rng = np.where(flat, 1.0, rng)
+    sum_w = w.sum(axis=1)
+    sum_x = (w * x).sum(axis=1)
+
+    iscale = nmax / safe_rng
+    scale = 1.0 / iscale
+    L = np.clip(np.rint(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
+    best_err = (w * (scale[:, None] * L + xmin[:, None] - x) ** 2).sum(axis=1)
+    best_scale, best_min = scale, xmin.copy()
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * step + nmax) / safe_rng
+        La = np.clip(np.rint(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
+        sum_l = (w * La).sum(axis=1)
+        sum_l2 = (w * La * La).sum(axis=1)
+        sum_xl = (w * La * x).sum(axis=1)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        safe_D = np.where(ok, D, 1.0)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_D
+        pos = this_min > 0  # the min must not be positive: refit the scale alone through 0
+        this_min = np.where(pos, 0.0, this_min)
+        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), this_scale)
+        err = (w * (this_scale[:, None] * La + this_min[:, None] - x) ** 2).sum(axis=1)
+        better = ok & (err < best_err)
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, this_scale, best_scale)
+        best_min = np.where(better, this_min, best_min)
+    best_scale = np.where(flat, 0.0, best_scale)
+    best_min = np.where(flat, xmin, best_min)
+    return best_scale.astype(np.float32), (-best_min).astype(np.float32)
+
+
+def _kquant_asym(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Shared Q4_K/Q5_K part: x [n_blocks, 256] -> (d, dmin, packed 12 scale bytes, L [n_blocks, 8, 32])."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 8, 32)
+    scales, mins = _make_qkx2_quants(sub, nmax, rmin, rdelta, nstep)
+    scales = scales.reshape(nb, 8)
+    mins = mins.reshape(nb, 8)
+    max_scale = scales.max(axis=1)
+    max_min = mins.max(axis=1)
+    inv_scale = np.where(max_scale > 0, 63.0 / np.where(max_scale > 0, max_scale, 1.0), 0.0)
+    inv_min = np.where(max_min > 0, 63.0 / np.where(max_min > 0, max_min, 1.0), 0.0)
+    ls = np.minimum(63, np.rint(inv_scale[:, None] * scales)).astype(np.uint8)
+    lm = np.minimum(63, np.rint(inv_min[:, None] * mins)).astype(np.uint8)
+    d = (max_scale / 63.0).astype(np.float32)
+    dmin = (max_min / 63.0).astype(np.float32)
+
+    # 6-bit scales and mins of 8 sub-blocks in 12 bytes (get_scale_min_k4 reads them back)
+    packed = np.empty((nb, 12), dtype=np.uint8)
+    packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+
+    # final levels against the scales as stored (half-precision d, dmin times the 6-bit integers)
+    dl = _f16_round(d)[:, None] * ls.astype(np.float32)  # [nb, 8]
+    ml = _f16_round(dmin)[:, None] * lm.astype(np.float32)
+    xs = x.reshape(nb, 8, 32)
+    safe_dl = np.where(dl != 0, dl, 1.0)
+    L = np.clip(np.rint((xs + ml[..., None]) / safe_dl[..., None]), 0, nmax)
+    L = np.where((dl != 0)[..., None], L, 0).astype(np.uint8)
+    return d, dmin, packed, L
+
+
+def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    """block_q4_K: d (f16), dmin (f16), scales[12], qs[128]; value = d*sc*q - dmin*m, q in 0..15."""
+    nb = x.shape[0]
+    d, dmin, packed, L = _kquant_asym(x, 15, -1.0, 0.1, 20)
+    L4 = L.reshape(nb, 4, 2, 32)  # 64-element chunks: low nibble = first 32, high nibble = next 32
+    qs = (L4[:, :, 0, :] | (L4[:, :, 1, :] << 4)).reshape(nb, 128)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qs], axis=1)
+
+
+def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
+    """block_q5_K: d, dmin, scales[12], qh[32], qs[128]; bit k of qh[j] is the 5th bit of sub-block k, item j."""
+    nb = x.shape[0]
+    d, dmin, packed, L = _kquant_asym(x, 31, -0.5, 0.1, 15)
+    low = (L & 0xF).reshape(nb, 4, 2, 32)
+    qs = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(nb, 128)
+    high = (L >> 4).astype(np.uint8)  # [nb, 8, 32]
+    qh = np.zeros((nb, 32), dtype=np.uint8)
+    for k in range(8):
+        qh |= high[:, k, :] << k
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qh, qs], axis=1)
+
+
+def _make_qx_quants_q6(x: np.ndarray, nmax: int = 32) -> np.ndarray:
+    """Symmetric scale search for sub-blocks x [n, 16]; make_qx_quants(rmse_type=1): weights x^2,
+    candidate inverse scales -(nmax + 0.1*is)/max for is in -9..9. Returns the signed scale [n]."""
+    idx = np.abs(x).argmax(axis=1)
+    vmax = x[np.arange(x.shape[0]), idx]
+    zero = np.abs(vmax) < 1e-15
+    safe_max = np.where(zero, 1.0, vmax)
+    w = x * x
+
+    def fit(iscale):
+        L = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
+        return (w * x * L).sum(axis=1), (w * L * L).sum(axis=1)
+
+    sumlx, suml2 = fit(-nmax / safe_max)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1.0), 0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        sumlx, suml2 = fit(-(nmax + 0.1 * step) / safe_max)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        new_scale = sumlx / np.where(suml2 > 0, suml2, 1.0)
+        scale = np.where(better, new_scale, scale)
+        best = np.where(better, new_scale * sumlx, best)
+    return np.where(zero, 0.0, scale).astype(np.float32)
+
+
+def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
+    """block_q6_K: ql[128], qh[64], scales[16] (int8), d (f16); value = d*sc*(q-32), q in 0..63."""
+    nb = x.shape[0]
+    scales = _make_qx_quants_q6(x.reshape(nb * 16, 16)).reshape(nb, 16)
+    iamax = np.abs(scales).argmax(axis=1)
+    max_scale = scales[np.arange(nb), iamax]
+    empty = np.abs(max_scale) < 1e-15
+    iscale = np.where(empty, 0.0, -128.0 / np.where(empty, 1.0, max_scale))
+    d = np.where(empty, 0.0, 1.0 / np.where(empty, 1.0, iscale)).astype(np.float32)
+    sc = np.minimum(127, np.rint(iscale[:, None] * scales)).astype(np.int8)
+
+    dl = _f16_round(d)[:, None] * sc.astype(np.float32)  # [nb, 16]
+    xs = x.reshape(nb, 16, 16)
+    safe_dl = np.where(dl != 0, dl, 1.0)
+    L = np.clip(np.rint(xs / safe_dl[..., None]), -32, 31) + 32
+    L = np.where((dl != 0)[..., None], L, 32).astype(np.uint8).reshape(nb, 2, 4, 32)  # 128-chunks, quarters
+
+    lo = L & 0xF
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+    hi = L >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    return np.concatenate(
+        [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), _f16_bytes(d)], axis=1
+    )
