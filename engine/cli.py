@@ -79,7 +79,11 @@ def cmd_inspect(args) -> int:
 def cmd_make_tiny(args) -> int:
     from nextn.tiny import main as tiny_main
 
-    return tiny_main(args.rest) or 0
+    try:
+        return tiny_main(args.rest) or 0
+    except ValueError as e:
+        print(f"nextn: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_bench(args) -> int:

@@ -92,6 +92,10 @@ def make_tiny(
         raise ValueError(f"make-tiny: unknown type {qtype!r} (have: {', '.join(TYPES)})")
     if arch == "llama" and n_embd != n_head * head_dim:
         raise ValueError("make-tiny: llama files carry no key_length, so n_embd must equal n_head * head_dim")
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+    for name, n in (("n_embd", n_embd), ("n_ff", n_ff), ("n_head * head_dim", n_head * head_dim)):
+        if n % block:
+            raise ValueError(f"make-tiny: {name} = {n} is not a multiple of the {qtype} block size {block}")
     path = Path(path)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)

@@ -8,7 +8,7 @@ from nextn.gguf.metadata import metadata_dict
 
 def rewrite(src, dst, *, arch=None, drop=(), replace=None, set_keys=None, drop_keys=()):
     """Copy `src` to `dst`, changing the architecture, dropping tensors/keys, replacing tensors
-    (name -> (array, qtype, raw_shape_or_None)) and setting metadata keys (key -> (value, GGUFValueType))."""
+    (name -> (array, qtype); quantized arrays as uint8 rows) and setting metadata keys (key -> (value, GGUFValueType))."""
     r = gguf.GGUFReader(src, "r")
     meta = metadata_dict(r)
     old_arch = meta["general.architecture"]
@@ -29,15 +29,15 @@ def rewrite(src, dst, *, arch=None, drop=(), replace=None, set_keys=None, drop_k
         if t.name in drop:
             continue
         if t.name in replace:
-            arr, qtype, raw_shape = replace[t.name]
-            w.add_tensor(t.name, arr, raw_shape=raw_shape, raw_dtype=qtype)
+            arr, qtype = replace[t.name]
+            w.add_tensor(t.name, arr, raw_dtype=qtype)  # uint8 rows for quantized types: shape from the bytes
             continue
         qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
         data = np.array(t.data)
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_tensor(t.name, data, raw_dtype=qtype)
         else:
-            w.add_tensor(t.name, data, raw_shape=list(reversed([int(x) for x in t.shape])), raw_dtype=qtype)
+            w.add_tensor(t.name, data.view(np.uint8).reshape(data.shape[0], -1), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

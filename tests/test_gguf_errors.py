@@ -71,7 +71,7 @@ def test_misshaped_tensor(tmp_path, good):
     r = gguf.GGUFReader(good)
     t = next(t for t in r.tensors if t.name == "blk.0.attn_norm.weight")
     n = int(t.shape[0])
-    p = rewrite(good, tmp_path / "shape.gguf", replace={t.name: (np.ones(n + 1, np.float32), gguf.GGMLQuantizationType.F32, None)})
+    p = rewrite(good, tmp_path / "shape.gguf", replace={t.name: (np.ones(n + 1, np.float32), gguf.GGMLQuantizationType.F32)})
     refused(p, "tensor blk.0.attn_norm.weight has shape", f"expected [{n}]")
 
 
@@ -82,7 +82,7 @@ def test_unsupported_quant_type(tmp_path, good):
     q5_0 = gguf.GGMLQuantizationType.Q5_0  # a valid GGUF type nextn has no kernels for
     block, size = gguf.GGML_QUANT_SIZES[q5_0]
     raw = np.zeros((n_rows, n_cols // block * size), np.uint8)
-    p = rewrite(good, tmp_path / "q5_0.gguf", replace={t.name: (raw, q5_0, (n_rows, n_cols))})
+    p = rewrite(good, tmp_path / "q5_0.gguf", replace={t.name: (raw, q5_0)})
     refused(p, "blk.0.ffn_gate.weight has type Q5_0", "supported:")
 
 

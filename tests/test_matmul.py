@@ -14,7 +14,6 @@ import pytest
 from conftest import run_launches
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
-
 from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
 from nextn.ops.matmul import MatmulOps
 from nextn.ops.weights import SUPPORTED_TYPES, TILE_ROWS, device_bytes, repack, upload_weight
@@ -68,7 +67,9 @@ def bound(raw, qtype, x: np.ndarray) -> np.ndarray:
 def assert_close(y, ref, scale, what):
     err = np.abs(y - ref) / scale
     worst = np.unravel_index(np.argmax(err), err.shape)
-    assert err.max() <= RTOL, f"{what}: error {err.max():.2e} x sum|w x| at {worst} (y {y[worst]}, ref {ref[worst]})"
+    assert err.max() <= RTOL, (
+        f"{what}: error {err.max():.2e} x sum|w x| at {worst} (y {y[worst]}, ref {ref[worst]})"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,10 @@ def test_repack_is_a_permutation_of_the_file_bytes(qtype):
     pad = (-n_rows) % TILE_ROWS
     assert tiles.nbytes == (n_rows + pad) * raw.shape[1]
     # same multiset of bytes, plus the zero padding rows
-    assert np.array_equal(np.bincount(tiles, minlength=256) - np.bincount(raw.reshape(-1), minlength=256),
-                          np.eye(256, dtype=np.int64)[0] * pad * raw.shape[1])
+    assert np.array_equal(
+        np.bincount(tiles, minlength=256) - np.bincount(raw.reshape(-1), minlength=256),
+        np.eye(256, dtype=np.int64)[0] * pad * raw.shape[1],
+    )
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -139,7 +142,9 @@ def test_matmul_all_variants(rt, mm, qtype):
             for n in runs:
                 run_launches(rt, launches, step_vars(n))
                 y = read(rt, yb, (max_tokens, n_rows))[:n]
-                assert_close(y, ref[:n], scale[:n], f"{qtype.name} [{n_rows}x{n_cols}] max_tokens={max_tokens} n={n}")
+                assert_close(
+                    y, ref[:n], scale[:n], f"{qtype.name} [{n_rows}x{n_cols}] max_tokens={max_tokens} n={n}"
+                )
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
@@ -218,7 +223,9 @@ def test_get_rows(rt, mm, qtype):
     y = read(rt, yb, (len(ids), n_cols))
     for t in range(n):
         want = table[ids[t]] if 0 <= ids[t] < n_rows else np.zeros(n_cols, np.float32)
-        np.testing.assert_allclose(y[t], want, rtol=1e-6, atol=1e-6 * np.abs(table).max(), err_msg=f"token {t} id {ids[t]}")
+        np.testing.assert_allclose(
+            y[t], want, rtol=1e-6, atol=1e-6 * np.abs(table).max(), err_msg=f"token {t} id {ids[t]}"
+        )
     assert np.all(y[n] == 9.0)
 
 

@@ -93,6 +93,9 @@ CASES = {
     # n_rep 3 (qwen2.5-style odd GQA ratios): 24 rows per group on the CPU shape, 12 on a GPU-like one
     "gqa3_d64": (64, 6, 2, list(range(20, 29)), [1] * 9, None),
     "gqa3_gpu_shape": (64, 6, 2, list(range(20, 29)), [1] * 9, {**GPU_SHAPE, "BQ": 4}),
+    # small heads of the tiny test models (head_dim 16 once crashed PoCL's compiler at VW 16)
+    "small_d16_gqa2": (16, 4, 2, list(range(7)), [0] * 7, None),
+    "small_d32_gqa2": (32, 4, 2, [5, 6], [1, 1], None),
 }
 
 

@@ -27,17 +27,24 @@ static __attribute__((always_inline)) inline void tile_q4_0(const int TT, const 
         __global const uchar *qs = tb + Q4_0_QS;
         __global const float *xb = x + b * 32;
         MM_PART_DECL(s)
-        // raw nibbles 0..15 here; the -8 is applied once per block as -8 d sum(x)
         const int U = MM_UNROLL(16, 2);
+        // one token: raw nibbles 0..15 are summed and the -8 applied once per block as -8 d sum(x); several
+        // tokens: 8 is subtracted per column, one integer op shared by all the tokens instead of a
+        // horizontal sum of x per token
+        const int off = TT == 1 ? 0 : 8;
         _Pragma("unroll 1") for (int j = 0; j < 16; j += U) {
             _Pragma("unroll") for (int k = 0; k < U; k++) {
                 const int16 q = convert_int16(LD_UC16(qs, j + k));
-                MM_COL(s, convert_float16(q & 15), xb + j + k, (2 * k) % NA)
-                MM_COL(s, convert_float16(q >> 4), xb + j + k + 16, (2 * k + 1) % NA)
+                MM_COL(s, convert_float16((q & 15) - off), xb + j + k, (2 * k) % NA)
+                MM_COL(s, convert_float16((q >> 4) - off), xb + j + k + 16, (2 * k + 1) % NA)
             }
         }
         const float16 d = half16_to_float16(LD_US16(tb, 0));
-        MM_BLOCK_END_MIN(s, d, d * -8.0f, xb, 32)
+        if (TT == 1) {
+            MM_BLOCK_END_MIN(s, d, d * -8.0f, xb, 32)
+        } else {
+            MM_BLOCK_END(s, d)
+        }
     }
     MM_STORE(y)
 }

@@ -22,10 +22,11 @@
 
 // Column 128 n + 32 g + l (n: half, g: group 0..3, l: 0..31) is the low (g 0, 1) or high (g 2, 3) nibble of
 // ql[64 n + l + 32 (g & 1)] with bits 2g, 2g+1 of qh[32 n + l] above it; sub-block (of 16) 8 n + 2 g + l / 16.
-// Raw 6-bit values 0..63 are summed; the -32 is applied once per sub-block as -32 d sc sum(x).
 
 // One token: each (ql, ql + 32, qh) load feeds four columns, one per group, so four sub-blocks are summed
-// at once (4 x 2 chains); fewer loads and zero-extensions per weight than a pass per group.
+// at once (4 x 2 chains); fewer loads and zero-extensions per weight than a pass per group. Raw values
+// 0..63 are summed and the -32 applied once per sub-block as -32 d sc sum(x): one horizontal sum of x per
+// 16 columns costs less than a subtraction per column.
 static __attribute__((always_inline)) inline void tile_q6_k_one(const int TT, const int NA, MM_TILE_PARAMS) {
     MM_ACC_DECL
     for (int b = 0; b < nb; b++) {
@@ -65,7 +66,9 @@ static __attribute__((always_inline)) inline void tile_q6_k_one(const int TT, co
     MM_STORE(y)
 }
 
-// Several tokens: one pass per group, so that only one sub-block's TT x NA sums are live.
+// Several tokens: one pass per group, so that only one sub-block's TT x NA sums are live. The -32 is
+// subtracted per column here: a sum of x per token and sub-block would cost more than one integer op per
+// column shared by all the tokens.
 static __attribute__((always_inline)) inline void tile_q6_k_many(const int TT, const int NA, MM_TILE_PARAMS) {
     MM_ACC_DECL
     for (int b = 0; b < nb; b++) {
@@ -84,12 +87,11 @@ static __attribute__((always_inline)) inline void tile_q6_k_many(const int TT, c
                         _Pragma("unroll") for (int k = 0; k < 4; k++) {
                             const int16 a = convert_int16(LD_UC16(ql, 32 * (g & 1) + 16 * hl + l + k));
                             const int16 h = convert_int16(LD_UC16(qh, 16 * hl + l + k));
-                            const int16 q = ((a >> lsh) & 15) | (((h >> hsh) & 3) << 4);
+                            const int16 q = (((a >> lsh) & 15) | (((h >> hsh) & 3) << 4)) - 32;
                             MM_COL(s, convert_float16(q), xs + l + k, k % NA)
                         }
                     }
-                    const float16 dsc = d * convert_float16(LD_C16(tb + Q6_K_SC, 8 * n + 2 * g + hl));
-                    MM_BLOCK_END_MIN(s, dsc, dsc * -32.0f, xs, 16)
+                    MM_BLOCK_END(s, d * convert_float16(LD_C16(tb + Q6_K_SC, 8 * n + 2 * g + hl)))
                 }
             }
         }

@@ -11,11 +11,12 @@
 //     A tile block is exactly 16 GGUF blocks long: the device holds the file's bytes, only reordered.
 //
 // Why: on a CPU (PoCL) a work-item that owns a tile keeps the 16 rows in the 16 lanes of a float16 and
-// does rank-1 updates, acc += w_col * x[col] with x broadcast from memory, so the x operand costs no shuffle
-// and one decoded column serves every token of the batch (weights are read once per work-item for all
-// tokens). The per-row reduction at the end disappears: lane l is row l. The measured alternative (one row
-// per work-item, dot products over blocks) needed a shuffle per block to broadcast its scale and a
-// horizontal sum per row.
+// does rank-1 updates, s += w_col * x[col] with x broadcast from memory (an FMA operand, no shuffle), so one
+// decoded column serves every token of the batch and lane l ends as row l (no horizontal sum per row).
+// x stays float32: the row-per-work-item alternative measured here (DESIGN.md's 21.7 GB/s Q8_0 kernel)
+// needs x quantized to int8 to be fast, which costs ~0.5% per product and makes the mat-vec disagree
+// with the multi-token paths; this layout streams as fast with x exact, and its multi-token products
+// run at 100-240 GFLOP/s instead of repeating the mat-vec per token.
 
 #ifndef NEXTN_QUANTS_H
 #define NEXTN_QUANTS_H

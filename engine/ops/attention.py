@@ -59,6 +59,10 @@ def default_shape(rt, head_dim: int, n_rep: int) -> dict:
         shape = {"WG": 64, "BQ": bq, "BC": 32, "VW": 4, "RB": 2, "CB": 1, "OB": 1}
     while head_dim % shape["VW"]:
         shape["VW"] //= 2  # head_dim % 4 == 0 is required, so this stops at 4
+    # One vector per head row (head_dim 16 at VW 16) makes PoCL 3.1's work-group compiler abort
+    # ("Incoming edges to non-entry block!" in ParallelRegion::Verify); two or more compile and run.
+    while head_dim // shape["VW"] < 2 and shape["VW"] > 4:
+        shape["VW"] //= 2
     limit = int(rt.device.local_mem_size) - 256
     while local_bytes(head_dim, n_rep, shape) > limit and shape["BC"] > max(8, shape["VW"]):
         shape["BC"] //= 2

@@ -9,16 +9,15 @@ in how tokens are chunked over the grid and agree to float rounding. The variant
     few tokens (2..16)       grid = tiles x 1,  tchunk = max_tokens: the weight is streamed once
     prompt (> 16 tokens)     grid = tiles x ceil(max_tokens / 64), tchunk 64: x chunk stays in L2
 
-Run this module (`python -m nextn.ops.matmul`) for the bandwidth and GFLOP/s figures of every type.
+tests/bench_matmul.py prints the bandwidth and GFLOP/s figures of every type (not part of the test run).
 """
 
 import numpy as np
 import pyopencl as cl
 from gguf import GGMLQuantizationType
-
 from nextn.ops.launch import VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer
-from nextn.ops.weights import SUPPORTED_TYPES, TILE_ROWS, DeviceWeight, block_shape
+from nextn.ops.weights import SUPPORTED_TYPES, DeviceWeight, block_shape
 
 T = GGMLQuantizationType
 
@@ -66,12 +65,22 @@ class MatmulOps:
         limit = int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.rt.device))
         if self.is_cpu:
             return max(1, min(CPU_TILES_PER_GROUP, limit))
-        pref = int(kernel.get_work_group_info(cl.kernel_work_group_info.PREFERRED_WORK_GROUP_SIZE_MULTIPLE,
-                                              self.rt.device))
+        pref = int(
+            kernel.get_work_group_info(
+                cl.kernel_work_group_info.PREFERRED_WORK_GROUP_SIZE_MULTIPLE, self.rt.device
+            )
+        )
         return max(1, min(limit, max(pref, 64)))
 
-    def matmul(self, w: DeviceWeight, x: cl.Buffer, y: cl.Buffer, max_tokens: int,
-               token_var: int = VAR_N_TOKENS, accumulate: bool = False) -> list[Launch]:
+    def matmul(
+        self,
+        w: DeviceWeight,
+        x: cl.Buffer,
+        y: cl.Buffer,
+        max_tokens: int,
+        token_var: int = VAR_N_TOKENS,
+        accumulate: bool = False,
+    ) -> list[Launch]:
         """y[t, r] (+)= sum_c w[r, c] * x[t, c] for t < vars[token_var] <= max_tokens.
 
         x: float32 [n_tokens, n_cols]; y: float32 [n_tokens, n_rows] (must not alias x).
@@ -88,15 +97,33 @@ class MatmulOps:
             tchunk = PROMPT_CHUNK
         n_chunks = -(-max_tokens // tchunk)
         k = self.rt.kernel(self._program("matmul", w.qtype), f"kernel_matmul_{KERNEL_NAMES[w.qtype]}_f32")
-        k.set_args(w.buffers["tiles"], x, y, np.int32(w.n_rows), np.int32(w.n_cols), np.int32(0),
-                   np.int32(tchunk), np.int32(1 if accumulate else 0))
+        k.set_args(
+            w.buffers["tiles"],
+            x,
+            y,
+            np.int32(w.n_rows),
+            np.int32(w.n_cols),
+            np.int32(0),
+            np.int32(tchunk),
+            np.int32(1 if accumulate else 0),
+        )
         wg = self._local_size(k)
         n_groups = -(-w.n_tiles // wg)
-        return [Launch(k, (n_groups * wg, n_chunks), (0, 0), (wg, 1), [(ARG_N_TOKENS, token_var)], token_var,
-                       name=f"matmul_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]")]
+        return [
+            Launch(
+                k,
+                (n_groups * wg, n_chunks),
+                (0, 0),
+                (wg, 1),
+                [(ARG_N_TOKENS, token_var)],
+                token_var,
+                name=f"matmul_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]",
+            )
+        ]
 
-    def get_rows(self, w: DeviceWeight, ids: cl.Buffer, y: cl.Buffer, max_tokens: int,
-                 token_var: int = VAR_N_TOKENS) -> list[Launch]:
+    def get_rows(
+        self, w: DeviceWeight, ids: cl.Buffer, y: cl.Buffer, max_tokens: int, token_var: int = VAR_N_TOKENS
+    ) -> list[Launch]:
         """y[t, :] = dequant(w[ids[t], :]) as float32 for t < vars[token_var]; ids int32 [n_tokens].
 
         An id outside [0, n_rows) gives a row of zeros rather than a read out of bounds.
@@ -112,5 +139,14 @@ class MatmulOps:
         k.set_args(w.buffers["tiles"], ids, y, np.int32(w.n_rows), np.int32(w.n_cols), np.int32(0))
         wg = GET_ROWS_GROUP if self.is_cpu else 64  # fixed: one PoCL compile per kernel
         # the grid has at least one token even when n_tokens is 0: the kernel bounds itself by n_tokens
-        return [Launch(k, (-(-n_items // wg) * wg, 0), (0, 1), (wg, 1), [(5, token_var)], token_var,
-                       name=f"get_rows_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]")]
+        return [
+            Launch(
+                k,
+                (-(-n_items // wg) * wg, 0),
+                (0, 1),
+                (wg, 1),
+                [(5, token_var)],
+                token_var,
+                name=f"get_rows_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]",
+            )
+        ]

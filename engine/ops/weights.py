@@ -45,7 +45,9 @@ def check_shape(qtype, n_rows: int, n_cols: int) -> None:
         raise ValueError(f"weight type {T(qtype).name} is not supported (supported: {names})")
     cols, _ = block_shape(qtype)
     if n_rows <= 0 or n_cols <= 0 or n_cols % cols:
-        raise ValueError(f"{T(qtype).name} weight [{n_rows}, {n_cols}]: n_cols must be a positive multiple of {cols}")
+        raise ValueError(
+            f"{T(qtype).name} weight [{n_rows}, {n_cols}]: n_cols must be a positive multiple of {cols}"
+        )
 
 
 def row_bytes(qtype, n_cols: int) -> int:
@@ -65,7 +67,9 @@ def repack(raw: np.ndarray, qtype, n_rows: int, n_cols: int) -> np.ndarray:
     rb = row_bytes(qtype, n_cols)
     raw = np.asarray(raw)
     if raw.dtype != np.uint8 or raw.shape != (n_rows, rb):
-        raise ValueError(f"{T(qtype).name} weight [{n_rows}, {n_cols}]: expected uint8 ({n_rows}, {rb}), got {raw.dtype} {raw.shape}")
+        raise ValueError(
+            f"{T(qtype).name} weight [{n_rows}, {n_cols}]: expected uint8 ({n_rows}, {rb}), got {raw.dtype} {raw.shape}"
+        )
     cols, bb = block_shape(qtype)
     nb = n_cols // cols
     n_tiles = -(-n_rows // TILE_ROWS)

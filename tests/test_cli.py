@@ -1,0 +1,66 @@
+"""The `nextn` command line, run as a user would: a subprocess per command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nextn.tiny import make_tiny
+
+
+def nextn(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "nextn", *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("cli") / "m.gguf", arch="qwen3", qtype="Q8_0", seed=3)
+
+
+def test_generate_prints_text_then_speeds(model):
+    r = nextn("generate", "-m", model, "-p", "hello there", "-n", 12, "--ignore-eos")
+    assert r.stdout.strip()
+    assert "prompt:" in r.stderr and "decode: 12 tokens" in r.stderr and "tok/s" in r.stderr
+
+
+def test_generate_greedy_is_deterministic_and_seeded_sampling_reproduces(model):
+    a = nextn("generate", "-m", model, "-p", "abc", "-n", 10, "--ignore-eos").stdout
+    b = nextn("generate", "-m", model, "-p", "abc", "-n", 10, "--ignore-eos").stdout
+    assert a == b
+    s1 = nextn("generate", "-m", model, "-p", "abc", "-n", 10, "--temp", "1", "--seed", "5", "--ignore-eos").stdout
+    s2 = nextn("generate", "-m", model, "-p", "abc", "-n", 10, "--temp", "1", "--seed", "5", "--ignore-eos").stdout
+    assert s1 == s2
+
+
+def test_tokenize_prints_json_ids(model):
+    ids = json.loads(nextn("tokenize", "-m", model, "the cat").stdout)
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids) and ids
+    special = json.loads(nextn("tokenize", "-m", model, "<|im_start|>", "--parse-special").stdout)
+    assert len(special) == 1
+
+
+def test_inspect_reports_arch_types_and_memory(model):
+    out = nextn("inspect", model).stdout
+    assert "architecture: qwen3" in out and "Q8_0" in out and "weights" in out and "kv_cache" in out
+    js = json.loads(nextn("inspect", model, "--json").stdout)
+    assert js["architecture"] == "qwen3" and js["memory_bytes"]["total"] > js["memory_bytes"]["weights"] > 0
+
+
+def test_make_tiny_command(tmp_path):
+    out = tmp_path / "t.gguf"
+    nextn("make-tiny", out, "--arch", "llama", "--type", "Q4_K", "--n-embd", 256, "--head-dim", 64, "--n-ff", 512, "--seed", 2)
+    assert "llama" in nextn("inspect", out).stdout
+
+
+def test_make_tiny_refuses_bad_block_multiple(tmp_path):
+    r = nextn("make-tiny", tmp_path / "t.gguf", "--type", "Q4_K", check=False)
+    assert r.returncode == 2 and "not a multiple of the Q4_K block size 256" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_model_is_one_line_error(tmp_path):
+    r = nextn("generate", "-m", tmp_path / "none.gguf", "-p", "x", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no such file" in r.stderr
