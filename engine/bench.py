@@ -30,21 +30,27 @@ def bench_model_path() -> Path:
     return path
 
 
+def unique_weights(runner) -> list:
+    """Each device weight once (a tied output head is the embedding table itself)."""
+    seen, out = set(), []
+    for t in runner.weights.values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
 def decode_bytes_per_token(runner, n_past: int) -> int:
     """Bytes a decode step must read: every weight matrix once (the embedding table only for its one row,
-    unless it is also the output head), the norms, and the KV cache of n_past positions."""
+    unless it is also the output head), the norms, and the f16 KV cache of n_past positions."""
     hp, w = runner.hp, runner.weights
     total = 0
-    for name, t in w.items():
-        if name == "token_embd.weight" and w["output.weight"] is not t:
+    for t in unique_weights(runner):
+        if t is w["token_embd.weight"] and w["output.weight"] is not t:
             total += t.nbytes // t.n_rows
-        elif name == "output.weight" and t is w["token_embd.weight"]:
-            total += t.nbytes
-        elif hasattr(t, "nbytes") and hasattr(t, "n_rows"):
-            total += t.nbytes
         else:
-            total += int(t.size)
-    total += hp.n_layer * 2 * n_past * hp.n_head_kv * hp.head_dim * 2  # f16 K and V
+            total += t.nbytes if hasattr(t, "n_rows") else int(t.size)
+    total += hp.n_layer * 2 * n_past * hp.n_head_kv * hp.head_dim * 2
     return total
 
 
@@ -84,7 +90,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     runner = ModelRunner(path, rt=rt, n_ctx=args.n_prompt + args.n_decode + 16, n_batch=args.n_prompt)
     load_s = time.perf_counter() - t0
-    n_params = sum(t.n_rows * t.n_cols for t in runner.weights.values() if hasattr(t, "n_cols"))
+    n_params = sum(t.n_rows * t.n_cols for t in unique_weights(runner) if hasattr(t, "n_cols"))
     print(f"device:     {rt.describe()}")
     print(f"model:      {path.name}: {runner.file.arch}, {n_params / 1e6:.0f} M parameters in matrices, "
           f"{runner.memory.weights / 2**20:.0f} MiB weights; loaded in {load_s:.1f} s "

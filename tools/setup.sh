@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-APT_PKGS="pocl-opencl-icd ocl-icd-opencl-dev opencl-headers clinfo gcc"
+APT_PKGS="pocl-opencl-icd ocl-icd-opencl-dev opencl-headers clinfo gcc pkg-config libsystemd-dev curl"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
