@@ -26,13 +26,15 @@ class Plan:
         Launch.global_size(vars); no wait, no flush. IndexError if `vars` is too short; CLCallError (with
         .launch_index and .launch_name) if an OpenCL call fails."""
 
-def enqueue_write(queue: cl.CommandQueue, buffer: cl.Buffer, array: np.ndarray, offset_bytes: int = 0) -> None:
+def enqueue_write(
+    queue: cl.CommandQueue, buffer: cl.Buffer, array: np.ndarray, offset_bytes: int = 0
+) -> None:
     """Non-blocking write; the module holds `array` until finish() or a blocking read on the queue."""
 
 def enqueue_read(queue: cl.CommandQueue, buffer: cl.Buffer, array: np.ndarray, offset_bytes: int = 0) -> None:
     """Blocking read into a writeable C-contiguous array."""
 
 def finish(queue: cl.CommandQueue) -> None: ...
-def _dyn_cache(kernel: cl.Kernel, reset_args: bool = False, args: Sequence[int] = ()) -> np.ndarray: ...
+def _dyn_cache(kernel: cl.Kernel, reset_args: Sequence[int] = ()) -> np.ndarray: ...
 def _check_launch(index: int, launch: Launch, num_args: int) -> None: ...
 def _check_queue(queue: cl.CommandQueue) -> None: ...

@@ -1,4 +1,4 @@
-"""`nextn` command line: generate, tokenize, inspect, make-tiny, bench."""
+"""`nextn` command line: serve, chat, complete, config, generate, tokenize, inspect, make-tiny, bench."""
 
 import argparse
 import json
@@ -92,9 +92,104 @@ def cmd_bench(args) -> int:
     return bench_main(args) or 0
 
 
+# ---- settings flags: one per config key (engine/config.py), named as llama-server's where it has one
+
+_SHORT = {"--model": "-m", "--ctx-size": "-c", "--batch-size": "-b", "--parallel": "-np"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from nextn import config
+
+    p.add_argument("--config", default=None, metavar="FILE", help="TOML file read after /etc/nextn (see config/nextn.toml)")
+    for dotted, f in config.iter_fields():
+        flag = f.metadata["flag"]
+        if not flag:
+            continue
+        t = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
+        names = [flag] + ([_SHORT[flag]] if flag in _SHORT else [])
+        p.add_argument(*names, dest="cfg:" + dotted, type=t, default=None, help=f"{f.metadata['doc']} [{dotted}]")
+    p.add_argument("--host", default=None, help="TCP host to listen on as well as the socket [server.tcp]")
+    p.add_argument("--port", type=int, default=None, help="TCP port (with --host; default 8080) [server.tcp]")
+
+
+def _load_config(args):
+    from nextn import config
+
+    overrides = {}
+    for name, value in vars(args).items():
+        if name.startswith("cfg:") and value is not None:
+            dotted = name[4:]
+            overrides[dotted] = (value, config._field(dotted).metadata["flag"])
+    if args.host is not None or args.port is not None:
+        overrides["server.tcp"] = (f"{args.host or '127.0.0.1'}:{args.port or 8080}", "--host/--port")
+    return config.load(args.config, overrides)
+
+
+def cmd_config(args) -> int:
+    from nextn import config
+
+    if args.action == "check":
+        config.load(args.file, system=False)
+        print(f"{args.file}: ok")
+        return 0
+    print(config.show(_load_config(args)))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from nextn.server.app import serve
+
+    return serve(_load_config(args))
+
+
+def cmd_chat(args) -> int:
+    from nextn.server.client import chat_main
+
+    return chat_main(args)
+
+
+def cmd_complete(args) -> int:
+    from nextn.server.client import complete_main
+
+    return complete_main(args)
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", default=None, help="server socket (default: as `nextn serve` picks it)")
+    p.add_argument("-n", "--max-tokens", type=int, default=None, help="tokens to generate at most")
+    p.add_argument("--temp", type=float, default=None, help="temperature (default: the server's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextn", description="Local LLM server with MTP speculative decoding on OpenCL")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server on a Unix socket")
+    _add_config_flags(s)
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="interactive chat with a running server (streams; shows tok/s)")
+    _add_client_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=cmd_chat)
+
+    co = sub.add_parser("complete", help="one completion from a running server, for scripts")
+    _add_client_args(co)
+    co.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    co.add_argument("--chat", action="store_true", help="send it as a chat message (chat template applies)")
+    co.add_argument("--stop", action="append", help="stop string (repeatable)")
+    co.add_argument("--json", action="store_true", help="print the whole JSON response")
+    co.set_defaults(func=cmd_complete)
+
+    cf = sub.add_parser("config", help="show the effective configuration or check a file")
+    cfs = cf.add_subparsers(dest="action", required=True)
+    show = cfs.add_parser("show", help="effective values and where each came from")
+    _add_config_flags(show)
+    chk = cfs.add_parser("check", help="validate one TOML file (exit 78 on error)")
+    chk.add_argument("file")
+    cf.set_defaults(func=cmd_config)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(g)

@@ -60,11 +60,12 @@ cdef object _launch_error(str call, cl_int status, int index, str name):
     err = CLCallError(call, status)
     err.launch_index = index
     err.launch_name = name
-    err.args = (f"{err} ({cl.status_code.to_string(status, 'unknown')}) at launch {index} ({name or 'unnamed'})",)
+    status_name = cl.status_code.to_string(status, "unknown")
+    err.args = (f"{err} ({status_name}) at launch {index} ({name or 'unnamed'})",)
     return err
 
 
-def _dyn_cache(kernel, bint reset_args=False, args=()):
+def _dyn_cache(kernel, reset_args=()):
     """The int64 array of the values this kernel's dyn arguments were last set to by any plan.
 
     It lives on the kernel object itself so that every plan over the kernel, native or pyopencl, sees the
@@ -76,9 +77,8 @@ def _dyn_cache(kernel, bint reset_args=False, args=()):
     if cache is None:
         cache = np.full(int(kernel.num_args), DYN_UNSET, np.int64)
         setattr(kernel, DYN_CACHE_ATTR, cache)
-    if reset_args:
-        for a in args:
-            cache[a] = DYN_UNSET
+    for a in reset_args:
+        cache[a] = DYN_UNSET
     return cache
 
 
@@ -157,13 +157,13 @@ cdef class Plan:
         self._names = [l.name for l in launches]
         caches = []
         self.n_vars_needed = 0
-        cdef int i, d, k = 0
+        cdef int i, d, k = 0, arg_index, var_index
         cdef int64_t[::1] cache
         for i, l in enumerate(launches):
             if l.kernel is None:
                 raise ValueError(f"launch {i} ({l.name or 'unnamed'}) has no kernel")
             _check_launch(i, l, int(l.kernel.num_args))
-            cache = _dyn_cache(l.kernel, True, [a for a, _ in l.dyn_args])
+            cache = _dyn_cache(l.kernel, [a for a, _ in l.dyn_args])
             caches.append(cache)
             dims = len(l.global_const)
             self.recs[i].kernel = <cl_kernel><intptr_t>l.kernel.int_ptr

@@ -102,3 +102,15 @@ def test_two_sequences_in_one_batch(rt, models):
     want_b = ref_b.forward(b + [tb], 0)[-1]
     np.testing.assert_allclose(logits[0], want_a, atol=1e-2 * want_a.std())
     np.testing.assert_allclose(logits[1], want_b, atol=1e-2 * want_b.std())
+
+
+def test_model_that_does_not_fit_is_refused_before_loading(rt, models):
+    from nextn.errors import OutOfDeviceMemory
+
+    path = models("qwen3", "F32")
+    before = dict(rt.allocated)
+    with pytest.raises(OutOfDeviceMemory) as e:
+        ModelRunner(path, rt=rt, n_ctx=20_000_000, n_batch=32)
+    msg = str(e.value)
+    assert path.name in msg and "needs" in msg and "MiB of device memory but" in msg
+    assert rt.allocated == before  # nothing was uploaded

@@ -28,7 +28,7 @@ _K_HALVES = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 def random_weight(qtype, n_rows: int, n_cols: int, rng) -> np.ndarray:
     """GGUF bytes uint8 (n_rows, row_bytes) of a random weight of the given type.
 
-    Q8_0, Q4_0 and the float types go through gguf's quantizer. gguf has none for the K-quants, so their
+    Q8_0, Q4_0 and the float types go through gguf's quantizer (F16 with a few special halves in row 0). gguf has none for the K-quants, so their
     blocks are random bytes (every pattern is a valid block) with small half scales, some of them
     subnormal, so that the kernels' integer half decoding meets every class of finite half.
     """
@@ -37,7 +37,11 @@ def random_weight(qtype, n_rows: int, n_cols: int, rng) -> np.ndarray:
         w = (rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32)
         if qtype == T.F32:
             return w.view(np.uint8).reshape(n_rows, -1)
-        return np.asarray(gq.quantize(w, qtype)).view(np.uint8).reshape(n_rows, -1)
+        raw = np.asarray(gq.quantize(w, qtype)).view(np.uint8).reshape(n_rows, -1).copy()
+        if qtype == T.F16:  # every class of finite half: subnormals, zeros of both signs, the largest
+            special = np.array([6e-8, -3e-6, 0.0, -0.0, 65504.0, -65504.0, 1e-4, 2.0], np.float16)
+            raw[0, : min(raw.shape[1], special.nbytes)] = special.view(np.uint8)[: raw.shape[1]]
+        return raw
     cols, bb = GGML_QUANT_SIZES[qtype]
     nb = n_cols // cols
     raw = rng.integers(0, 256, (n_rows, nb, bb), dtype=np.uint8)
@@ -241,3 +245,18 @@ def test_rejects_bad_weights(rt, mm):
     small = rt.alloc(4 * 16, "test.small")
     with pytest.raises(ValueError, match="buffer"):
         mm.matmul(w, small, small, 2)
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.Q4_K], ids=lambda t: t.name)
+def test_integer_half_decoding(rt, qtype):
+    """The fallback for compilers without clang's __fp16 vectors decodes halves with integer ops."""
+    mm = MatmulOps(rt)
+    mm.defines = {**mm.defines, "MM_NO_FP16_STORAGE": 1}
+    rng = np.random.default_rng(11)
+    n_rows, n_cols = SHAPES[qtype][0]
+    raw = random_weight(qtype, n_rows, n_cols, rng)  # F16: with special halves; Q4_K: subnormal scales
+    w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
+    x = rng.standard_normal((3, n_cols)).astype(np.float32)
+    xb, yb = rt.upload(x, "test.x"), rt.alloc(4 * 3 * n_rows, "test.y")
+    run_launches(rt, mm.matmul(w, xb, yb, 3), step_vars(3))
+    assert_close(read(rt, yb, (3, n_rows)), reference(raw, qtype, x), bound(raw, qtype, x), "integer halves")

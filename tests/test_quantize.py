@@ -45,12 +45,14 @@ def test_roundtrip_error_bound(qtype):
 
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_error_is_relative_to_each_block(qtype):
-    # rows 1e-4 .. 1e3 apart: each block carries its own scale, so the bound holds row by row
+    # rows 1e-2 .. 1e3 apart: each block carries its own scale, so the bound holds row by row. (Below ~1e-3
+    # the half-precision block scales go subnormal and lose digits: Q6_K's d = max/4096 first; the same
+    # holds for llama.cpp's files.)
     rng = np.random.default_rng(1)
-    scales = np.logspace(-4, 3, 8).astype(np.float32)[:, None]
-    w = (rng.standard_normal((8, 512)) * scales).astype(np.float32)
+    scales = np.logspace(-2, 3, 6).astype(np.float32)[:, None]
+    w = (rng.standard_normal((6, 512)) * scales).astype(np.float32)
     d = roundtrip(w, qtype)
-    for r in range(8):
+    for r in range(6):
         assert rel_rms(d[r], w[r]) <= max(RMS_BOUND[qtype] * 1.5, 1e-7), (qtype.name, r)
 
 

@@ -70,7 +70,8 @@ def _launch_error(err: cl.Error, index: int, name: str) -> CLCallError:
     """CLCallError whose message also names the status and the launch (`.call` stays the bare name)."""
     out = CLCallError(err.routine, err.code)
     out.launch_index, out.launch_name = index, name
-    out.args = (f"{out} ({cl.status_code.to_string(err.code, 'unknown')}) at launch {index} ({name or 'unnamed'})",)
+    status_name = cl.status_code.to_string(err.code, "unknown")
+    out.args = (f"{out} ({status_name}) at launch {index} ({name or 'unnamed'})",)
     return out
 
 
@@ -92,7 +93,8 @@ class PyPlan:
                           launch.scale_var, launch.name)
             cache = _dyn_cache(launch.kernel, [a for a, _ in launch.dyn_args])
             self._steps.append((cache, snap))
-            self._n_vars_needed = max([self._n_vars_needed, snap.scale_var + 1, *(v + 1 for _, v in snap.dyn_args)])
+            needed = [snap.scale_var + 1, *(v + 1 for _, v in snap.dyn_args)]
+            self._n_vars_needed = max(self._n_vars_needed, *needed)
 
     @property
     def n_launches(self) -> int:
@@ -198,11 +200,14 @@ __kernel void kernel_nop(__global int *x, const int n) {
 """
 
 
-def measure_launch_overhead(rt, n_launches: int = 500, repeats: int = 7) -> dict[str, float]:
+def measure_launch_overhead(
+    rt, n_launches: int = 500, repeats: int = 7, change_args: bool = True
+) -> dict[str, float]:
     """Host seconds per launch for a plan of `n_launches` trivial one-work-item kernels, native vs pyopencl.
 
-    Each run changes the one dyn arg of every launch (the worst case: a set plus an enqueue per launch; a
-    decode step at a steady batch size sets nothing). Medians over `repeats` runs of:
+    With `change_args` each run changes the one dyn arg of every launch (the worst case: a set plus an
+    enqueue per launch); without, runs repeat the same variables, as decode steps at a steady batch size
+    do (enqueues only). Medians over `repeats` runs of:
       "native" / "pyopencl":               plan.run() alone, the queue drained before each run
       "native_step" / "pyopencl_step":     plan.run() then finish(), i.e. until the device is done too
     """
@@ -221,7 +226,7 @@ def measure_launch_overhead(rt, n_launches: int = 500, repeats: int = 7) -> dict
         finish(rt.queue)
         runs, steps = [], []
         for i in range(repeats):
-            vars[VAR_N_TOKENS] = i + 1
+            vars[VAR_N_TOKENS] = i + 1 if change_args else 0
             t0 = time.perf_counter()
             plan.run(vars)
             t1 = time.perf_counter()

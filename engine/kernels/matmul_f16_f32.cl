@@ -11,10 +11,12 @@
 //     n_tokens (a step argument; chunks past it return at once). It decodes each column of its tile once
 //     per group of up to 8 tokens and does rank-1 updates with x broadcast from memory, scaling once per
 //     (sub-)block (see MM_KERNEL in quants.h).
-// Variants (chosen on the host, engine/ops/matmul.py, by max_tokens; the same kernel and the same
-//     arithmetic per (row, token), so results agree to float rounding): mat-vec (max_tokens 1), few tokens
-//     (tchunk = max_tokens <= 16: the weight is streamed from memory once, later token groups of the
-//     work-item re-read its tile from cache) and prompt (tchunk 64: a chunk of x stays in a CPU's L2).
+// Variants (chosen on the host, engine/ops/matmul.py, by max_tokens; one kernel, float32 throughout, so
+//     results agree to float rounding, only the order of the sums differing): mat-vec (max_tokens 1),
+//     few tokens (tchunk = max_tokens <= 16: the weight is streamed from memory once, later token groups
+//     of the work-item re-read its tile from cache) and prompt (tchunk 64: a chunk of x stays in a CPU's
+//     L2). Inside, a one-token group unrolls whole blocks and CPU builds prefetch the weight stream
+//     (MM_UNROLL, MM_PREFETCH in quants.h).
 // Reference: tests/test_matmul.py::reference (gguf.quants.dequantize(raw), then x @ W.T in float64).
 
 #include "quants.h"

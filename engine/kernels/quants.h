@@ -65,8 +65,17 @@
 #define MM_PREFETCH(p, nbytes)
 #endif
 
-// 16 IEEE halves -> floats with integer ops only: PoCL implements vload_half in scalar software and the
-// device need not have cl_khr_fp16. Exact for normals, subnormals, zeros, infinities and NaNs.
+// 16 IEEE halves -> floats. Neither path needs cl_khr_fp16 (halves are only stored, never computed with).
+// Clang-based compilers (PoCL, ROCm, Intel, Mesa) convert a vector of clang's storage-only __fp16, which
+// becomes one vcvtph2ps on an x86 CPU with F16C; PoCL's own vload_half is scalar software. Elsewhere the
+// conversion is done with integer ops: exact for normals, subnormals, zeros, infinities and NaNs.
+#if defined(__clang__) && __has_builtin(__builtin_convertvector) && __has_builtin(__builtin_bit_cast) &&          \
+    !defined(MM_NO_FP16_STORAGE)
+typedef __fp16 mm_half16 __attribute__((ext_vector_type(16)));
+inline float16 half16_to_float16(const ushort16 h) {
+    return __builtin_convertvector(__builtin_bit_cast(mm_half16, h), float16);
+}
+#else
 inline float16 half16_to_float16(const ushort16 h) {
     const uint16 u = convert_uint16(h);
     const uint16 mag = (u & 0x7fffu) << 13;               // exponent + mantissa in float position
@@ -74,6 +83,7 @@ inline float16 half16_to_float16(const ushort16 h) {
     f = select(f, as_float16(mag | 0x7f800000u), mag >= 0x0f800000u);  // inf / NaN keep exponent 255
     return as_float16(as_uint16(f) | ((u & 0x8000u) << 16));
 }
+#endif
 
 inline float16 bf16x16_to_float16(const ushort16 h) {
     return as_float16(convert_uint16(h) << 16);

@@ -6,6 +6,8 @@ sequence. So the cache needs no host bookkeeping beyond how many positions of ea
 truncating a sequence (rejected drafts, a prompt-cache reuse of a shorter prefix) is setting its length.
 """
 
+import pyopencl as cl
+
 from nextn.ops.attention import kv_cache_bytes
 
 
@@ -13,6 +15,7 @@ class KVCache:
     def __init__(self, rt, n_layer: int, n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int):
         self.n_layer, self.n_seq, self.n_ctx = n_layer, n_seq, n_ctx
         self.n_head_kv, self.head_dim = n_head_kv, head_dim
+        self._queue = rt.queue
         per_layer = kv_cache_bytes(n_seq, n_ctx, n_head_kv, head_dim) // 2
         self._layers = [
             (rt.alloc(per_layer, f"kv.{il}.k"), rt.alloc(per_layer, f"kv.{il}.v")) for il in range(n_layer)
@@ -29,3 +32,22 @@ class KVCache:
     def truncate(self, seq: int, length: int) -> None:
         """Forget positions >= length of `seq` (they are overwritten when decoded again)."""
         self.lengths[seq] = min(self.lengths[seq], length)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy positions 0..n-1 of sequence `src` into sequence `dst` on the device (a prompt-cache hit taken
+        from another slot). Buffer-to-buffer copies on the runner's in-order queue, so they land before the
+        next step reads `dst`, and `src` positions < n are never rewritten while src only appends."""
+        if src == dst:
+            self.truncate(dst, n)
+            return
+        if n <= 0:
+            self.lengths[dst] = 0
+            return
+        n = min(n, self.lengths[src])
+        row = self.n_head_kv * self.head_dim * 2  # one position of one layer's K (or V), half precision
+        seq_bytes = self.n_ctx * row
+        for k_buf, v_buf in self._layers:
+            for buf in (k_buf, v_buf):
+                cl.enqueue_copy(self._queue, buf, buf, byte_count=n * row,
+                                src_offset=src * seq_bytes, dst_offset=dst * seq_bytes)
+        self.lengths[dst] = n

@@ -1,0 +1,142 @@
+"""engine/config.py: load order and provenance, every kind of error (message asserted), the shipped file."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from nextn import config
+from nextn.errors import ConfigError
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "nextn.toml"
+
+
+@pytest.fixture
+def etc(tmp_path, monkeypatch):
+    d = tmp_path / "etc"
+    (d / "conf.d").mkdir(parents=True)
+    monkeypatch.setenv("NEXTN_CONFIG_DIR", str(d))
+    return d
+
+
+def test_defaults_without_files(etc):
+    cfg = config.load()
+    assert cfg == config.Config()
+    assert cfg.server.parallel == 4 and cfg.server.socket_mode == "0660" and cfg.log.level == "info"
+    assert set(cfg.sources.values()) == {"default"}
+
+
+def test_shipped_file_loads_clean_documents_every_key_and_matches_defaults(etc):
+    cfg = config.load(SHIPPED, system=False)
+    assert cfg == config.Config()  # the shipped file states the built-in defaults
+    data = tomllib.loads(SHIPPED.read_text())
+    text = SHIPPED.read_text().splitlines()
+    for dotted, f in config.iter_fields():
+        section, key = dotted.split(".")
+        assert key in data[section], f"{dotted} missing from config/nextn.toml"
+        n = config._key_line(SHIPPED.read_text(), section, key)
+        assert text[n - 2].startswith("#"), f"{dotted} has no comment above it"
+        if f.metadata["flag"]:
+            assert f.metadata["flag"] in text[n - 2], f"{dotted}: comment does not name {f.metadata['flag']}"
+
+
+def test_load_order_and_provenance(etc, tmp_path):
+    (etc / "nextn.toml").write_text("[server]\nparallel = 2\nmax_queue = 5\n[log]\nlevel = 'debug'\n")
+    (etc / "conf.d" / "20-b.toml").write_text("[server]\nmax_queue = 7\n")
+    (etc / "conf.d" / "10-a.toml").write_text("[server]\nmax_queue = 6\n\n[model]\nctx_size = 128\n")
+    (etc / "conf.d" / "ignored.txt").write_text("[server]\nmax_queue = 99\n")
+    user = tmp_path / "user.toml"
+    user.write_text("[model]\nctx_size = 256\nbatch_size = 32\n")
+    cfg = config.load(user, {"model.batch_size": (64, "--batch-size")})
+    assert cfg.server.parallel == 2 and cfg.server.max_queue == 7  # conf.d sorted: 20-b after 10-a
+    assert cfg.model.ctx_size == 256 and cfg.model.batch_size == 64 and cfg.log.level == "debug"
+    assert cfg.sources["server.parallel"] == f"{etc / 'nextn.toml'}:2"
+    assert cfg.sources["server.max_queue"] == f"{etc / 'conf.d' / '20-b.toml'}:2"
+    assert cfg.sources["model.ctx_size"] == f"{user}:2"
+    assert cfg.sources["model.batch_size"] == "--batch-size"
+    assert cfg.sources["sampling.top_k"] == "default"
+    shown = config.show(cfg)
+    assert re.search(r"^ctx_size = 256 +# .*user\.toml:2$", shown, re.M)
+    assert re.search(r"^batch_size = 64 +# --batch-size$", shown, re.M)
+    assert re.search(r'^level = "debug" +# .*nextn\.toml:5$', shown, re.M)
+
+
+def test_int_is_accepted_for_float_key(etc, tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[server]\ndrain_timeout = 5\n")
+    cfg = config.load(f)
+    assert cfg.server.drain_timeout == 5.0 and isinstance(cfg.server.drain_timeout, float)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("[server]\nparalel = 2\n", r"c\.toml:2: unknown key server\.paralel \(did you mean 'parallel'\?\)"),
+        ("[sever]\nparallel = 2\n", r"c\.toml:1: unknown section \[sever\] \(did you mean 'server'\?\)"),
+        ("[server]\nparallel = 'four'\n", r"c\.toml:2: server\.parallel = 'four' is invalid: allowed an integer"),
+        ("[server]\nparallel = 0\n", r"c\.toml:2: server\.parallel = 0 is invalid: allowed a value 1 \.\. 64"),
+        ("[server]\nparallel = true\n", r"server\.parallel = True is invalid: allowed an integer"),
+        ("\n[log]\nlevel = 'loud'\n", r"c\.toml:3: log\.level = 'loud' is invalid: allowed one of 'debug', 'info'"),
+        ("[sampling]\ntop_p = 1.5\n", r"sampling\.top_p = 1\.5 is invalid: allowed a value 0\.0 \.\. 1\.0"),
+        ("[model]\nctx_size = -1\n", r"model\.ctx_size = -1 is invalid: allowed a value >= 0"),
+        ("[model]\npath = 3\n", r"model\.path = 3 is invalid: allowed a string"),
+        ("[server]\nsocket_mode = '0999'\n", r"server\.socket_mode = '0999' is invalid: allowed octal"),
+        ("[server]\ntcp = 'localhost'\n", r"server\.tcp = 'localhost' is invalid: allowed '' or HOST:PORT"),
+        ("[server\nparallel = 2\n", r"c\.toml: invalid TOML: .*line 1"),
+        ("server = 3\n", r"server must be a \[server\] table"),
+    ],
+)
+def test_errors_name_file_line_key_value_and_allowed(etc, tmp_path, body, message):
+    f = tmp_path / "c.toml"
+    f.write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        config.load(f)
+
+
+def test_error_in_system_dir_names_that_file(etc):
+    (etc / "conf.d" / "50-x.toml").write_text("[limits]\nmax_tokens = 0\n")
+    with pytest.raises(ConfigError, match=r"conf\.d/50-x\.toml:2: limits\.max_tokens = 0"):
+        config.load()
+
+
+def test_missing_config_file_and_bad_override(etc, tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such config file"):
+        config.load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"--parallel: server\.parallel = 0 is invalid"):
+        config.load(None, {"server.parallel": (0, "--parallel")})
+
+
+def test_config_is_frozen(etc):
+    cfg = config.load()
+    with pytest.raises(AttributeError):
+        cfg.server.parallel = 3
+
+
+def _nextn(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "nextn", *map(str, args)], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_cli_config_show_and_check(etc, tmp_path, monkeypatch):
+    import os
+
+    env = dict(os.environ, NEXTN_CONFIG_DIR=str(etc))
+    (etc / "nextn.toml").write_text("[server]\nparallel = 3\n")
+    r = _nextn("config", "show", "-c", 512, env=env)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^parallel = 3 +# .*nextn\.toml:2$", r.stdout, re.M)
+    assert re.search(r"^ctx_size = 512 +# --ctx-size$", r.stdout, re.M)
+    good = tmp_path / "good.toml"
+    good.write_text("[log]\nlevel = 'error'\n")
+    r = _nextn("config", "check", good, env=env)
+    assert r.returncode == 0 and "ok" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[log]\nlevl = 'error'\n")
+    r = _nextn("config", "check", bad, env=env)
+    assert r.returncode == 78
+    assert "bad.toml:2: unknown key log.levl (did you mean 'level'?)" in r.stderr
+    r = _nextn("config", "check", SHIPPED, env=env)
+    assert r.returncode == 0, r.stderr
