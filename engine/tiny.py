@@ -36,6 +36,7 @@ so a ~300M-parameter Q8_0 model with a 152k vocabulary is made in a few seconds.
 
 import argparse
 import collections
+import itertools
 import re
 import sys
 import zlib
@@ -46,6 +47,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from nextn.gguf.quantize import SUPPORTED, block_size, parse_qtype, quantize, row_bytes
+from nextn.tokenizer import BYTE_TO_UNICODE
 
 ARCHS = ("qwen3", "llama")
 TYPES = tuple(t.name for t in SUPPORTED)
@@ -98,21 +100,14 @@ with you when you go out. The number of tokens in the vocabulary is small, but i
 # qwen2's pre-tokenizer split, restricted to ASCII (the corpus is ASCII): contractions, a word with an
 # optional leading non-letter (usually the space), single digits, punctuation runs, whitespace
 _PRETOKENIZE = re.compile(
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]"
+    r"| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
 def byte_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable character table (token i of the byte vocabulary is byte i)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
+    """GPT-2's byte -> printable character table as a list (token i of the byte vocabulary is byte i)."""
+    return [BYTE_TO_UNICODE[b] for b in range(256)]
 
 
 def learn_merges(text: str, n_merges: int) -> list[str]:
@@ -126,7 +121,7 @@ def learn_merges(text: str, n_merges: int) -> list[str]:
     while len(merges) < n_merges:
         pairs: collections.Counter = collections.Counter()
         for word, count in words.items():
-            for a, b in zip(word, word[1:]):
+            for a, b in itertools.pairwise(word):
                 pairs[a, b] += count
         if not pairs:
             break
@@ -172,7 +167,8 @@ def _write_bytes_vocab(w: gguf.GGUFWriter, n_merges: int = 256) -> int:
 
 
 def _copy_vocab(w: gguf.GGUFWriter, path: str) -> int:
-    """Copies every tokenizer.* key (value and GGUF type) of another GGUF file, e.g. llama.cpp's vocab files."""
+    """Copies every tokenizer.* key (value and GGUF type) of another GGUF file, e.g. llama.cpp's vocab
+    files."""
     from nextn.gguf.metadata import metadata_dict
 
     reader = gguf.GGUFReader(path, "r")
@@ -220,8 +216,8 @@ def make_tiny(
     for what, n_cols in (("n_embd", n_embd), ("n_head*head_dim", n_head * head_dim), ("n_ff", n_ff)):
         if n_cols % block_size(gq):
             raise ValueError(
-                f"make-tiny: {gq.name} packs rows in blocks of {block_size(gq)}, but {what} = {n_cols} is not "
-                f"a multiple of it (matrices have rows of n_embd, n_head*head_dim and n_ff elements)"
+                f"make-tiny: {gq.name} packs rows in blocks of {block_size(gq)}, but {what} = {n_cols} "
+                f"is not a multiple of it (matrices have rows of n_embd, n_head*head_dim and n_ff elements)"
             )
     path = Path(path)
     rng = _Rng(seed)
@@ -310,7 +306,9 @@ def make_tiny(
             # silu(g) * u of unit-RMS g, u has RMS ~0.6
             (b + "ffn_down.weight", (n_embd, n_ff), gq, lambda n: gaussian(n, n_embd, n_ff, branch / 0.6)),
         ]
-    tensors.append(("output_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd, out_norm_center)))
+    tensors.append(
+        ("output_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd, out_norm_center))
+    )
     if not tied:
         tensors.append(("output.weight", (n_vocab, n_embd), gq, lambda n: head(n)))
 
@@ -335,7 +333,9 @@ def make_tiny(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="nextn make-tiny", description="Write a random tiny GGUF model from a seed.")
+    p = argparse.ArgumentParser(
+        prog="nextn make-tiny", description="Write a random tiny GGUF model from a seed."
+    )
     p.add_argument("out", help="output .gguf path")
     p.add_argument("--arch", default="qwen3", choices=ARCHS)
     p.add_argument("--type", default="F32", type=str.upper, choices=TYPES, help="type of every 2-D weight")
@@ -346,14 +346,18 @@ def main(argv=None) -> int:
     p.add_argument("--n-head-kv", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=16)
     p.add_argument("--n-ff", type=int, default=128)
-    p.add_argument("--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=256, help="context_length metadata")
+    p.add_argument("--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=256,
+                   help="context_length metadata")
     p.add_argument("--vocab", default="bytes",
-                   help="'bytes' (a small byte-level BPE with ChatML specials) or a GGUF file to copy tokenizer.* from")
+                   help="'bytes' (a small byte-level BPE with ChatML specials) or a GGUF file to copy "
+                   "tokenizer.* from")
     tie = p.add_mutually_exclusive_group()
     tie.add_argument("--tied", dest="tied", action="store_true", default=None,
                      help="no output.weight: the head reuses token_embd (default for qwen3)")
-    tie.add_argument("--untied", dest="tied", action="store_false", help="write output.weight (default for llama)")
-    p.add_argument("--rope-freq-base", type=float, default=None, help="default: the arch's (qwen3 1e6, llama 5e5)")
+    tie.add_argument("--untied", dest="tied", action="store_false",
+                     help="write output.weight (default for llama)")
+    p.add_argument("--rope-freq-base", type=float, default=None,
+                   help="default: the arch's (qwen3 1e6, llama 5e5)")
     a = p.parse_args(argv)
     try:
         out = make_tiny(a.out, a.arch, a.type, a.seed, a.n_embd, a.n_layer, a.n_head, a.n_head_kv, a.head_dim,

@@ -114,7 +114,8 @@ class ReferenceModel:
         self.meta = meta = metadata_dict(reader)
         self.arch = arch = meta["general.architecture"]
         if arch not in ARCHS:
-            raise ValueError(f"reference forward: architecture {arch!r} not implemented (have {sorted(ARCHS)})")
+            have = ", ".join(sorted(ARCHS))
+            raise ValueError(f"reference forward: architecture {arch!r} not implemented (have {have})")
         self.spec = ARCHS[arch]
 
         # every tensor dequantized to float32 (upcast to float64 where it is used), numpy shape = reversed ne
@@ -122,7 +123,8 @@ class ReferenceModel:
         for t in reader.tensors:
             qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
             shape = [int(n) for n in reversed(t.shape)]
-            self.w[t.name] = np.asarray(gguf.quants.dequantize(np.array(t.data), qtype), np.float32).reshape(shape)
+            data = gguf.quants.dequantize(np.array(t.data), qtype)
+            self.w[t.name] = np.asarray(data, np.float32).reshape(shape)
 
         def key(name, default=None):
             v = meta.get(f"{arch}.{name}", default)

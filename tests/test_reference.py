@@ -1,6 +1,7 @@
 """The numpy reference forward: against llama.cpp's own logits, and consistent with itself (chained calls,
 chunked prompts, rollback), plus the properties of its RoPE and attention pieces."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_chunked_prompt_equals_full(model_path, cuts):
     full = ref.forward(PROMPT)
     ref.reset()
     bounds = [0, *cuts, len(PROMPT)]
-    parts = [ref.forward(PROMPT[a:b], a) for a, b in zip(bounds, bounds[1:])]
+    parts = [ref.forward(PROMPT[a:b], a) for a, b in itertools.pairwise(bounds)]
     np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-9)
     assert ref.n_past == len(PROMPT)
 

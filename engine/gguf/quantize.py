@@ -41,7 +41,8 @@ def parse_qtype(name: "str | QT") -> QT:
                 f"unknown tensor type {name!r}; supported: {', '.join(t.name for t in SUPPORTED)}"
             ) from None
     if qtype not in SUPPORTED:
-        raise ValueError(f"tensor type {qtype.name} is not supported; supported: {', '.join(t.name for t in SUPPORTED)}")
+        have = ", ".join(t.name for t in SUPPORTED)
+        raise ValueError(f"tensor type {qtype.name} is not supported; supported: {have}")
     return qtype
 
 
@@ -196,7 +197,8 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
 
 
 def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
-    """block_q5_K: d, dmin, scales[12], qh[32], qs[128]; bit k of qh[j] is the 5th bit of sub-block k, item j."""
+    """block_q5_K: d, dmin, scales[12], qh[32], qs[128]; bit k of qh[j] is the 5th bit of sub-block k,
+    item j."""
     nb = x.shape[0]
     d, dmin, packed, L = _kquant_asym(x, 31, -0.5, 0.1, 15)
     low = (L & 0xF).reshape(nb, 4, 2, 32)
@@ -250,7 +252,8 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
     xs = x.reshape(nb, 16, 16)
     safe_dl = np.where(dl != 0, dl, 1.0)
     L = np.clip(np.rint(xs / safe_dl[..., None]), -32, 31) + 32
-    # a zero scale makes every level decode to 0; write level 0 there, as llama.cpp's memset of an empty block does
+    # a zero scale makes every level decode to 0; write level 0 there, as llama.cpp's memset of an empty
+    # block does
     L = np.where((dl != 0)[..., None], L, 0).astype(np.uint8).reshape(nb, 2, 4, 32)  # 128-chunks, quarters
 
     lo = L & 0xF
