@@ -112,7 +112,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="TCP port (with --host; default 8080) [server.tcp]")
 
 
-def _load_config(args):
+def _overrides(args) -> dict:
     from nextn import config
 
     overrides = {}
@@ -122,7 +122,13 @@ def _load_config(args):
             overrides[dotted] = (value, config._field(dotted).metadata["flag"])
     if args.host is not None or args.port is not None:
         overrides["server.tcp"] = (f"{args.host or '127.0.0.1'}:{args.port or 8080}", "--host/--port")
-    return config.load(args.config, overrides)
+    return overrides
+
+
+def _load_config(args):
+    from nextn import config
+
+    return config.load(args.config, _overrides(args))
 
 
 def cmd_config(args) -> int:
@@ -139,7 +145,7 @@ def cmd_config(args) -> int:
 def cmd_serve(args) -> int:
     from nextn.server.app import serve
 
-    return serve(_load_config(args))
+    return serve(_load_config(args), reload_args=(args.config, _overrides(args)))
 
 
 def cmd_chat(args) -> int:

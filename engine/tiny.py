@@ -169,16 +169,15 @@ def _write_bytes_vocab(w: gguf.GGUFWriter, n_merges: int = 256) -> int:
 def _copy_vocab(w: gguf.GGUFWriter, path: str) -> int:
     """Copies every tokenizer.* key (value and GGUF type) of another GGUF file, e.g. llama.cpp's vocab
     files."""
-    from nextn.gguf.metadata import metadata_dict
+    from nextn.gguf.header import read_header
 
-    reader = gguf.GGUFReader(path, "r")
-    meta = metadata_dict(reader)
+    header = read_header(path)
+    meta = header.meta
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"make-tiny: {path} has no tokenizer.ggml.tokens to copy")
-    for key, field in reader.fields.items():
+    for key, (vtype, sub) in header.types.items():
         if key.startswith("tokenizer."):
-            sub = field.types[1] if len(field.types) > 1 else None
-            w.add_key_value(key, meta[key], field.types[0], sub_type=sub)
+            w.add_key_value(key, meta[key], vtype, sub_type=sub)
     return len(meta["tokenizer.ggml.tokens"])
 
 

@@ -93,3 +93,21 @@ def test_cli_prints_one_line_no_traceback(tmp_path, good):
     assert r.returncode == ModelLoadError.exit_code
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("nextn: error: ") and "not a GGUF file" in r.stderr
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(b"")
+    refused(p, "not a GGUF file")
+
+
+def test_fast_header_reader_agrees_with_gguf_py(good):
+    from nextn.gguf.header import read_header
+    from nextn.gguf.metadata import metadata_dict
+
+    r = gguf.GGUFReader(good)
+    h = read_header(good)
+    assert h.meta == metadata_dict(r)
+    assert {t.name: (t.ne, t.type_id, t.offset) for t in h.tensors} == {
+        t.name: (tuple(int(x) for x in t.shape), int(t.tensor_type), int(t.data_offset)) for t in r.tensors
+    }

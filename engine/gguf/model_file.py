@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from nextn.errors import ModelLoadError
-from nextn.gguf.metadata import metadata_dict
+from nextn.gguf.header import HeaderError, read_header
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,25 @@ class ModelFile:
         if magic != b"GGUF":
             raise ModelLoadError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
         try:
-            self._reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on a cut or corrupt header
-            raise ModelLoadError(f"{self.path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
-        self.meta: dict[str, Any] = metadata_dict(self._reader)
+            header = read_header(self.path)
+        except (HeaderError, UnicodeDecodeError, OverflowError) as e:
+            raise ModelLoadError(f"{self.path}: corrupt or truncated GGUF header ({e})") from None
+        self.meta: dict[str, Any] = header.meta
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.tensors: dict[str, TensorInfo] = {}
-        for t in self._reader.tensors:
+        for t in header.tensors:
             try:
-                qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+                qtype = gguf.GGMLQuantizationType(t.type_id)
             except ValueError:
-                raise ModelLoadError(f"{self.path}: tensor {t.name} has unknown type id {int(t.tensor_type)}") from None
-            info = TensorInfo(t.name, qtype, tuple(int(x) for x in t.shape), int(t.data_offset), int(t.n_bytes))
+                raise ModelLoadError(f"{self.path}: tensor {t.name} has unknown type id {t.type_id}") from None
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            n_elements = int(np.prod(t.ne)) if t.ne else 1
+            if t.ne and t.ne[0] % block:
+                raise ModelLoadError(
+                    f"{self.path}: tensor {t.name} has rows of {t.ne[0]} elements, not a multiple of "
+                    f"{qtype.name}'s block of {block}"
+                )
+            info = TensorInfo(t.name, qtype, t.ne, t.offset, n_elements // block * type_size)
             if info.offset + info.nbytes > size:
                 raise ModelLoadError(
                     f"{self.path}: file is truncated: tensor {t.name} ends at byte {info.offset + info.nbytes} "
@@ -103,7 +111,7 @@ class ModelFile:
 
     def raw(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as uint8 [n_rows, row_bytes], memory-mapped (no copy)."""
-        data = self._reader.data[info.offset : info.offset + info.nbytes]
+        data = self._data[info.offset : info.offset + info.nbytes]
         return data.reshape(info.n_rows, info.nbytes // info.n_rows)
 
     def array_f32(self, info: TensorInfo) -> np.ndarray:

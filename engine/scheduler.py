@@ -1,0 +1,383 @@
+"""Slots, a bounded queue and continuous batching on one worker thread.
+
+Each slot owns one KV sequence. The worker packs every step with the decode token of each generating slot
+first (so running streams never stall), then prompt chunks of starting slots up to n_batch, and runs it
+as one runner.step: a long prompt of one request is processed beside the decode tokens of the others.
+The runner's native plan releases the GIL while OpenCL runs, so the asyncio thread keeps serving.
+
+Requests talk back through `Request.sink(event)`, called on the worker thread; the server passes a sink
+that hands events to its event loop with loop.call_soon_threadsafe. A cancelled request (client gone)
+leaves its slot before the next step. A prompt that does not fit the context is refused at submit, a full
+queue raises Overloaded (503) at submit: nothing waits without bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nextn.errors import NextnError, Overloaded, RequestError
+from nextn.generate import StopMatcher
+from nextn.memory.prompt_cache import KVPrefixStore, PromptCache
+from nextn.sampling import Sampler, SamplingParams
+
+log = logging.getLogger("nextn.scheduler")
+_ids = itertools.count(1)
+
+
+@dataclass
+class Event:
+    kind: str  # "token" (a generated token; text may be "" while held back), "done", "error"
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # done: "stop" (eos or stop string) or "length"
+    timings: dict | None = None
+    usage: dict | None = None
+    error: NextnError | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    n_probs: int = 0  # top log-probabilities to report per token (0: none)
+    sink: Callable[[Event], None] = lambda ev: None
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    cancelled: bool = False
+    slot: int | None = None  # set when it starts
+
+    def cancel(self) -> None:
+        """Thread-safe: the worker drops the request before its next step."""
+        self.cancelled = True
+
+
+@dataclass
+class Counters:
+    """Totals since start, read by /metrics."""
+
+    requests_total: int = 0
+    requests_cancelled: int = 0
+    requests_rejected: int = 0
+    prompt_tokens_total: int = 0
+    prompt_seconds_total: float = 0.0
+    prompt_cache_tokens_total: int = 0
+    predicted_tokens_total: int = 0
+    predicted_seconds_total: float = 0.0
+    drafted_tokens_total: int = 0
+    drafted_accepted_total: int = 0
+    steps_total: int = 0
+    step_tokens_total: int = 0
+
+
+class _Slot:
+    def __init__(self, index: int):
+        self.index = index
+        self.req: Request | None = None
+
+    def start(self, req: Request, reused: int, tokenizer) -> None:
+        self.req = req
+        self.reused = reused
+        self.prompt_pos = reused  # next prompt token to evaluate
+        self.n_past = reused  # positions of this sequence whose KV is valid
+        self.last_token = None
+        self.history = list(req.prompt)
+        self.sampler = Sampler(req.params)
+        self.decoder = tokenizer.stream_decoder()
+        self.matcher = StopMatcher(req.stop)
+        self.n_gen = 0
+        self.t_start = time.perf_counter()
+        self.t_first = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prompt_pos < len(self.req.prompt)
+
+
+class Scheduler:
+    def __init__(self, runner, n_slots: int | None = None, max_queue: int = 64):
+        self.runner = runner
+        self.n_slots = min(n_slots or runner.n_seq, runner.n_seq, runner.max_outputs)
+        self.max_queue = max_queue
+        self.slots = [_Slot(i) for i in range(self.n_slots)]
+        self.cache = PromptCache(KVPrefixStore(runner.cache), self.n_slots)
+        self.counters = Counters()
+        self._pending: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._last_step = time.monotonic()
+
+    # ---- called from other threads
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="nextn-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request) -> None:
+        n_ctx = self.runner.n_ctx
+        if not req.prompt:
+            raise RequestError("the prompt is empty")
+        if len(req.prompt) >= n_ctx:
+            self.counters.requests_rejected += 1
+            raise RequestError(
+                f"the prompt has {len(req.prompt)} tokens, the context holds {n_ctx} "
+                f"(it must leave room for one generated token; --ctx-size)"
+            )
+        if req.max_tokens < 1:
+            raise RequestError(f"invalid value for max_tokens: {req.max_tokens} (must be >= 1)")
+        vocab = self.runner.n_vocab
+        if any(not 0 <= t < vocab for t in req.prompt):
+            raise RequestError(f"the prompt has token ids outside the vocabulary 0..{vocab - 1}")
+        with self._cv:
+            if not self._accepting:
+                raise Overloaded("the server is shutting down")
+            if len(self._pending) >= self.max_queue + self._free_count():
+                self.counters.requests_rejected += 1
+                raise Overloaded(f"all {self.n_slots} slots are busy and {len(self._pending)} requests wait (max_queue)")
+            self._pending.append(req)
+            self._cv.notify()
+
+    def cancel(self, req: Request) -> None:
+        req.cancel()
+        with self._cv:
+            self._cv.notify()
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting, let queued and running requests finish for up to `timeout` seconds, then end the
+        rest with an error event. Returns True if everything finished in time."""
+        with self._cv:
+            self._accepting = False
+            deadline = time.monotonic() + timeout
+            while self._pending or self._busy_count():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 0.05))
+            clean = not (self._pending or self._busy_count())
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread:
+            self._thread.join(timeout=10)
+        return clean
+
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def busy_slots(self) -> int:
+        return self._busy_count()
+
+    def seconds_since_step(self) -> float:
+        """For the watchdog: 0 when idle, else how long the current step has run."""
+        return 0.0 if not self._busy_count() else time.monotonic() - self._last_step
+
+    def slots_info(self) -> list[dict]:
+        out = []
+        for s in self.slots:
+            req = s.req
+            out.append({
+                "id": s.index,
+                "is_processing": req is not None,
+                "id_task": req.id if req else None,
+                "n_ctx": self.runner.n_ctx,
+                "n_past": s.n_past if req else len(self.cache.tokens[s.index]),
+                "n_prompt_tokens": len(req.prompt) if req else 0,
+                "n_decoded": s.n_gen if req else 0,
+                "cached_tokens": len(self.cache.tokens[s.index]),
+            })
+        return out
+
+    # ---- worker thread
+
+    def _free_count(self) -> int:
+        return sum(s.req is None for s in self.slots)
+
+    def _busy_count(self) -> int:
+        return sum(s.req is not None for s in self.slots)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._pending and not self._busy_count():
+                    self._cv.wait()
+                if self._stop:
+                    break
+                self._admit()
+            self._drop_cancelled()
+            if self._busy_count():
+                try:
+                    self._step()
+                except Exception as e:  # a device failure: fail the running requests, keep serving
+                    log.exception("step failed")
+                    err = e if isinstance(e, NextnError) else NextnError(f"internal error: {type(e).__name__}: {e}")
+                    for s in self.slots:
+                        if s.req is not None:
+                            self._finish_error(s, err)
+        with self._cv:
+            leftovers = list(self._pending)
+            self._pending.clear()
+        for req in leftovers:
+            req.sink(Event("error", error=Overloaded("the server is shutting down")))
+        for s in self.slots:
+            if s.req is not None:
+                self._finish_error(s, Overloaded("the server shut down before the request finished"))
+
+    def _admit(self) -> None:
+        while self._pending:
+            free = [s.index for s in self.slots if s.req is None]
+            if not free:
+                return
+            req = self._pending.popleft()
+            if req.cancelled:
+                self.counters.requests_cancelled += 1
+                continue
+            place = self.cache.place(req.prompt, free)
+            slot = self.slots[place.slot]
+            req.slot = slot.index
+            slot.start(req, place.reused, self.runner.tokenizer)
+            self.counters.prompt_cache_tokens_total += place.reused
+            log.debug("request %s -> slot %d (%d prompt tokens, %d reused%s)", req.id, slot.index,
+                      len(req.prompt), place.reused,
+                      f" from slot {place.copied_from}" if place.copied_from is not None else "",
+                      extra={"REQUEST_ID": req.id, "SLOT": slot.index})
+
+    def _drop_cancelled(self) -> None:
+        freed = False
+        for s in self.slots:
+            if s.req is not None and s.req.cancelled:
+                log.info("request %s cancelled in slot %d", s.req.id, s.index,
+                         extra={"REQUEST_ID": s.req.id, "SLOT": s.index})
+                self.counters.requests_cancelled += 1
+                s.req = None
+                freed = True
+        if freed:
+            with self._cv:
+                self._cv.notify_all()
+
+    def _step(self) -> None:
+        r = self.runner
+        ids, pos, seq, out_rows, out_slots, fed = [], [], [], [], [], []
+        for s in self.slots:  # decode tokens first: one per generating slot
+            if s.req is not None and not s.prefilling:
+                out_rows.append(len(ids))
+                out_slots.append(s)
+                ids.append(s.last_token)
+                pos.append(s.n_past)
+                seq.append(s.index)
+                fed.append((s, [s.last_token]))
+        for s in self.slots:  # then prompt chunks, as much as the batch holds
+            budget = r.n_batch - len(ids)
+            if budget <= 0:
+                break
+            if s.req is None or not s.prefilling:
+                continue
+            chunk = s.req.prompt[s.prompt_pos : s.prompt_pos + budget]
+            start = s.prompt_pos
+            ids.extend(chunk)
+            pos.extend(range(start, start + len(chunk)))
+            seq.extend([s.index] * len(chunk))
+            s.prompt_pos += len(chunk)
+            fed.append((s, chunk))
+            if not s.prefilling:
+                out_rows.append(len(ids) - 1)
+                out_slots.append(s)
+        want_logits = any(not s.req.params.greedy or s.req.n_probs for s in out_slots)
+        self._last_step = time.monotonic()
+        top, logits = r.step(ids, np.asarray(pos, np.int32), seq, out_rows, want_logits)
+        self._last_step = time.monotonic()
+        self.counters.steps_total += 1
+        self.counters.step_tokens_total += len(ids)
+        for s, toks in fed:
+            s.n_past += len(toks)
+            r.cache.lengths[s.index] = s.n_past
+            self.cache.append(s.index, toks)
+        for j, s in enumerate(out_slots):
+            self._emit(s, int(top[j]), None if logits is None else logits[j])
+
+    def _emit(self, s: _Slot, top: int, logits) -> None:
+        req = s.req
+        if s.t_first is None:
+            s.t_first = time.perf_counter()
+        token = top if req.params.greedy else s.sampler.sample(logits, s.history)
+        s.history.append(token)
+        s.n_gen += 1
+        lp, top_lp = None, None
+        if req.n_probs and logits is not None:
+            z = logits.astype(np.float64)
+            logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+            lp = float(logp[token])
+            best = np.argsort(-logp, kind="stable")[: req.n_probs]
+            top_lp = [(int(i), float(logp[i])) for i in best]
+        tok = self.runner.tokenizer
+        if tok.is_eog(token) and not req.ignore_eos:
+            return self._finish(s, "stop", Event("token", "", token, lp, top_lp))
+        text, hit = s.matcher.push(s.decoder.push(token))
+        if hit:
+            return self._finish(s, "stop", Event("token", text, token, lp, top_lp))
+        if s.n_gen >= req.max_tokens or s.n_past + 1 >= self.runner.n_ctx:
+            tail = s.matcher.push(s.decoder.flush())[0] + s.matcher.flush()
+            return self._finish(s, "length", Event("token", text + tail, token, lp, top_lp))
+        req.sink(Event("token", text, token, lp, top_lp))
+        s.last_token = token
+
+    def _timings(self, s: _Slot) -> dict:
+        t_end = time.perf_counter()
+        t_first = s.t_first or t_end
+        prompt_n = len(s.req.prompt) - s.reused
+        prompt_ms = (t_first - s.t_start) * 1e3
+        # the first token comes out of the prompt pass; decode speed counts the steps after it
+        predicted_ms = (t_end - t_first) * 1e3
+        steps = max(s.n_gen - 1, 0)
+        return {
+            "cache_n": s.reused,
+            "prompt_n": prompt_n,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": prompt_n / prompt_ms * 1e3 if prompt_ms > 0 else 0.0,
+            "predicted_n": s.n_gen,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / steps if steps else 0.0,
+            "predicted_per_second": steps / predicted_ms * 1e3 if predicted_ms > 0 else 0.0,
+            "draft_n": 0,
+            "draft_n_accepted": 0,
+        }
+
+    def _finish(self, s: _Slot, reason: str, last: Event) -> None:
+        req = s.req
+        timings = self._timings(s)
+        c = self.counters
+        c.requests_total += 1
+        c.prompt_tokens_total += timings["prompt_n"]
+        c.prompt_seconds_total += timings["prompt_ms"] / 1e3
+        c.predicted_tokens_total += timings["predicted_n"]
+        c.predicted_seconds_total += timings["predicted_ms"] / 1e3
+        usage = {"prompt_tokens": len(req.prompt), "completion_tokens": s.n_gen,
+                 "total_tokens": len(req.prompt) + s.n_gen}
+        s.req = None
+        log.info("request %s done in slot %d: %s, %d prompt + %d generated tokens, %.1f tok/s", req.id, s.index,
+                 reason, len(req.prompt), s.n_gen, timings["predicted_per_second"],
+                 extra={"REQUEST_ID": req.id, "SLOT": s.index, "PROMPT_TOKENS": len(req.prompt),
+                        "PREDICTED_TOKENS": s.n_gen})
+        req.sink(last)
+        req.sink(Event("done", finish_reason=reason, timings=timings, usage=usage))
+        with self._cv:
+            self._cv.notify_all()
+
+    def _finish_error(self, s: _Slot, err: NextnError) -> None:
+        req, s.req = s.req, None
+        self.cache.forget(s.index)  # its state may be half-written
+        req.sink(Event("error", error=err))
+        with self._cv:
+            self._cv.notify_all()

@@ -1,0 +1,212 @@
+"""engine/scheduler.py + engine/memory/prompt_cache.py on a tiny model: batching, cancellation, limits, reuse."""
+
+import queue
+import time
+
+import numpy as np
+import pytest
+
+from nextn.errors import Overloaded, RequestError
+from nextn.generate import generate
+from nextn.runner import ModelRunner
+from nextn.sampling import SamplingParams
+from nextn.scheduler import Request, Scheduler
+from nextn.tiny import make_tiny
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("sched") / "m.gguf", arch="qwen3", qtype="Q8_0", seed=1)
+
+
+@pytest.fixture(scope="module")
+def runner(model):
+    # small n_batch so that long prompts are split into chunks that share steps with decode tokens
+    return ModelRunner(model, n_ctx=256, n_seq=4, n_batch=32)
+
+
+@pytest.fixture
+def sched(runner):
+    for s in range(runner.n_seq):
+        runner.cache.truncate(s, 0)
+    s = Scheduler(runner, 4, max_queue=4)
+    s.start()
+    yield s
+    s.drain(0)
+
+
+def run(sched, prompt, max_tokens=20, params=GREEDY, **kw):
+    q = queue.Queue()
+    req = Request(list(prompt), max_tokens, params, sink=q.put, **kw)
+    sched.submit(req)
+    return req, q
+
+
+def collect(q, timeout=30):
+    tokens, text = [], ""
+    while True:
+        ev = q.get(timeout=timeout)
+        if ev.kind == "token":
+            tokens.append(ev.token)
+            text += ev.text
+        elif ev.kind == "done":
+            return tokens, text, ev
+        else:
+            raise ev.error
+
+
+def prompts(runner):
+    tok = runner.tokenizer
+    texts = ["The quick brown fox", "Once upon a time there was a very long story about " * 3,
+             "hello", "1 2 3 4 5 6 7 8 9 10 11 12"]
+    return [tok.encode(t, True, False) for t in texts]
+
+
+def test_greedy_output_alone_equals_beside_three_others(runner, sched):
+    ps = prompts(runner)
+    alone = []
+    for p in ps:
+        toks, _, done = collect(run(sched, p, 24, ignore_eos=True)[1])
+        alone.append(toks)
+        assert done.finish_reason == "length" and len(toks) == 24
+    # a fresh scheduler state: drop the prompt cache so every prompt is computed again, in shared steps
+    for i in range(4):
+        sched.cache.forget(i)
+    qs = [run(sched, p, 24, ignore_eos=True)[1] for p in ps]
+    together = [collect(q)[0] for q in qs]
+    assert together == alone
+    # and equal to the single-sequence generate() path
+    runner.cache.truncate(0, 0)
+    from nextn.generate import GenerationStats
+
+    st = GenerationStats()
+    list(generate(runner, ps[1], 24, GREEDY, stats=st, ignore_eos=True))
+    sched.cache.forget(0)
+    assert st.tokens == alone[1]
+
+
+def test_long_prompt_chunks_share_steps_with_decode(runner, sched):
+    tok = runner.tokenizer
+    short = tok.encode("hi", True, False)
+    long = tok.encode("a long prompt that takes several chunks of thirty-two tokens " * 3, True, False)
+    assert len(long) > 2 * runner.n_batch
+    _, q1 = run(sched, short, 60, ignore_eos=True)
+    q1.get(timeout=10)  # the short one is decoding
+    steps0 = sched.counters.steps_total
+    _, q2 = run(sched, long, 4, ignore_eos=True)
+    collect(q2)
+    collect(q1)
+    # the long prompt needed >= 3 chunks; they ran in steps that also decoded the short request
+    assert sched.counters.step_tokens_total > sched.counters.steps_total
+    assert sched.counters.steps_total - steps0 < 60 + 4 + 3
+
+
+def test_timings_usage_and_counters(runner, sched):
+    p = prompts(runner)[0]
+    toks, text, done = collect(run(sched, p, 8, ignore_eos=True)[1])
+    t = done.timings
+    assert t["prompt_n"] == len(p) and t["predicted_n"] == 8 == len(toks)
+    assert t["draft_n"] == 0 and t["draft_n_accepted"] == 0
+    assert t["prompt_ms"] > 0 and t["predicted_per_second"] > 0
+    assert done.usage == {"prompt_tokens": len(p), "completion_tokens": 8, "total_tokens": len(p) + 8}
+    assert sched.counters.requests_total >= 1 and sched.counters.predicted_tokens_total >= 8
+
+
+def test_prompt_cache_reuses_own_slot_and_copies_from_others(runner, sched):
+    tok = runner.tokenizer
+    base = tok.encode("A shared system prompt that many requests start with, long enough to matter. ", True, False)
+    p1 = base + tok.encode("First question?", False, False)
+    p2 = base + tok.encode("Second question!", False, False)
+    ref = collect(run(sched, p2, 12, ignore_eos=True)[1])[0]  # computed from scratch
+    for i in range(4):
+        sched.cache.forget(i)
+    collect(run(sched, p1, 12, ignore_eos=True)[1])
+    toks, _, done = collect(run(sched, p2, 12, ignore_eos=True)[1])
+    assert done.timings["cache_n"] >= len(base) - 1
+    assert done.timings["prompt_n"] == len(p2) - done.timings["cache_n"]
+    assert toks == ref  # reuse does not change the output
+    # the same prompt again: everything but the last token is reused
+    toks, _, done = collect(run(sched, p2, 12, ignore_eos=True)[1])
+    assert done.timings["cache_n"] == len(p2) - 1 and toks == ref
+
+
+def test_copy_prefix_from_busy_slot_gives_same_output(runner, sched):
+    tok = runner.tokenizer
+    base = tok.encode("Copy me: a prefix that another slot computed a moment ago, repeated. " * 2, True, False)
+    p2 = base + tok.encode("tail two", False, False)
+    for i in range(4):
+        sched.cache.forget(i)
+    ref = collect(run(sched, p2, 10, ignore_eos=True)[1])[0]
+    for i in range(4):
+        sched.cache.forget(i)
+    _, q1 = run(sched, base + tok.encode("tail one", False, False), 80, ignore_eos=True)
+    q1.get(timeout=10)  # slot A holds the prefix and keeps decoding
+    req2, q2 = run(sched, p2, 10, ignore_eos=True)
+    toks, _, done = collect(q2)
+    collect(q1)
+    assert done.timings["cache_n"] >= len(base) - 1  # copied device-side from the busy slot
+    assert toks == ref
+
+
+def test_cancel_frees_slot_at_once(runner, sched):
+    p = prompts(runner)[0]
+    reqs = [run(sched, p, 200, ignore_eos=True) for _ in range(4)]
+    for _, q in reqs:
+        q.get(timeout=10)
+    assert sched.busy_slots() == 4
+    for req, _ in reqs:
+        sched.cancel(req)
+    deadline = time.time() + 5
+    while sched.busy_slots() and time.time() < deadline:
+        time.sleep(0.01)
+    assert sched.busy_slots() == 0
+    toks, _, done = collect(run(sched, p, 3)[1])
+    assert done.finish_reason in ("length", "stop")
+
+
+def test_too_long_prompt_refused_up_front_and_bad_requests(runner, sched):
+    with pytest.raises(RequestError, match="context holds 256"):
+        sched.submit(Request([1] * 256, 4))
+    with pytest.raises(RequestError, match="empty"):
+        sched.submit(Request([], 4))
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        sched.submit(Request([10**6], 4))
+    # max_tokens past the context ends with "length" at the context's end
+    toks, _, done = collect(run(sched, [5] * 250, 100, ignore_eos=True)[1])
+    assert done.finish_reason == "length" and len(toks) == 6
+
+
+def test_full_queue_is_overloaded_not_a_hang(runner, sched):
+    p = prompts(runner)[0]
+    held = [run(sched, p, 400, ignore_eos=True) for _ in range(8)]  # 4 slots + 4 queued
+    with pytest.raises(Overloaded, match="max_queue"):
+        run(sched, p, 4)
+    for req, _ in held:
+        sched.cancel(req)
+
+
+def test_sampled_request_with_seed_reproduces_and_logprobs(runner, sched):
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
+    p = prompts(runner)[2]
+    a = collect(run(sched, p, 16, params, ignore_eos=True)[1])[0]
+    b = collect(run(sched, p, 16, params, ignore_eos=True)[1])[0]
+    assert a == b
+    q = run(sched, p, 3, GREEDY, n_probs=3)[1]
+    ev = q.get(timeout=10)
+    assert len(ev.top_logprobs) == 3 and ev.top_logprobs[0][0] == ev.token
+    assert ev.logprob == pytest.approx(ev.top_logprobs[0][1]) and ev.logprob <= 0
+    assert np.isclose(sum(np.exp(lp) for _, lp in ev.top_logprobs), 1.0) or sum(
+        np.exp(lp) for _, lp in ev.top_logprobs) < 1.0
+    collect(q)
+
+
+def test_drain_lets_running_finish_and_refuses_new(runner):
+    s = Scheduler(runner, 2, max_queue=2)
+    s.start()
+    _, q = run(s, prompts(runner)[0], 10, ignore_eos=True)
+    assert s.drain(10) is True
+    assert collect(q)[2].finish_reason == "length"
+    with pytest.raises(Overloaded, match="shutting down"):
+        run(s, [1, 2], 2)

@@ -1,0 +1,394 @@
+"""`nextn serve` as a subprocess on a temporary Unix socket, driven by the openai client, curl and raw sockets."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nextn.tiny import make_tiny
+
+
+def _short_dir():
+    # Unix socket paths are limited to 108 bytes; pytest's tmp_path can be longer
+    return Path(tempfile.mkdtemp(prefix="nx", dir="/tmp"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("srv") / "m.gguf", arch="qwen3", qtype="Q8_0", seed=2)
+
+
+def start(model, sock, *extra, env=None, wait=True):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "nextn", "serve", "-m", str(model), "--socket", str(sock), "-np", "4", "-c", "256",
+         "-b", "64", "--max-queue", "32", *map(str, extra)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ.copy(),
+    )
+    if wait:
+        wait_ready(sock, p)
+    return p
+
+
+def wait_ready(sock, proc=None, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if http(sock).get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("server did not become ready")
+
+
+def http(sock, timeout=30):
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://nextn", timeout=timeout)
+
+
+def stop(p, timeout=20):
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    d = _short_dir()
+    sock = d / "s.sock"
+    p = start(model, sock)
+    yield sock
+    rc, err = stop(p)
+    assert rc == 0, err
+    assert not sock.exists()  # removed on a clean exit
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    import openai
+
+    return openai.OpenAI(base_url="http://nextn/v1", api_key="none",
+                         http_client=httpx.Client(transport=httpx.HTTPTransport(uds=str(server))))
+
+
+def test_openai_client_chat_completions_and_stream(oai):
+    r = oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+                                    temperature=0)
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 8
+    assert r.model_extra["timings"]["draft_n"] == 0 and r.model_extra["timings"]["draft_n_accepted"] == 0
+    stream = oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+                                         temperature=0, stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == text and finish == r.choices[0].finish_reason
+    assert usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_openai_client_completions_models_and_logprobs(oai):
+    r = oai.completions.create(model="x", prompt="The sky is", max_tokens=6, temperature=0, logprobs=2)
+    assert r.object == "text_completion" and r.usage.prompt_tokens > 0
+    assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens
+    s = "".join(c.choices[0].text for c in oai.completions.create(
+        model="x", prompt="The sky is", max_tokens=6, temperature=0, stream=True))
+    assert s == r.choices[0].text
+    models = oai.models.list()
+    assert models.data[0].id == "m.gguf"
+    r = oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                    temperature=0, logprobs=True, top_logprobs=2)
+    assert len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+
+
+def test_openai_client_errors(oai):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], top_p=2.0)
+    with pytest.raises(openai.BadRequestError, match="context holds 256"):
+        oai.completions.create(model="x", prompt="word " * 400, max_tokens=2)
+
+
+def curl(sock, path, data=None, *args):
+    cmd = ["curl", "-sS", "--unix-socket", str(sock), f"http://localhost{path}", "-w", "\n%{http_code}", *args]
+    if data is not None:
+        cmd += ["-H", "Content-Type: application/json", "-d", data if isinstance(data, str) else json.dumps(data)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    body, _, code = out.rpartition("\n")
+    return int(code), body
+
+
+def test_curl_endpoints(server):
+    assert curl(server, "/health") == (200, '{"status": "ok"}')
+    code, body = curl(server, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 0, "stream": True},
+                      "-N")
+    assert code == 200 and body.rstrip().endswith("data: [DONE]")
+    events = [json.loads(l[6:]) for l in body.splitlines() if l.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] and "timings" in events[-1]
+    code, body = curl(server, "/tokenize", {"content": "hello"})
+    toks = json.loads(body)["tokens"]
+    assert code == 200 and toks
+    code, body = curl(server, "/detokenize", {"tokens": toks})
+    assert json.loads(body)["content"] == "hello"
+    code, body = curl(server, "/metrics")
+    assert code == 200
+    for name in ("nextn_requests_total", "nextn_prompt_tokens_total", "nextn_predicted_tokens_total",
+                 "nextn_predicted_tokens_per_second", "nextn_queue_depth", "nextn_slots_busy",
+                 "nextn_tokens_drafted_total", "nextn_tokens_drafted_accepted_total"):
+        assert f"\n{name} " in body
+    code, body = curl(server, "/slots")
+    assert code == 200 and len(json.loads(body)) == 4
+    code, body = curl(server, "/nope")
+    assert code == 404 and json.loads(body)["error"]["code"] == 404
+
+
+def raw(sock, data: bytes, shut=False, timeout=10) -> bytes:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(str(sock))
+    s.sendall(data)
+    if shut:
+        s.shutdown(socket.SHUT_WR)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except socket.timeout:
+        pass
+    s.close()
+    return out
+
+
+def post(path, body: bytes, extra=b""):
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: anything\r\nContent-Type: application/json\r\n" + extra +
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, b"not valid JSON"),
+    (b"[1, 2]", 400, b"JSON object"),
+    (b'{"messages": "hi"}', 400, b"'messages' is required"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}', 400, b"'max_tokens'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, b"'stream'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_k": 1.5}', 400, b"'top_k'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": [1]}', 400, b"'stop'"),
+    (b'{"messages": [{"role": 1}]}', 400, b"messages[0]"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, b"n = 1"),
+    (b'\xff\xfe', 400, b"not valid JSON"),
+])
+def test_raw_malformed_requests(server, body, status, message):
+    out = raw(server, post(b"/v1/chat/completions", body))
+    assert out.startswith(f"HTTP/1.1 {status}".encode()), out[:200]
+    assert message in out and b'"invalid_request_error"' in out
+
+
+def test_huge_body_is_413_and_bad_http_is_400(server):
+    # the server answers 413 without reading the rest; the short timeout stops waiting for it to close
+    out = raw(server, post(b"/v1/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}'), timeout=1)
+    assert out.startswith(b"HTTP/1.1 413"), out[:200]
+    big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+    assert raw(server, big, timeout=1).startswith(b"HTTP/1.1 413")
+    assert raw(server, b"GARBAGE\r\n\r\n").split(b"\r\n")[0].endswith(b" 400 Bad Request")  # aiohttp answers the parser error
+
+
+def test_half_sent_request_does_not_hurt_the_server(server):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(server))
+    s.sendall(post(b"/v1/completions", b'{"prompt": "hello", "max_tokens": 4}')[:-10])  # body cut short
+    s.close()
+    s2 = socket.socket(socket.AF_UNIX)
+    s2.connect(str(server))
+    s2.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")  # headers cut short
+    s2.close()
+    assert http(server).get("/health").status_code == 200
+    r = http(server).post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
+    assert r.status_code == 200
+
+
+def test_16_concurrent_streams_with_random_disconnects(server):
+    rng = random.Random(0)
+    quitters = set(rng.sample(range(16), 6))
+    results, errors = {}, []
+
+    def client(i):
+        try:
+            with http(server, timeout=60) as c:
+                body = {"prompt": f"client {i} says", "max_tokens": 40, "temperature": 0, "stream": True,
+                        "ignore_eos": True}
+                with c.stream("POST", "/v1/completions", json=body) as r:
+                    assert r.status_code == 200
+                    n = 0
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            n += 1
+                            if i in quitters and n == 3:
+                                return  # closes the connection mid-stream
+                        if line == "data: [DONE]":
+                            results[i] = n
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors
+    assert set(results) == set(range(16)) - quitters
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        slots = http(server).get("/slots").json()
+        if not any(s["is_processing"] for s in slots):
+            break
+        time.sleep(0.05)
+    assert not any(s["is_processing"] for s in slots)
+    m = http(server).get("/metrics").text
+    assert "nextn_slots_busy 0" in m and "nextn_queue_depth 0" in m
+    assert float(m.split("\nnextn_requests_cancelled_total ")[1].split()[0]) >= 1
+
+
+def test_stale_socket_replaced_live_socket_not_stolen(model, server):
+    d = _short_dir()
+    stale = d / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # a socket file nobody listens on, as a crash leaves it
+    p = start(model, stale)
+    assert (stale.stat().st_mode & 0o777) == 0o660
+    rc, err = stop(p)
+    assert rc == 0, err
+    p = start(model, server, wait=False)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode != 0 and "another server is listening" in err
+    assert http(server).get("/health").status_code == 200
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_health_503_while_loading_and_bad_model(model, tmp_path):
+    d = _short_dir()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    p = start(bad, d / "s.sock", wait=False)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 65 and "nextn: error" in err
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def notify_listener(d):
+    path = d / "notify"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(0.2)
+    msgs = []
+
+    def read_until(pred, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(pred(m) for m in msgs):
+                return True
+            try:
+                msgs.append(s.recv(4096).decode())
+            except socket.timeout:
+                pass
+        return False
+
+    return path, msgs, read_until
+
+
+def test_sd_notify_ready_watchdog_stopping_and_sighup(model):
+    d = _short_dir()
+    path, msgs, read_until = notify_listener(d)
+    cfg = d / "c.toml"
+    cfg.write_text("[log]\nlevel = 'info'\n")
+    env = dict(os.environ, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="200000")
+    p = start(model, d / "s.sock", "--config", cfg, env=env, wait=False)
+    assert read_until(lambda m: "READY=1" in m)
+    assert any("STATUS=loading" in m for m in msgs)
+    assert read_until(lambda m: "WATCHDOG=1" in m, timeout=5)
+    h = http(d / "s.sock")
+    assert h.get("/health").status_code == 200
+    cfg.write_text("[limits]\nmax_tokens = 3\n[server]\ndrain_timeout = 5.0\n")
+    p.send_signal(signal.SIGHUP)
+    assert read_until(lambda m: "configuration reloaded" in m, timeout=10)
+    r = h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 50, "ignore_eos": True}).json()
+    assert r["usage"]["completion_tokens"] == 3  # the live limit applies
+    rc, err = stop(p)
+    assert rc == 0 and "server.drain_timeout change only on restart" in err
+    assert read_until(lambda m: "STOPPING=1" in m, timeout=5)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sigterm_drains_running_stream(model):
+    d = _short_dir()
+    p = start(model, d / "s.sock", "--drain-timeout", 30)
+    got = {}
+
+    def client():
+        with http(d / "s.sock") as c, c.stream("POST", "/v1/completions", json={
+                "prompt": "go", "max_tokens": 150, "ignore_eos": True, "stream": True}) as r:
+            got["lines"] = [l for l in r.iter_lines() if l]
+
+    t = threading.Thread(target=client)
+    t.start()
+    time.sleep(0.3)
+    rc, err = stop(p)
+    t.join(30)
+    assert rc == 0, err
+    assert got["lines"][-1] == "data: [DONE]"
+    last = json.loads(got["lines"][-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 150
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed (Debian package systemd)")
+def test_socket_activation(model):
+    d = _short_dir()
+    sock = d / "act.sock"
+    p = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock), sys.executable, "-m", "nextn", "serve", "-m", str(model),
+         "-np", "2", "-c", "256", "--socket", str(d / "unused.sock")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_ready(sock, None)
+        r = http(sock).post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}).json()
+        assert r["usage"]["completion_tokens"] <= 3
+        assert not (d / "unused.sock").exists()  # it served on the passed socket, bound nothing itself
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=20)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_cli_complete_and_chat_over_the_socket(server):
+    def nx(*args, stdin=""):
+        return subprocess.run([sys.executable, "-m", "nextn", *args, "--socket", str(server)], input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    r = nx("complete", "The sky is", "-n", "5", "--temp", "0")
+    assert r.returncode == 0 and "tok/s" in r.stderr, r.stderr
+    j = nx("complete", "The sky is", "-n", "5", "--temp", "0", "--json")
+    assert json.loads(j.stdout)["choices"][0]["text"] == r.stdout[:-1]
+    r = nx("chat", "-n", "4", stdin="hello\nand again\n")
+    assert r.returncode == 0 and r.stderr.count(" tokens, ") == 2, r.stderr
+    r = subprocess.run([sys.executable, "-m", "nextn", "complete", "x", "--socket", "/tmp/none/x.sock"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no server socket" in r.stderr
