@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up a bare Debian machine (tools/setup.sh), then makes the default demo model if it is not there yet
-# and generates from it on the OpenCL device (PoCL's CPU device when there is no GPU).
+# Sets up a bare Debian machine (tools/setup.sh), makes the demo model if it is not there yet, starts
+# `nextn serve` on a Unix socket, queries it with curl (OpenAI chat API, then a streamed completion),
+# and stops it. The device is the first OpenCL GPU, else PoCL's CPU device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -8,7 +9,23 @@ PY=${PYTHON:-python3}
 MODEL=${NEXTN_DEMO_MODEL:-$HOME/.cache/nextn/demo/tiny-qwen3-q8_0.gguf}
 if [ ! -f "$MODEL" ]; then
   mkdir -p "$(dirname "$MODEL")"
-  "$PY" -m nextn make-tiny "$MODEL" --arch qwen3 --type Q8_0 --seed 0
+  "$PY" -m nextn make-tiny "$MODEL" --arch qwen3 --type Q8_0 --seed 0 --untied
 fi
 "$PY" -m nextn inspect "$MODEL"
-"$PY" -m nextn generate -m "$MODEL" -p "${1:-Once upon a time}" -n 32
+
+SOCK=$(mktemp -u /tmp/nextn-demo-XXXXXX.sock)
+"$PY" -m nextn serve -m "$MODEL" --socket "$SOCK" --parallel 2 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do
+  curl -sf --unix-socket "$SOCK" http://localhost/health >/dev/null 2>&1 && break
+  kill -0 $SERVER 2>/dev/null || { echo "nextn serve exited" >&2; exit 1; }
+  sleep 0.2
+done
+echo "--- POST /v1/chat/completions"
+curl -s --unix-socket "$SOCK" http://localhost/v1/chat/completions -H 'Content-Type: application/json' \
+  -d "{\"messages\": [{\"role\": \"user\", \"content\": \"${1:-Once upon a time}\"}], \"max_tokens\": 24, \"temperature\": 0}"
+echo
+echo "--- POST /v1/completions (streamed)"
+curl -sN --unix-socket "$SOCK" http://localhost/v1/completions -H 'Content-Type: application/json' \
+  -d '{"prompt": "hello", "max_tokens": 8, "stream": true}'
