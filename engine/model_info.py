@@ -22,7 +22,7 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
     n_ctx = int(n_ctx or min(hp.n_ctx_train, 4096))
     n_params = sum(int(i.n_rows * i.n_cols) for i in infos.values())
     mem = {
-        "weights": dense.weights_bytes(infos),
+        "weights": dense.weights_bytes(hp, infos),
         "kv_cache": KVCache.bytes_needed(hp.n_layer, 1, n_ctx, hp.n_head_kv, hp.head_dim),
         "activations": dense.StepBuffers.bytes_needed(hp, n_batch, min(MAX_OUTPUTS, n_batch)),
     }

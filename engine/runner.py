@@ -61,7 +61,7 @@ class ModelRunner:
         self.n_batch = max(1, min(n_batch, self.n_ctx))
         self.max_outputs = min(MAX_OUTPUTS, self.n_batch)
         self.memory = MemoryPlan(
-            weights=dense.weights_bytes(infos),
+            weights=dense.weights_bytes(hp, infos),
             kv_cache=KVCache.bytes_needed(hp.n_layer, n_seq, self.n_ctx, hp.n_head_kv, hp.head_dim),
             activations=dense.StepBuffers.bytes_needed(hp, self.n_batch, self.max_outputs),
         )
@@ -73,7 +73,7 @@ class ModelRunner:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(i.nbytes for i in infos.values()), unit="B", unit_scale=True, desc="loading")
-        self.weights = dense.upload(self.rt, mf, infos, progress=bar.update if bar else None)
+        self.weights = dense.upload(self.rt, hp, mf, infos, progress=bar.update if bar else None)
         if bar:
             bar.close()
         self.cache = KVCache(self.rt, hp.n_layer, n_seq, self.n_ctx, hp.n_head_kv, hp.head_dim)

@@ -118,3 +118,28 @@ def test_model_that_does_not_fit_is_refused_before_loading(rt, models):
     msg = str(e.value)
     assert path.name in msg and "needs" in msg and "MiB of device memory but" in msg
     assert rt.allocated == before  # nothing was uploaded
+
+
+def test_mixed_types_within_a_layer(rt, models, tmp_path):
+    """Q4_K_M-style files mix types (attn_v and ffn_up in another type): the unfused path writes Q|K|V and
+    gate|up side by side and must agree with the reference too."""
+    import gguf
+
+    from gguf_edit import rewrite
+    from nextn.gguf.quantize import quantize
+
+    src = models("qwen3", "Q4_K")
+    r = gguf.GGUFReader(src)
+    repl = {}
+    for t in r.tensors:
+        if t.name.endswith(("attn_v.weight", "ffn_up.weight")):
+            w = gguf.quants.dequantize(np.array(t.data), gguf.GGMLQuantizationType.Q4_K)
+            repl[t.name] = (quantize(w.astype(np.float32), "Q6_K"), gguf.GGMLQuantizationType.Q6_K)
+    path = rewrite(src, tmp_path / "mixed.gguf", replace=repl)
+    runner = ModelRunner(path, rt=rt, n_ctx=128, n_batch=32)
+    assert "blk.0.attn_qkv.weight" not in runner.weights and "blk.0.attn_v.weight" in runner.weights
+    top, logits = runner.eval(0, PROMPT, 0, all_logits=True)
+    want = ReferenceModel(path).forward(PROMPT, 0)
+    err = np.abs(logits - want) / want.std(axis=1, keepdims=True)
+    assert err.max() < tolerance("Q4_K")
+    assert (top == want.argmax(axis=1)).all()

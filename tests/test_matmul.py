@@ -260,3 +260,24 @@ def test_integer_half_decoding(rt, qtype):
     xb, yb = rt.upload(x, "test.x"), rt.alloc(4 * 3 * n_rows, "test.y")
     run_launches(rt, mm.matmul(w, xb, yb, 3), step_vars(3))
     assert_close(read(rt, yb, (3, n_rows)), reference(raw, qtype, x), bound(raw, qtype, x), "integer halves")
+
+
+def test_strided_output_writes_side_by_side(rt):
+    """Two weights written into one row with y_stride / y_offset, as the unfused Q|K|V path does."""
+    rng = np.random.default_rng(3)
+    n_cols, n_tok = 64, 5
+    wa, wb = rng.standard_normal((40, n_cols)).astype(np.float32), rng.standard_normal((24, n_cols)).astype(np.float32)
+    x = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
+    f32 = GGMLQuantizationType.F32
+    da = upload_weight(rt, wa.view(np.uint8), f32, 40, n_cols, "a")
+    db = upload_weight(rt, wb.view(np.uint8), f32, 24, n_cols, "b")
+    xb = rt.upload(x, "x")
+    y = rt.upload(np.full((n_tok, 64), 7.0, np.float32), "y")
+    mm = MatmulOps(rt)
+    launches = mm.matmul(da, xb, y, n_tok, y_stride=64, y_offset=0) + mm.matmul(db, xb, y, n_tok, y_stride=64, y_offset=40)
+    run_launches(rt, launches, np.array([n_tok, 0, 0, 0], np.int32))
+    out = np.empty((n_tok, 64), np.float32)
+    cl.enqueue_copy(rt.queue, out, y)
+    np.testing.assert_allclose(out, np.concatenate([x @ wa.T, x @ wb.T], axis=1), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        mm.matmul(db, xb, y, n_tok, y_stride=64, y_offset=50)

@@ -131,7 +131,7 @@ bsdtar -tvf "$PKGFILE" | grep -v '/__pycache__/' | sed 's/^/   /'
 "$PY" - "$PKGFILE" <<'EOF' || die "package contents"
 import re, stat, sys, tarfile
 
-members = {m.name.lstrip("./").rstrip("/"): m for m in tarfile.open(sys.argv[1]).getmembers()}
+members = {m.name.removeprefix("./").rstrip("/"): m for m in tarfile.open(sys.argv[1]).getmembers()}
 errors = []
 
 def expect(path, mode, kind="file"):

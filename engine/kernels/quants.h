@@ -189,7 +189,7 @@ inline float x_sum32(__global const float *p) {
     return c.x + c.y;
 }
 
-// y[t, :rows] (+)= acc[t]; y points at y[0, r0], rows of y are n_rows apart.
+// y[t, :rows] (+)= acc[t]; y points at y[0, r0], rows of y are `n_rows` (the kernel's ldy) apart.
 #define MM_STORE(y)                                                                                         \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
         store_rows(acc[t_], (y) + (size_t)t_ * n_rows, rows, accumulate);                                   \
@@ -220,7 +220,7 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
 #define MM_KERNEL(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                              \
     __kernel void NAME(__global const uchar *w, __global const float *x, __global float *y,                 \
                        const int n_rows, const int n_cols, const int n_tokens, const int tchunk,            \
-                       const int accumulate) {                                                               \
+                       const int accumulate, const int ldy, const int y_off) {                              \
         const int tile = get_global_id(0);                                                                  \
         const int r0 = tile * TILE_ROWS;                                                                    \
         if (r0 >= n_rows) {                                                                                 \
@@ -233,19 +233,19 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
         const int t1 = min(n_tokens, t0 + tchunk);                                                          \
         while (t0 < t1) {                                                                                   \
             __global const float *xt = x + (size_t)t0 * n_cols;                                             \
-            __global float *yt = y + (size_t)t0 * n_rows + r0;                                              \
+            __global float *yt = y + y_off + (size_t)t0 * ldy + r0;                                         \
             const int rem = t1 - t0;                                                                        \
             if (rem >= 8) {                                                                                 \
-                TILE_FN(8, 1, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                TILE_FN(8, 1, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                            \
                 t0 += 8;                                                                                    \
             } else if (rem >= 4) {                                                                          \
-                TILE_FN(4, 2, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                TILE_FN(4, 2, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                            \
                 t0 += 4;                                                                                    \
             } else if (rem >= 2) {                                                                          \
-                TILE_FN(2, 4, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                TILE_FN(2, 4, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                            \
                 t0 += 2;                                                                                    \
             } else {                                                                                        \
-                TILE_FN(1, 4, wt, nb, xt, n_cols, yt, n_rows, rows, accumulate);                            \
+                TILE_FN(1, 4, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                            \
                 t0 += 1;                                                                                    \
             }                                                                                               \
         }                                                                                                   \

@@ -12,7 +12,7 @@ import numpy as np
 
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.ops import attention, elementwise, norm, rope, select
+from nextn.ops import attention, elementwise, norm, qkv, select
 from nextn.ops.launch import VAR_N_OUTPUTS, Launch
 from nextn.ops.weights import SUPPORTED_TYPES, DeviceWeight, device_bytes, upload_weight
 
@@ -111,27 +111,51 @@ def check_tensors(hp: DenseHParams, mf: ModelFile) -> dict:
     return {name: mf.tensor(name, ne, types) for name, (ne, types) in tensor_table(hp, mf).items()}
 
 
-def weights_bytes(infos: dict) -> int:
+def fused_groups(hp: DenseHParams, infos: dict) -> dict[str, list[str]]:
+    """Device weight name -> the file tensors concatenated (by rows) into it. Q|K|V and gate|up of a layer
+    are fused when their types agree (one mat-vec instead of three or two); otherwise each stays itself and
+    the step writes them side by side into the same activation row."""
+    groups: dict[str, list[str]] = {}
+    fused = set()
+    for il in range(hp.n_layer):
+        b = f"blk.{il}."
+        for name, parts in ((b + "attn_qkv.weight", ["attn_q", "attn_k", "attn_v"]),
+                            (b + "ffn_gate_up.weight", ["ffn_gate", "ffn_up"])):
+            members = [b + p + ".weight" for p in parts]
+            if len({infos[m].qtype for m in members}) == 1:
+                groups[name] = members
+                fused.update(members)
+    for name in infos:
+        if name not in fused:
+            groups[name] = [name]
+    return groups
+
+
+def weights_bytes(hp: DenseHParams, infos: dict) -> int:
     """Device bytes the weights will occupy (norms as float32, matrices in their device layout)."""
     total = 0
-    for info in infos.values():
-        if len(info.ne) == 1:
-            total += 4 * info.ne[0]
+    for members in fused_groups(hp, infos).values():
+        first = infos[members[0]]
+        if len(first.ne) == 1:
+            total += 4 * first.ne[0]
         else:
-            total += device_bytes(info.qtype, info.n_rows, info.n_cols)
+            total += device_bytes(first.qtype, sum(infos[m].n_rows for m in members), first.n_cols)
     return total
 
 
-def upload(rt, mf: ModelFile, infos: dict, progress=None) -> dict:
-    """Upload every tensor; matrices as DeviceWeight, 1-D norms as float32 buffers."""
+def upload(rt, hp: DenseHParams, mf: ModelFile, infos: dict, progress=None) -> dict:
+    """Upload every tensor; matrices as DeviceWeight (fused groups concatenated), 1-D norms as float32."""
     out = {}
-    for name, info in infos.items():
-        if len(info.ne) == 1:
-            out[name] = rt.upload(np.array(mf.array_f32(info)), name)
+    for name, members in fused_groups(hp, infos).items():
+        first = infos[members[0]]
+        if len(first.ne) == 1:
+            out[name] = rt.upload(np.array(mf.array_f32(first)), name)
         else:
-            out[name] = upload_weight(rt, mf.raw(info), info.qtype, info.n_rows, info.n_cols, name)
+            raw = mf.raw(first) if len(members) == 1 else np.concatenate([mf.raw(infos[m]) for m in members])
+            n_rows = sum(infos[m].n_rows for m in members)
+            out[name] = upload_weight(rt, raw, first.qtype, n_rows, first.n_cols, name)
         if progress is not None:
-            progress(info.nbytes)
+            progress(sum(infos[m].nbytes for m in members))
     if "output.weight" not in out:
         out["output.weight"] = out["token_embd.weight"]  # tied embeddings: the same device buffers
     return out
@@ -147,12 +171,11 @@ class StepBuffers:
     out_idx: object  # int32 [max_tokens]        batch rows whose logits are wanted
     x: object  # f32 [max_tokens, n_embd]        residual stream
     cur: object  # f32 [max_tokens, n_embd]      normed copy
-    q: object
-    k: object
-    v: object
+    qkv: object  # f32 [max_tokens, (n_head + 2 n_head_kv) * head_dim]   Q|K|V projections side by side
+    q: object  # f32 [max_tokens, n_head*head_dim]                      normed, roped Q
     kqv_out: object  # f32 [max_tokens, n_head*head_dim]
-    gate: object  # f32 [max_tokens, n_ff]
-    up: object
+    gate_up: object  # f32 [max_tokens, 2 n_ff]                          gate|up projections side by side
+    act: object  # f32 [max_tokens, n_ff]                                silu(gate) * up
     x_out: object  # f32 [max_tokens, n_embd]    rows gathered for the output head
     logits: object  # f32 [max_tokens, n_vocab]
     argmax: object  # int32 [max_tokens]
@@ -168,12 +191,11 @@ class StepBuffers:
             out_idx=rt.alloc(n * 4, "batch.out_idx"),
             x=rt.alloc(n * hp.n_embd * f, "act.x"),
             cur=rt.alloc(n * hp.n_embd * f, "act.cur"),
+            qkv=rt.alloc(n * (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim * f, "act.qkv"),
             q=rt.alloc(n * hp.n_head * hp.head_dim * f, "act.q"),
-            k=rt.alloc(n * hp.n_head_kv * hp.head_dim * f, "act.k"),
-            v=rt.alloc(n * hp.n_head_kv * hp.head_dim * f, "act.v"),
             kqv_out=rt.alloc(n * hp.n_head * hp.head_dim * f, "act.kqv_out"),
-            gate=rt.alloc(n * hp.n_ff * f, "act.gate"),
-            up=rt.alloc(n * hp.n_ff * f, "act.up"),
+            gate_up=rt.alloc(n * 2 * hp.n_ff * f, "act.gate_up"),
+            act=rt.alloc(n * hp.n_ff * f, "act.ffn"),
             x_out=rt.alloc(n_out * hp.n_embd * f, "act.x_out"),
             logits=rt.alloc(n_out * hp.n_vocab * f, "act.logits"),
             argmax=rt.alloc(n_out * 4, "act.argmax"),
@@ -181,7 +203,7 @@ class StepBuffers:
 
     @staticmethod
     def bytes_needed(hp: DenseHParams, max_tokens: int, max_outputs: int) -> int:
-        per_token = 4 * (4 + 2 * hp.n_embd + 2 * hp.n_head * hp.head_dim + 2 * hp.n_head_kv * hp.head_dim + 2 * hp.n_ff)
+        per_token = 4 * (4 + 2 * hp.n_embd + 3 * hp.n_head * hp.head_dim + 2 * hp.n_head_kv * hp.head_dim + 3 * hp.n_ff)
         per_output = 4 * (hp.n_embd + hp.n_vocab + 1)
         return per_token * max_tokens + per_output * max_outputs
 
@@ -196,20 +218,26 @@ def build_step(rt, mm, hp: DenseHParams, w: dict, buf: StepBuffers, cache, max_t
     n, hd = max_tokens, hp.head_dim
     L: list[Launch] = []
     L += mm.get_rows(w["token_embd.weight"], buf.ids, buf.x, n)  # inp_embd [n_tokens, n_embd]
+    q_dim, kv_dim = hp.n_head * hd, hp.n_head_kv * hd
+    qkv_dim = q_dim + 2 * kv_dim
     for il in range(hp.n_layer):
         b = f"blk.{il}."
         # attention block
         L += norm.rms_norm(rt, buf.x, buf.cur, w[b + "attn_norm.weight"], hp.n_embd, 1, hp.rms_eps, n)  # attn_norm
-        L += mm.matmul(w[b + "attn_q.weight"], buf.cur, buf.q, n)  # Qcur [n_tokens, n_head*hd]
-        L += mm.matmul(w[b + "attn_k.weight"], buf.cur, buf.k, n)  # Kcur [n_tokens, n_head_kv*hd]
-        L += mm.matmul(w[b + "attn_v.weight"], buf.cur, buf.v, n)  # Vcur [n_tokens, n_head_kv*hd]
-        if hp.qk_norm:
-            L += norm.rms_norm(rt, buf.q, buf.q, w[b + "attn_q_norm.weight"], hd, hp.n_head, hp.rms_eps, n)
-            L += norm.rms_norm(rt, buf.k, buf.k, w[b + "attn_k_norm.weight"], hd, hp.n_head_kv, hp.rms_eps, n)
-        for x, heads in ((buf.q, hp.n_head), (buf.k, hp.n_head_kv)):
-            L += rope.rope(rt, x, buf.pos, heads, hd, hp.n_rot, hp.rope_neox, hp.rope_freq_base, hp.rope_freq_scale, n)
+        if b + "attn_qkv.weight" in w:  # Qcur|Kcur|Vcur [n_tokens, qkv_dim]
+            L += mm.matmul(w[b + "attn_qkv.weight"], buf.cur, buf.qkv, n)
+        else:
+            for name, offset in (("attn_q", 0), ("attn_k", q_dim), ("attn_v", q_dim + kv_dim)):
+                L += mm.matmul(w[b + name + ".weight"], buf.cur, buf.qkv, n, y_stride=qkv_dim, y_offset=offset)
         k_cache, v_cache = cache.layer(il)
-        L += attention.kv_store(rt, buf.k, buf.v, k_cache, v_cache, buf.pos, buf.seq, hp.n_head_kv, hd, cache.n_ctx, n)
+        # q/k norm + rope; Q to buf.q, K and V into the cache at (seq, pos)
+        L += qkv.qkv_prep(
+            rt, buf.qkv, buf.q, k_cache, v_cache, buf.pos, buf.seq,
+            w.get(b + "attn_q_norm.weight"), w.get(b + "attn_k_norm.weight"),
+            n_head=hp.n_head, n_head_kv=hp.n_head_kv, head_dim=hd, n_rot=hp.n_rot, neox=hp.rope_neox,
+            freq_base=hp.rope_freq_base, freq_scale=hp.rope_freq_scale, eps=hp.rms_eps,
+            n_ctx=cache.n_ctx, n_seq=cache.n_seq,
+        )
         L += attention.attention(
             rt, buf.q, k_cache, v_cache, buf.pos, buf.seq, buf.kqv_out,
             hp.n_head, hp.n_head_kv, hd, cache.n_ctx, 1.0 / np.sqrt(hd), n,
@@ -217,10 +245,13 @@ def build_step(rt, mm, hp: DenseHParams, w: dict, buf: StepBuffers, cache, max_t
         L += mm.matmul(w[b + "attn_output.weight"], buf.kqv_out, buf.x, n, accumulate=True)  # ffn_inp = x + attn
         # feed-forward block
         L += norm.rms_norm(rt, buf.x, buf.cur, w[b + "ffn_norm.weight"], hp.n_embd, 1, hp.rms_eps, n)  # ffn_norm
-        L += mm.matmul(w[b + "ffn_gate.weight"], buf.cur, buf.gate, n)  # ffn_gate [n_tokens, n_ff]
-        L += mm.matmul(w[b + "ffn_up.weight"], buf.cur, buf.up, n)  # ffn_up [n_tokens, n_ff]
-        L += elementwise.swiglu(rt, buf.gate, buf.up, buf.gate, hp.n_ff, n)  # ffn_swiglu
-        L += mm.matmul(w[b + "ffn_down.weight"], buf.gate, buf.x, n, accumulate=True)  # l_out = ffn_inp + ffn
+        if b + "ffn_gate_up.weight" in w:  # ffn_gate|ffn_up [n_tokens, 2 n_ff]
+            L += mm.matmul(w[b + "ffn_gate_up.weight"], buf.cur, buf.gate_up, n)
+        else:
+            for name, offset in (("ffn_gate", 0), ("ffn_up", hp.n_ff)):
+                L += mm.matmul(w[b + name + ".weight"], buf.cur, buf.gate_up, n, y_stride=2 * hp.n_ff, y_offset=offset)
+        L += qkv.swiglu_fused(rt, buf.gate_up, buf.act, hp.n_ff)  # ffn_swiglu [n_tokens, n_ff]
+        L += mm.matmul(w[b + "ffn_down.weight"], buf.act, buf.x, n, accumulate=True)  # l_out = ffn_inp + ffn
     # output head, only on the rows whose logits are wanted
     m = min(max_outputs, n)
     L += elementwise.gather_rows(rt, buf.x, buf.out_idx, buf.x_out, hp.n_embd, m)

@@ -80,15 +80,22 @@ class MatmulOps:
         max_tokens: int,
         token_var: int = VAR_N_TOKENS,
         accumulate: bool = False,
+        y_stride: int | None = None,
+        y_offset: int = 0,
     ) -> list[Launch]:
-        """y[t, r] (+)= sum_c w[r, c] * x[t, c] for t < vars[token_var] <= max_tokens.
+        """y[t, y_offset + r] (+)= sum_c w[r, c] * x[t, c] for t < vars[token_var] <= max_tokens.
 
-        x: float32 [n_tokens, n_cols]; y: float32 [n_tokens, n_rows] (must not alias x).
+        x: float32 [n_tokens, n_cols]; y: float32 [n_tokens, y_stride] (must not alias x); y_stride defaults
+        to n_rows. A stride and offset let several weights write side by side into one row (Q|K|V when the
+        three tensors have different types).
         """
         if max_tokens <= 0:
             raise ValueError(f"matmul: max_tokens={max_tokens}")
+        ldy = w.n_rows if y_stride is None else y_stride
+        if y_offset < 0 or y_offset + w.n_rows > ldy:
+            raise ValueError(f"matmul: rows [{y_offset}, {y_offset + w.n_rows}) do not fit a y row of {ldy}")
         check_buffer(x, 4 * max_tokens * w.n_cols, "matmul x")
-        check_buffer(y, 4 * max_tokens * w.n_rows, "matmul y")
+        check_buffer(y, 4 * max_tokens * ldy, "matmul y")
         if max_tokens == 1:
             tchunk = 1
         elif max_tokens <= FEW_TOKENS:
@@ -106,6 +113,8 @@ class MatmulOps:
             np.int32(0),
             np.int32(tchunk),
             np.int32(1 if accumulate else 0),
+            np.int32(ldy),
+            np.int32(y_offset),
         )
         wg = self._local_size(k)
         n_groups = -(-w.n_tiles // wg)

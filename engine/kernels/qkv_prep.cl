@@ -1,0 +1,96 @@
+// qkv_prep.cl - after the fused Q|K|V projection: per-head q/k RMSNorm, RoPE, and the KV-cache store.
+//
+// Input qkv float32 [n_tokens, (N_HEAD + 2 * N_HEAD_KV) * HD]: each row is Q heads, then K heads, then V
+// heads (the output of one mat-vec over the row-concatenated attn_q | attn_k | attn_v weights).
+// Q heads: optional RMSNorm with q_norm (QK_NORM), RoPE on the first N_ROT dims, written to
+//   q_out float32 [n_tokens, N_HEAD * HD] (the layout kernel_attention reads).
+// K heads: optional RMSNorm with k_norm, RoPE, stored as half at k_cache[(seq[t], pos[t])].
+// V heads: stored as half at v_cache[(seq[t], pos[t])].
+// Cache layout: half [n_seq, n_ctx, N_HEAD_KV, HD], as kernel_kv_store writes it. Tokens with a position
+// or sequence outside the cache store nothing (as kernel_kv_store).
+// RoPE: theta_i = pos * freq_scale * 2^(i * log2_theta_scale), log2_theta_scale = -2 log2(base) / N_ROT;
+//   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as kernels/rope.cl.
+//
+// NDRange: 2-D (N_HEAD + 2 * N_HEAD_KV, n_tokens rows, at least 1), no local size: one work-item per
+// (head, token), a head of HD floats in private memory. Replaces five launches per layer (q norm, k norm,
+// rope q, rope k, kv_store): on PoCL each launch costs ~20 us of dispatch, more than this kernel's work.
+// Reference: tests/test_ops_qkv.py (the composition of norm.cl, rope.cl and kv_store, and numpy).
+
+__kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, __global half *k_cache,
+                              __global half *v_cache, __global const int *pos, __global const int *seq,
+                              __global const float *q_norm, __global const float *k_norm, const float eps,
+                              const float freq_scale, const float log2_theta_scale, const int n_ctx,
+                              const int n_seq, const int n_tokens) {
+    const int h = get_global_id(0);
+    const int t = get_global_id(1);
+    if (t >= n_tokens) {
+        return;
+    }
+    const int row_len = (N_HEAD + 2 * N_HEAD_KV) * HD;
+    __global const float *src = qkv + (size_t)t * row_len + (size_t)h * HD;
+    const int p = pos[t];
+    const int s = seq[t];
+    const int in_cache = (uint)p < (uint)n_ctx && (uint)s < (uint)n_seq;
+    if (h >= N_HEAD + N_HEAD_KV) {  // a V head: store it
+        if (in_cache) {
+            __global half *dst = v_cache + (((size_t)s * n_ctx + p) * N_HEAD_KV + (h - N_HEAD - N_HEAD_KV)) * HD;
+            for (int d = 0; d < HD; d++) {
+                vstore_half_rte(src[d], d, dst);
+            }
+        }
+        return;
+    }
+    float x[HD];
+    for (int d = 0; d < HD; d++) {
+        x[d] = src[d];
+    }
+#if QK_NORM
+    __global const float *w = h < N_HEAD ? q_norm : k_norm;
+    float ss = 0.0f;
+    for (int d = 0; d < HD; d++) {
+        ss += x[d] * x[d];
+    }
+    const float scale = rsqrt(ss / (float)HD + eps);
+    for (int d = 0; d < HD; d++) {
+        x[d] = x[d] * scale * w[d];
+    }
+#endif
+    for (int i = 0; i < N_ROT / 2; i++) {
+        const float theta = (float)p * freq_scale * exp2((float)i * log2_theta_scale);
+        float c;
+        const float sn = sincos(theta, &c);
+#if NEOX
+        const int i0 = i, i1 = i + N_ROT / 2;
+#else
+        const int i0 = 2 * i, i1 = 2 * i + 1;
+#endif
+        const float a = x[i0], b = x[i1];
+        x[i0] = a * c - b * sn;
+        x[i1] = a * sn + b * c;
+    }
+    if (h < N_HEAD) {
+        __global float *dst = q_out + (size_t)t * N_HEAD * HD + (size_t)h * HD;
+        for (int d = 0; d < HD; d++) {
+            dst[d] = x[d];
+        }
+    } else if (in_cache) {
+        __global half *dst = k_cache + (((size_t)s * n_ctx + p) * N_HEAD_KV + (h - N_HEAD)) * HD;
+        for (int d = 0; d < HD; d++) {
+            vstore_half_rte(x[d], d, dst);
+        }
+    }
+}
+
+// swiglu over the fused gate|up projection: gu float32 [n_tokens, 2 * n_ff] (gate then up in each row),
+// y[t, i] = silu(gu[t, i]) * gu[t, n_ff + i]. NDRange 2-D (n_ff, n_tokens rows).
+// Reference: tests/test_ops_qkv.py (numpy), same formula as elementwise.cl's kernel_swiglu.
+__kernel void kernel_swiglu_fused(__global const float *gu, __global float *y, const int n_ff, const int n_tokens) {
+    const int i = get_global_id(0);
+    const int t = get_global_id(1);
+    if (t >= n_tokens || i >= n_ff) {
+        return;
+    }
+    const float g = gu[(size_t)t * 2 * n_ff + i];
+    const float u = gu[(size_t)t * 2 * n_ff + n_ff + i];
+    y[(size_t)t * n_ff + i] = g / (1.0f + exp(-g)) * u;
+}
