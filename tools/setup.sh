@@ -18,5 +18,5 @@ fi
 PY=${PYTHON:-python3}
 # Debian's own python3 marks itself externally managed; nextn installs into whichever python3 runs it.
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-"$PY" -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
+"$PY" -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0" "numpy>=1.24"
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
