@@ -226,7 +226,10 @@ def config_files(config_file: str | Path | None = None) -> list[Path]:
         p = Path(config_file)
         if not p.is_file():
             raise ConfigError(f"{p}: no such config file (--config)")
-        files.append(p)
+        # The unit passes the system file itself as --config: read it once, in its system place, so that
+        # conf.d drop-ins still override it.
+        if not any(p.resolve() == f.resolve() for f in files):
+            files.append(p)
     return files
 
 

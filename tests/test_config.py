@@ -64,6 +64,15 @@ def test_load_order_and_provenance(etc, tmp_path):
     assert re.search(r'^level = "debug" +# .*nextn\.toml:5$', shown, re.M)
 
 
+def test_system_file_given_as_config_is_read_once_so_drop_ins_still_win(etc):
+    """nextn.service runs `nextn serve --config /etc/nextn/nextn.toml`: conf.d must still override it."""
+    (etc / "nextn.toml").write_text("[model]\nctx_size = 1024\n")
+    (etc / "conf.d" / "10-local.toml").write_text("[model]\nctx_size = 2048\n")
+    cfg = config.load(etc / "nextn.toml")
+    assert cfg.model.ctx_size == 2048
+    assert cfg.sources["model.ctx_size"] == f"{etc / 'conf.d' / '10-local.toml'}:2"
+
+
 def test_int_is_accepted_for_float_key(etc, tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[server]\ndrain_timeout = 5\n")

@@ -5,11 +5,13 @@
 #   2. the package holds the expected files with the expected modes, owners and metadata (.PKGINFO);
 #   3. `systemd-analyze verify` accepts the units as installed, with no warning at all;
 #   4. `systemd-analyze security --offline=true` rates nextn.service at an exposure of 2.0 or lower;
-#   5. the packaged `nextn` (PYTHONPATH into the package tree) generates from a tiny model, once plainly
-#      and once under the service's MemoryDenyWriteExecute= + NoNewPrivileges= filter.
+#   5. the packaged `nextn` (PYTHONPATH into the package tree) validates the packaged nextn.toml and
+#      generates from a tiny model, once plainly and once under the service's MemoryDenyWriteExecute= +
+#      NoNewPrivileges= filter.
 # Usage: bash tools/package-check.sh [--keep] [extra makepkg args, e.g. --nocheck]
-# Needs: makepkg, fakeroot, bsdtar, systemd-analyze (apt: makepkg libarchive-tools systemd), git, and the
-# python modules build and installer. Exits 0 only if every check passed.
+# Needs (Debian): makepkg, pacman (makepkg will not start without it), fakeroot, bsdtar, systemd-analyze,
+# git -- apt: makepkg pacman-package-manager fakeroot libarchive-tools systemd git -- and the python
+# modules build and installer (pip). Exits 0 only if every check passed, 3 if a prerequisite is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -24,7 +26,7 @@ die() { printf 'package-check: FAIL: %s\n' "$*" >&2; exit 1; }
 # --- prerequisites: say exactly what is missing -------------------------------------------------------
 PY=$(command -v "${PYTHON:-python3}") || die "no python3 on PATH"
 missing=()
-for tool in makepkg fakeroot bsdtar systemd-analyze git; do
+for tool in makepkg pacman fakeroot bsdtar systemd-analyze git; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 for mod in build installer; do
@@ -32,7 +34,8 @@ for mod in build installer; do
 done
 if ((${#missing[@]})); then
   printf 'package-check: MISSING PREREQUISITES: %s\n' "${missing[*]}" >&2
-  echo "package-check: install them with: apt-get install makepkg libarchive-tools systemd git;" \
+  echo "package-check: install them with: apt-get install makepkg pacman-package-manager fakeroot" \
+       "libarchive-tools systemd git;" \
        "python3 -m pip install build installer" >&2
   exit 3
 fi
@@ -56,7 +59,13 @@ PYREAL=$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))')
 ln -s "$PYREAL" "$WORK/bin/python"
 ln -s "$PYREAL" "$WORK/bin/python3"
 
-BUILD_ENV=(env -i "HOME=$WORK/home" "PATH=$WORK/bin:/usr/local/bin:/usr/bin:/bin" "LANG=C.UTF-8"
+# makepkg asks pacman which packages are installed for .BUILDINFO; give it an empty database of its own
+# rather than the host's (a Debian machine has none, and an unprivileged user cannot create one).
+mkdir -p "$WORK/pacman-db/local"
+printf '#!/bin/sh\nexec pacman --dbpath "%s" "$@"\n' "$WORK/pacman-db" >"$WORK/bin/pacman-local"
+chmod 755 "$WORK/bin/pacman-local"
+
+BUILD_ENV=(env -i "PACMAN=pacman-local" "HOME=$WORK/home" "PATH=$WORK/bin:/usr/local/bin:/usr/bin:/bin" "LANG=C.UTF-8"
            "XDG_CACHE_HOME=$WORK/home/.cache" "PKGEXT=.pkg.tar.gz" "BUILDDIR=$WORK/build"
            "PKGDEST=$WORK/out" "SRCDEST=$WORK/srcdest" "LOGDEST=$WORK/logs")
 mkdir -p "$WORK/build" "$WORK/out" "$WORK/srcdest" "$WORK/logs"
@@ -256,12 +265,8 @@ say "the packaged nextn: $("$PY" -c 'import nextn; print(nextn.__file__)')"
 "$PKGDIR/usr/bin/nextn" make-tiny "$RUN/tiny.gguf" --arch qwen3 --type Q8_0 --seed 7 >/dev/null \
   || die "nextn make-tiny failed"
 
-if "$PKGDIR/usr/bin/nextn" --help | grep -qw config; then
-  say "nextn config check /etc/nextn/nextn.toml (as packaged)"
-  "$PKGDIR/usr/bin/nextn" config check "$PKGDIR/etc/nextn/nextn.toml" || die "the packaged nextn.toml does not validate"
-else
-  say "NOTE: this nextn has no 'config' command yet; the packaged nextn.toml was not validated"
-fi
+say "nextn config check /etc/nextn/nextn.toml (as packaged)"
+"$PKGDIR/usr/bin/nextn" config check "$PKGDIR/etc/nextn/nextn.toml" || die "the packaged nextn.toml does not validate"
 
 say "nextn generate (plain)"
 "$PKGDIR/usr/bin/nextn" generate -m "$RUN/tiny.gguf" -p "Hello" -n 8 --ignore-eos >"$RUN/out1" 2>"$RUN/err1" \
