@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-APT_PKGS="pocl-opencl-icd ocl-icd-opencl-dev opencl-headers clinfo gcc pkg-config libsystemd-dev curl"
+# NEXTN_EXTRA_APT: more Debian packages to make sure of (tools/test.sh adds what only the tests need)
+APT_PKGS="pocl-opencl-icd ocl-icd-opencl-dev opencl-headers clinfo gcc pkg-config libsystemd-dev curl ${NEXTN_EXTRA_APT:-}"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
