@@ -11,8 +11,9 @@
 // RoPE: theta_i = pos * freq_scale * 2^(i * log2_theta_scale), log2_theta_scale = -2 log2(base) / N_ROT;
 //   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as kernels/rope.cl.
 //
-// NDRange: 2-D (N_HEAD + 2 * N_HEAD_KV, n_tokens rows, at least 1), no local size: one work-item per
-// (head, token), a head of HD floats in private memory. Replaces five launches per layer (q norm, k norm,
+// NDRange: 2-D (N_HEAD + 2 * N_HEAD_KV rounded up to the local size, n_tokens rows, at least 1), local
+// (QKV_WG, 1): one work-item per (head, token), a head of HD floats in private memory. Small work-groups
+// let PoCL spread one token's heads over all cores (one group of 32 heads ran on one core). Replaces five launches per layer (q norm, k norm,
 // rope q, rope k, kv_store): on PoCL each launch costs ~20 us of dispatch, more than this kernel's work.
 // Reference: tests/test_ops_qkv.py (the composition of norm.cl, rope.cl and kv_store, and numpy).
 
@@ -23,7 +24,7 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
                               const int n_seq, const int n_tokens) {
     const int h = get_global_id(0);
     const int t = get_global_id(1);
-    if (t >= n_tokens) {
+    if (t >= n_tokens || h >= N_HEAD + 2 * N_HEAD_KV) {  // the grid is rounded up to the local size
         return;
     }
     const int row_len = (N_HEAD + 2 * N_HEAD_KV) * HD;

@@ -12,6 +12,8 @@ import numpy as np
 
 from nextn.ops.launch import VAR_N_TOKENS, Launch
 
+QKV_WG = 4  # heads per work-group of kernel_qkv_prep (see its header)
+
 
 def qkv_prep(rt, qkv, q_out, k_cache, v_cache, positions, seqs, q_norm, k_norm, *, n_head: int,
              n_head_kv: int, head_dim: int, n_rot: int, neox: bool, freq_base: float, freq_scale: float,
@@ -28,7 +30,7 @@ def qkv_prep(rt, qkv, q_out, k_cache, v_cache, positions, seqs, q_norm, k_norm, 
     k.set_args(qkv, q_out, k_cache, v_cache, positions, seqs, q_norm if qk_norm else dummy,
                k_norm if qk_norm else dummy, np.float32(eps), np.float32(freq_scale),
                np.float32(-2.0 * math.log2(freq_base) / n_rot), np.int32(n_ctx), np.int32(n_seq), np.int32(0))
-    return [Launch(k, (n_head + 2 * n_head_kv, 0), (0, 1), None, [(13, VAR_N_TOKENS)], VAR_N_TOKENS,
+    return [Launch(k, (n_head + 2 * n_head_kv, 0), (0, 1), (QKV_WG, 1), [(13, VAR_N_TOKENS)], VAR_N_TOKENS,
                    name="qkv_prep")]
 
 
