@@ -392,3 +392,43 @@ def test_cli_complete_and_chat_over_the_socket(server):
     r = subprocess.run([sys.executable, "-m", "nextn", "complete", "x", "--socket", "/tmp/none/x.sock"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no server socket" in r.stderr
+
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def test_journal_logging_with_structured_fields(model):
+    """Under systemd (JOURNAL_STREAM set) logs go to journald's native socket with REQUEST_ID/SLOT/token
+    fields. The test plays journald: it binds the native socket path (only where no journald runs)."""
+    if os.path.exists(JOURNAL_SOCKET):
+        pytest.skip(f"{JOURNAL_SOCKET} exists: a real journald runs here and the test will not take its socket")
+    if os.geteuid() != 0:
+        pytest.skip(f"binding {JOURNAL_SOCKET} needs root")
+    made = [d for d in ("/run/systemd", "/run/systemd/journal") if not os.path.isdir(d)]
+    os.makedirs(os.path.dirname(JOURNAL_SOCKET), exist_ok=True)
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(JOURNAL_SOCKET)
+    journal.settimeout(0.5)
+    d = _short_dir()
+    sock = d / "j.sock"
+    p = start(model, sock, env=dict(os.environ, JOURNAL_STREAM="8:12345"))
+    try:
+        r = http(sock).post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200
+        entries, deadline = [], time.time() + 10
+        while time.time() < deadline and not any(b"REQUEST_ID=" in e for e in entries):
+            try:
+                entries.append(journal.recv(65536))
+            except TimeoutError:
+                pass
+        done = [e for e in entries if b"REQUEST_ID=" in e]
+        assert done, entries
+        fields = dict(line.split(b"=", 1) for line in done[0].split(b"\n") if b"=" in line)
+        assert fields[b"SYSLOG_IDENTIFIER"] == b"nextn" and b"MESSAGE" in fields
+        assert int(fields[b"PREDICTED_TOKENS"]) == 3 and b"SLOT" in fields and b"PROMPT_TOKENS" in fields
+    finally:
+        stop(p)
+        journal.close()
+        os.unlink(JOURNAL_SOCKET)
+        for d in reversed(made):  # leave the machine as it was
+            os.rmdir(d)
