@@ -49,16 +49,19 @@ from gguf import GGMLQuantizationType as QT
 from nextn.gguf.quantize import SUPPORTED, block_size, parse_qtype, quantize, row_bytes
 from nextn.tokenizer import BYTE_TO_UNICODE
 
-ARCHS = ("qwen3", "llama")
+ARCHS = ("qwen3", "llama", "qwen35", "qwen35moe")
+HYBRID = ("qwen35", "qwen35moe")  # Gated DeltaNet + gated full attention (see _hybrid_tensors)
 TYPES = tuple(t.name for t in SUPPORTED)
 
 BRANCH_RMS = 0.2  # RMS each attention / FFN branch adds to the unit-RMS residual stream (all layers together)
 OUTPUT_GAIN = 4.0  # logit spread of the non-winning tokens; the winner leads by ~0.9*sqrt(n_embd)*OUTPUT_GAIN
 
 # defaults of the real models these stand in for (Qwen3's config.json, Llama 3's)
-_ROPE_BASE = {"qwen3": 1_000_000.0, "llama": 500_000.0}
-_RMS_EPS = {"qwen3": 1e-6, "llama": 1e-5}
-_TIED = {"qwen3": True, "llama": False}  # Qwen3 0.6B-4B tie the head to the embedding; Llama 3 8B does not
+_ROPE_BASE = {"qwen3": 1_000_000.0, "llama": 500_000.0, "qwen35": 10_000_000.0, "qwen35moe": 10_000_000.0}
+_RMS_EPS = {"qwen3": 1e-6, "llama": 1e-5, "qwen35": 1e-6, "qwen35moe": 1e-6}
+# Qwen3 0.6B-4B tie the head to the embedding; Llama 3 8B, Qwen3.5/3.6 27B and 35B-A3B do not
+_TIED = {"qwen3": True, "llama": False, "qwen35": False, "qwen35moe": False}
+_N_LAYER = {"qwen3": 2, "llama": 2, "qwen35": 4, "qwen35moe": 4}  # hybrids: 3 linear layers, then 1 full
 
 # general.file_type (llama.cpp's LlamaFileType) of a file whose matrices are all of one type
 _FILE_TYPE = {
@@ -192,52 +195,149 @@ class _Rng:
         return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
 
 
+def rope_sections_default(n_rot: int) -> list[int]:
+    """[t, h, w, 0] splitting the n_rot/2 rotated pairs as Qwen3.5's [11, 11, 10, 0] splits 32 (t = h =
+    ceil(half/3)), or, where that leaves a pair on the extra channel (half = 4: [2, 2, 0]), h = w = half//3."""
+    half = n_rot // 2
+    c, f = -(-half // 3), half // 3
+    for sections in ([c, c, half - 2 * c, 0], [half - 2 * f, f, f, 0]):
+        if min(sections) >= 0 and 3 not in imrope_channels(sections, n_rot):
+            return sections
+    raise ValueError(f"make-tiny: no M-RoPE sections for n_rot {n_rot}; pass rope_sections")
+
+
+def imrope_channels(sections, n_rot: int) -> list[int]:
+    """Which position channel (0 t, 1 h, 2 w, 3 e) rotates pair i < n_rot/2 under ggml's interleaved M-RoPE
+    (ggml_mrope_cache_init with is_imrope): sector = i % sum(sections); sector % 3 picks t/h/w while
+    sector < 3 * that section, else the extra channel e."""
+    total = sum(sections)
+    out = []
+    for i in range(n_rot // 2):
+        s = i % total
+        if s % 3 == 1 and s < 3 * sections[1]:
+            out.append(1)
+        elif s % 3 == 2 and s < 3 * sections[2]:
+            out.append(2)
+        elif s % 3 == 0 and s < 3 * sections[0]:
+            out.append(0)
+        else:
+            out.append(3)
+    return out
+
+
 def make_tiny(
-    path, arch: str = "qwen3", qtype: str = "F32", seed: int = 0, n_embd: int = 64, n_layer: int = 2,
+    path, arch: str = "qwen3", qtype: str = "F32", seed: int = 0, n_embd: int = 64, n_layer: int | None = None,
     n_head: int = 4, n_head_kv: int = 2, head_dim: int = 16, n_ff: int = 128, n_ctx: int = 256,
     vocab: str = "bytes", tied: bool | None = None, *, rope_freq_base: float | None = None,
-    output_gain: float = OUTPUT_GAIN,
+    output_gain: float = OUTPUT_GAIN, mtp: bool = False, mtp_own_head: bool = False,
+    full_attention_interval: int = 4, recurrent_layers_key: bool = True, n_rot: int | None = None,
+    rope_sections: "list[int] | None" = None, ssm_d_conv: int = 4, ssm_d_state: int = 16, ssm_n_group: int = 2,
+    ssm_dt_rank: int = 4, n_expert: int = 8, n_expert_used: int = 2, n_ff_exp: int = 32, n_ff_shexp: int = 32,
 ) -> Path:
     """Writes a random model to `path` and returns it as a Path.
 
     vocab: "bytes" (a small byte-level BPE with ChatML specials) or the path of a GGUF file whose
     tokenizer.* keys are copied (n_vocab = its token count). tied: None = the arch's usual choice
-    (qwen3 tied, llama not). Raises ValueError on a bad shape, type or architecture.
+    (qwen3 tied, the others not). n_layer: None = 2 (qwen3, llama) or 4 (qwen35, qwen35moe: with
+    full_attention_interval 4, layers 0-2 are linear attention and layer 3 full attention).
+
+    qwen35 / qwen35moe only (see _hybrid_tensors for the layout):
+      mtp: append the MTP block as layer n_layer (block_count = n_layer + 1, nextn_predict_layers = 1).
+      mtp_own_head: also write the optional nextn.embed_tokens / nextn.shared_head_head (the converter does
+        not for Qwen3.5/3.6, whose MTP block shares the trunk's; these stand in for files that do).
+      recurrent_layers_key: write {arch}.attention.recurrent_layers (the converter does when config.json has
+        layer_types, as Qwen3.5 has); False leaves only {arch}.full_attention_interval for the loader.
+      n_rot: rotated dims (default head_dim / 2; real Qwen3.5 rotates 64 of 256); rope_sections: M-RoPE
+        [t, h, w, e] pair counts (default rope_sections_default(n_rot)).
+      ssm_*: Gated DeltaNet sizes as llama.cpp names them: d_conv kernel, d_state = head_k_dim = head_v_dim,
+        n_group = key heads, dt_rank = value heads (inner size = d_state * dt_rank).
+      n_expert, n_expert_used, n_ff_exp, n_ff_shexp: qwen35moe's routed and shared experts.
+    Raises ValueError on a bad shape, type or architecture.
     """
     if arch not in ARCHS:
         raise ValueError(f"make-tiny: unknown architecture {arch!r} (have: {', '.join(ARCHS)})")
     gq = parse_qtype(qtype)
     tied = _TIED[arch] if tied is None else bool(tied)
+    n_layer = _N_LAYER[arch] if n_layer is None else int(n_layer)
+    hybrid = arch in HYBRID
+    if (mtp or mtp_own_head) and not hybrid:
+        raise ValueError(f"make-tiny: an MTP block exists for qwen35 / qwen35moe only, not {arch}")
     if n_head % n_head_kv:
         raise ValueError(f"make-tiny: n_head {n_head} must be a multiple of n_head_kv {n_head_kv}")
     if min(n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, n_ctx) < 1 or head_dim % 2:
         raise ValueError("make-tiny: sizes must be positive and head_dim even")
-    for what, n_cols in (("n_embd", n_embd), ("n_head*head_dim", n_head * head_dim), ("n_ff", n_ff)):
+    row_lengths = [("n_embd", n_embd), ("n_head*head_dim", n_head * head_dim), ("n_ff", n_ff)]
+    if hybrid:
+        n_rot = head_dim // 2 if n_rot is None else int(n_rot)
+        if n_rot < 2 or n_rot % 2 or n_rot > head_dim:
+            raise ValueError(f"make-tiny: n_rot {n_rot} must be even and in 2..head_dim")
+        rope_sections = rope_sections_default(n_rot) if rope_sections is None else list(rope_sections)
+        if len(rope_sections) != 4 or min(rope_sections) < 0 or sum(rope_sections[:3]) < 1:
+            raise ValueError(f"make-tiny: rope_sections {rope_sections} must be 4 counts, t/h/w not all 0")
+        if 3 in imrope_channels(rope_sections, n_rot):
+            # llama.cpp gives text tokens position 0 on the extra channel: such pairs would never rotate
+            raise ValueError(f"make-tiny: rope_sections {rope_sections} leave rotated pairs of n_rot {n_rot} "
+                             "on the extra (e) channel")
+        if min(ssm_d_conv, ssm_d_state, ssm_n_group, ssm_dt_rank, full_attention_interval) < 1:
+            raise ValueError("make-tiny: ssm sizes and full_attention_interval must be positive")
+        if ssm_dt_rank % ssm_n_group:
+            raise ValueError(f"make-tiny: ssm_dt_rank {ssm_dt_rank} (value heads) must be a multiple of "
+                             f"ssm_n_group {ssm_n_group} (key heads)")
+        row_lengths += [("ssm_d_inner", ssm_d_state * ssm_dt_rank), ("2*n_embd", 2 * n_embd)]
+        if arch == "qwen35moe":
+            if not 1 <= n_expert_used <= n_expert or min(n_ff_exp, n_ff_shexp) < 1:
+                raise ValueError("make-tiny: need 1 <= n_expert_used <= n_expert and positive expert sizes")
+            row_lengths += [("n_ff_exp", n_ff_exp), ("n_ff_shexp", n_ff_shexp)]
+    for what, n_cols in row_lengths:
         if n_cols % block_size(gq):
+            have = ", ".join(name for name, _ in row_lengths)
             raise ValueError(
                 f"make-tiny: {gq.name} packs rows in blocks of {block_size(gq)}, but {what} = {n_cols} "
-                f"is not a multiple of it (matrices have rows of n_embd, n_head*head_dim and n_ff elements)"
+                f"is not a multiple of it (matrices have rows of {have} elements)"
             )
     path = Path(path)
     rng = _Rng(seed)
+    n_block = n_layer + (1 if mtp else 0)  # llama.cpp counts the MTP block in block_count
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(f"tiny-{arch}-{gq.name.lower()}-seed{seed}")
-    w.add_block_count(n_layer)
+    w.add_block_count(n_block)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_head_kv)
+    if hybrid:
+        w.add_rope_dimension_sections(rope_sections)
     w.add_rope_freq_base(_ROPE_BASE[arch] if rope_freq_base is None else float(rope_freq_base))
     w.add_layer_norm_rms_eps(_RMS_EPS[arch])
-    if arch == "qwen3" or head_dim != n_embd // n_head:
-        # the converter writes these from config.json's head_dim (Qwen3 always has one); llama.cpp
-        # otherwise derives head_dim as n_embd / n_head
+    if arch == "qwen35moe":
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+    if arch in ("qwen3", *HYBRID) or head_dim != n_embd // n_head:
+        # the converter writes these from config.json's head_dim (Qwen3 and Qwen3.5 always have one);
+        # llama.cpp otherwise derives head_dim as n_embd / n_head
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(_FILE_TYPE[gq])
+    if hybrid:
+        # the keys Qwen2MoeModel, _QwenMtpMixin and Qwen3NextModel.set_gguf_parameters add, in their order
+        if arch == "qwen35moe":
+            w.add_expert_feed_forward_length(n_ff_exp)
+            w.add_expert_shared_feed_forward_length(n_ff_shexp)
+        if mtp:
+            w.add_nextn_predict_layers(1)
+        w.add_ssm_conv_kernel(ssm_d_conv)
+        w.add_ssm_state_size(ssm_d_state)
+        w.add_ssm_group_count(ssm_n_group)
+        w.add_ssm_time_step_rank(ssm_dt_rank)
+        w.add_ssm_inner_size(ssm_d_state * ssm_dt_rank)
+        if recurrent_layers_key:
+            recurrent = [(i + 1) % full_attention_interval != 0 for i in range(n_layer)] + [False] * (n_block - n_layer)
+            w.add_array(f"{arch}.attention.recurrent_layers", recurrent)
+        w.add_full_attention_interval(full_attention_interval)
+        w.add_rope_dimension_count(n_rot)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     n_vocab = _write_bytes_vocab(w) if vocab == "bytes" else _copy_vocab(w, str(vocab))
     if arch == "llama":
@@ -283,7 +383,13 @@ def make_tiny(
     # the tied head is token_embd itself (self-prediction, logit ~ |e|^2): output_norm sets its scale instead
     out_norm_center = output_gain / np.sqrt(n_embd) if tied else 1.0
     tensors = [("token_embd.weight", (n_vocab, n_embd), gq, lambda n: embedding(n))]
-    for il in range(n_layer):
+    if hybrid:
+        tensors += _hybrid_tensors(
+            arch, gq, n_layer, mtp, mtp_own_head, n_embd, n_vocab, n_head, n_head_kv, head_dim, n_ff,
+            full_attention_interval, ssm_d_conv, ssm_d_state, ssm_n_group, ssm_dt_rank, n_expert, n_ff_exp,
+            n_ff_shexp, branch, out_norm_center, tied, output_gain, rng, gaussian, norm_weight,
+        )
+    for il in range(0 if hybrid else n_layer):
         b = f"blk.{il}."
         tensors += [
             (b + "attn_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
@@ -312,7 +418,7 @@ def make_tiny(
         tensors.append(("output.weight", (n_vocab, n_embd), gq, lambda n: head(n)))
 
     for name, shape, qt, _ in tensors:
-        nbytes = (shape[0] if len(shape) == 2 else 1) * row_bytes(shape[-1], qt)
+        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes(shape[-1], qt)
         w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
 
     w.write_header_to_file()
@@ -331,6 +437,144 @@ def make_tiny(
     return path
 
 
+def _hybrid_tensors(arch, gq, n_layer, mtp, mtp_own_head, n_embd, n_vocab, n_head, n_head_kv, head_dim, n_ff,
+                    interval, d_conv, d_state, n_group, dt_rank, n_expert, n_ff_exp, n_ff_shexp, branch,
+                    out_norm_center, tied, output_gain, rng, gaussian, norm_weight):
+    """The blk.* tensors of qwen35 / qwen35moe (and the MTP block), as llama_model_qwen35{,moe}::
+    load_arch_tensors asks for them and Qwen3NextModel.modify_tensors names them (numpy shapes):
+
+      every layer      attn_norm, post_attention_norm [n_embd] (pre-attention / pre-FFN RMSNorms)
+      linear layers    attn_qkv [2*d_state*n_group + d_state*dt_rank, n_embd]   (q | k | v rows)
+                       attn_gate [d_inner, n_embd] (z), ssm_beta / ssm_alpha [dt_rank, n_embd],
+                       ssm_conv1d [conv_dim, d_conv] F32, ssm_dt.bias, ssm_a [dt_rank] F32 (ssm_a = -exp(A_log)),
+                       ssm_norm [d_state] F32, ssm_out [n_embd, d_inner]
+      full layers      attn_q [2*n_head*head_dim, n_embd] (per head: head_dim q rows then head_dim gate rows),
+                       attn_k / attn_v [n_head_kv*head_dim, n_embd], attn_output [n_embd, n_head*head_dim],
+                       attn_q_norm / attn_k_norm [head_dim]
+      qwen35 FFN       ffn_gate / ffn_up [n_ff, n_embd], ffn_down [n_embd, n_ff]
+      qwen35moe FFN    ffn_gate_inp [n_expert, n_embd] F32, ffn_gate_exps / ffn_up_exps [n_expert, n_ff_exp,
+                       n_embd], ffn_down_exps [n_expert, n_embd, n_ff_exp], ffn_gate_inp_shexp [n_embd] F32,
+                       ffn_gate_shexp / ffn_up_shexp [n_ff_shexp, n_embd], ffn_down_shexp [n_embd, n_ff_shexp]
+      MTP (blk.{n_layer}) a full-attention layer's tensors and FFN, plus nextn.eh_proj [n_embd, 2*n_embd],
+                       nextn.enorm / nextn.hnorm / nextn.shared_head_norm [n_embd] F32, and with mtp_own_head
+                       nextn.embed_tokens / nextn.shared_head_head [n_vocab, n_embd]
+
+    Types follow the converter: norms, 1-D tensors, ssm_conv1d and ffn_gate_inp stay F32, the rest gq.
+    Scales keep every branch at about `branch` RMS (the peaky-logit scheme of the module docstring): the
+    gated RMSNorm output (unit RMS times silu(z), RMS ~0.6) feeds ssm_out; sigmoid(gate) (RMS ~0.55) times
+    the attention average feeds attn_output. Decays exp(-softplus(alpha + dt) * A) with A in [0.05, 1] stay
+    in ~[0.5, 0.97], so the delta-rule state remembers several tokens and chained calls must carry it.
+
+    The MTP block: eh_proj = [identity | 0] + noise of RMS 0.3, so its residual stream starts as the enormed
+    embedding of the token it is given, and the shared head then drafts that token's successor as the trunk
+    would (peaky draft logits), while the trunk's hidden state, the MTP attention and FFN move them by ~1.
+    """
+    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
+    k_dim, v_dim = d_state * n_group, d_state * dt_rank
+    conv_dim = 2 * k_dim + v_dim
+
+    def uniform(name, n, lo, hi):
+        yield rng(name).uniform(lo, hi, n).astype(np.float32)[None, :]
+
+    def eh_proj(name):
+        row0 = 0
+        for c in gaussian(name, n_embd, 2 * n_embd, 0.3):
+            r = np.arange(c.shape[0])
+            c[r, row0 + r] += 1.0
+            row0 += c.shape[0]
+            yield c
+
+    def trunk_embedding():
+        return np.concatenate(list(gaussian("token_embd.weight", n_vocab, n_embd, np.sqrt(n_embd))))
+
+    def own_embed(name):
+        # the trunk's embedding plus RMS-0.3 noise: still led by the same token, but told apart from it
+        yield trunk_embedding() + np.concatenate(list(gaussian(name, n_vocab, n_embd, 0.3 * np.sqrt(n_embd))))
+
+    def own_head(name):
+        # the trunk's head, 1.25x: drafts the same tokens with logits that show which head was used
+        e = trunk_embedding()
+        if tied:
+            yield e * np.float32(1.25)
+        else:
+            follow = rng("output.weight").permutation(n_vocab)
+            yield e[follow] * np.float32(1.25 * output_gain / np.sqrt(n_embd))
+
+    def attention(b):
+        return [
+            (b + "attn_q.weight", (2 * q_dim, n_embd), gq, lambda n: gaussian(n, 2 * q_dim, n_embd, 1.0)),
+            (b + "attn_k.weight", (kv_dim, n_embd), gq, lambda n: gaussian(n, kv_dim, n_embd, 1.0)),
+            (b + "attn_v.weight", (kv_dim, n_embd), gq, lambda n: gaussian(n, kv_dim, n_embd, 1.0)),
+            (b + "attn_output.weight", (n_embd, q_dim), gq,
+             lambda n: gaussian(n, n_embd, q_dim, 2 * branch / 0.55)),
+            (b + "attn_q_norm.weight", (head_dim,), QT.F32, lambda n: norm_weight(n, head_dim)),
+            (b + "attn_k_norm.weight", (head_dim,), QT.F32, lambda n: norm_weight(n, head_dim)),
+        ]
+
+    def linear_attention(b):
+        return [
+            (b + "attn_qkv.weight", (conv_dim, n_embd), gq, lambda n: gaussian(n, conv_dim, n_embd, 1.0)),
+            (b + "attn_gate.weight", (v_dim, n_embd), gq, lambda n: gaussian(n, v_dim, n_embd, 1.0)),
+            (b + "ssm_conv1d.weight", (conv_dim, d_conv), QT.F32, lambda n: gaussian(n, conv_dim, d_conv, 1.0)),
+            (b + "ssm_dt.bias", (dt_rank,), QT.F32, lambda n: uniform(n, dt_rank, -0.5, 0.5)),
+            (b + "ssm_a", (dt_rank,), QT.F32, lambda n: uniform(n, dt_rank, -1.0, -0.05)),
+            (b + "ssm_beta.weight", (dt_rank, n_embd), gq, lambda n: gaussian(n, dt_rank, n_embd, 1.0)),
+            (b + "ssm_alpha.weight", (dt_rank, n_embd), gq, lambda n: gaussian(n, dt_rank, n_embd, 1.0)),
+            (b + "ssm_norm.weight", (d_state,), QT.F32, lambda n: norm_weight(n, d_state)),
+            (b + "ssm_out.weight", (n_embd, v_dim), gq, lambda n: gaussian(n, n_embd, v_dim, branch / 0.6)),
+        ]
+
+    def ffn(b):
+        if arch == "qwen35":
+            return [
+                (b + "ffn_gate.weight", (n_ff, n_embd), gq, lambda n: gaussian(n, n_ff, n_embd, 1.0)),
+                (b + "ffn_up.weight", (n_ff, n_embd), gq, lambda n: gaussian(n, n_ff, n_embd, 1.0)),
+                (b + "ffn_down.weight", (n_embd, n_ff), gq, lambda n: gaussian(n, n_embd, n_ff, branch / 0.6)),
+            ]
+        ne, fe, fs = n_expert, n_ff_exp, n_ff_shexp
+        return [
+            # router logits of RMS 3: top-k choices are far from ties, so float noise does not flip them
+            (b + "ffn_gate_inp.weight", (ne, n_embd), QT.F32, lambda n: gaussian(n, ne, n_embd, 3.0)),
+            (b + "ffn_gate_exps.weight", (ne, fe, n_embd), gq, lambda n: gaussian(n, ne * fe, n_embd, 1.0)),
+            (b + "ffn_up_exps.weight", (ne, fe, n_embd), gq, lambda n: gaussian(n, ne * fe, n_embd, 1.0)),
+            # the routed mix (weights sum to 1) and the sigmoid-gated shared expert share the branch
+            (b + "ffn_down_exps.weight", (ne, n_embd, fe), gq,
+             lambda n: gaussian(n, ne * n_embd, fe, branch / 0.6 / np.sqrt(2))),
+            (b + "ffn_gate_inp_shexp.weight", (n_embd,), QT.F32,
+             lambda n: gaussian(n, 1, n_embd, 1.0)),
+            (b + "ffn_gate_shexp.weight", (fs, n_embd), gq, lambda n: gaussian(n, fs, n_embd, 1.0)),
+            (b + "ffn_up_shexp.weight", (fs, n_embd), gq, lambda n: gaussian(n, fs, n_embd, 1.0)),
+            (b + "ffn_down_shexp.weight", (n_embd, fs), gq, lambda n: gaussian(n, n_embd, fs, branch / 0.6)),
+        ]
+
+    tensors = []
+    for il in range(n_layer):
+        b = f"blk.{il}."
+        tensors.append((b + "attn_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)))
+        tensors += linear_attention(b) if (il + 1) % interval else attention(b)
+        tensors.append((b + "post_attention_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)))
+        tensors += ffn(b)
+    if mtp:
+        b = f"blk.{n_layer}."
+        tensors += [
+            (b + "nextn.eh_proj.weight", (n_embd, 2 * n_embd), gq, eh_proj),
+            (b + "nextn.enorm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
+            (b + "nextn.hnorm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
+            (b + "attn_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
+            *attention(b),
+            (b + "post_attention_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
+            *ffn(b),
+            (b + "nextn.shared_head_norm.weight", (n_embd,), QT.F32,
+             lambda n: norm_weight(n, n_embd, out_norm_center)),
+        ]
+        if mtp_own_head:
+            tensors += [
+                (b + "nextn.embed_tokens.weight", (n_vocab, n_embd), gq, own_embed),
+                (b + "nextn.shared_head_head.weight", (n_vocab, n_embd), gq, own_head),
+            ]
+    return tensors
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="nextn make-tiny", description="Write a random tiny GGUF model from a seed."
@@ -340,7 +584,7 @@ def main(argv=None) -> int:
     p.add_argument("--type", default="F32", type=str.upper, choices=TYPES, help="type of every 2-D weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-layer", type=int, default=None, help="default: 2, or 4 for qwen35 / qwen35moe")
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-head-kv", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=16)
@@ -356,11 +600,12 @@ def main(argv=None) -> int:
     tie.add_argument("--untied", dest="tied", action="store_false",
                      help="write output.weight (default for llama)")
     p.add_argument("--rope-freq-base", type=float, default=None,
-                   help="default: the arch's (qwen3 1e6, llama 5e5)")
+                   help="default: the arch's (qwen3 1e6, llama 5e5, qwen35 1e7)")
+    p.add_argument("--mtp", action="store_true", help="qwen35 / qwen35moe: append the MTP (nextn) block")
     a = p.parse_args(argv)
     try:
         out = make_tiny(a.out, a.arch, a.type, a.seed, a.n_embd, a.n_layer, a.n_head, a.n_head_kv, a.head_dim,
-                        a.n_ff, a.n_ctx, a.vocab, a.tied, rope_freq_base=a.rope_freq_base)
+                        a.n_ff, a.n_ctx, a.vocab, a.tied, rope_freq_base=a.rope_freq_base, mtp=a.mtp)
     except (ValueError, OSError) as e:
         print(f"nextn make-tiny: {e}", file=sys.stderr)
         return 2

@@ -232,3 +232,21 @@ def test_main(tmp_path, capsys):
     assert "output.weight" not in tensors(out) and tensors(out)["token_embd.weight"][1] == QT.Q4_0
     assert main([str(tmp_path / "x.gguf"), "--type", "Q6_K"]) == 2
     assert "not a multiple" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- qwen35 / qwen35moe (more in test_reference_qwen35.py)
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_hybrid_deterministic_and_types_share_weights(tmp_path, arch):
+    a = make_tiny(tmp_path / "a.gguf", arch=arch, seed=4, mtp=True)
+    b = make_tiny(tmp_path / "b.gguf", arch=arch, seed=4, mtp=True)
+    assert a.read_bytes() == b.read_bytes()
+    # the trunk's tensors do not depend on whether the MTP block is written
+    ref, q = ReferenceModel(a), ReferenceModel(make_tiny(tmp_path / "q.gguf", arch=arch, seed=4, qtype="Q8_0"))
+    assert set(q.w) < set(ref.w)
+    for name, w in q.w.items():
+        err = np.sqrt(np.mean((ref.w[name] - w) ** 2)) / np.sqrt(np.mean(ref.w[name] ** 2))
+        assert err < 1e-2, (name, err)
+    assert tensors(q.path)["blk.0.ssm_conv1d.weight"][1] == QT.F32  # kept F32 as the converter does
+    assert tensors(q.path)["blk.0.attn_qkv.weight"][1] == QT.Q8_0
