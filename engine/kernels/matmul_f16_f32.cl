@@ -1,22 +1,11 @@
 // matmul_f16_f32.cl - y (+)= x . W^T for a F16 weight in the tile layout of quants.h.
 //
 // Computes y[t, r] (+)= sum_c dequant(W)[r, c] * x[t, c] for t < n_tokens, r < n_rows; x float32
-// [n_tokens, n_cols], y float32 [n_tokens, n_rows] (not aliasing x); any n_cols.
+// [n_tokens, n_cols], y float32 rows of ldy floats from y_off (not aliasing x); any n_cols.
 // F16: tile block = one column of 16 halves, decoded with integer ops (no cl_khr_fp16).
 // accumulate != 0 adds into y (the residual add after attn_output / ffn_down).
 //
-// NDRange: 2-D (tile, token chunk): global = (ceil(n_rows / 16) rounded up to the local size,
-//     ceil(max_tokens / tchunk)), local = (WG, 1), any WG. Work-item (i, j) owns rows [16 i, 16 i + 16),
-//     lane l of its float16 accumulators being row 16 i + l, and tokens [j tchunk, (j + 1) tchunk) below
-//     n_tokens (a step argument; chunks past it return at once). It decodes each column of its tile once
-//     per group of up to 8 tokens and does rank-1 updates with x broadcast from memory, scaling once per
-//     (sub-)block (see MM_KERNEL in quants.h).
-// Variants (chosen on the host, engine/ops/matmul.py, by max_tokens; one kernel, float32 throughout, so
-//     results agree to float rounding, only the order of the sums differing): mat-vec (max_tokens 1),
-//     few tokens (tchunk = max_tokens <= 16: the weight is streamed from memory once, later token groups
-//     of the work-item re-read its tile from cache) and prompt (tchunk 64: a chunk of x stays in a CPU's
-//     L2). Inside, a one-token group unrolls whole blocks and CPU builds prefetch the weight stream
-//     (MM_UNROLL, MM_PREFETCH in quants.h).
+// NDRange, work-group contract and variants: the MM_KERNEL contract in quants.h.
 // Reference: tests/test_matmul.py::reference (gguf.quants.dequantize(raw), then x @ W.T in float64).
 
 #include "quants.h"
