@@ -5,8 +5,7 @@ import json
 from collections import Counter
 
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVCache
-from nextn.models import architecture, dense
+from nextn.models import architecture, family
 from nextn.runner import MAX_OUTPUTS
 
 
@@ -17,17 +16,18 @@ def _mib(n: int) -> str:
 def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
     mf = ModelFile(path)
     arch = architecture(mf.arch, mf.path)
+    fam = family(arch)
     hp = arch.hparams(mf)
-    infos = dense.check_tensors(hp, mf)
+    has_mtp = bool(getattr(hp, "n_nextn", 0))
+    infos = fam.check_tensors(hp, mf, has_mtp)
     n_ctx = int(n_ctx or min(hp.n_ctx_train, 4096))
+    n_out = min(MAX_OUTPUTS, n_batch)
     n_params = sum(int(i.n_rows * i.n_cols) for i in infos.values())
-    mem = {
-        "weights": dense.weights_bytes(hp, infos),
-        "kv_cache": KVCache.bytes_needed(hp.n_layer, 1, n_ctx, hp.n_head_kv, hp.head_dim),
-        "activations": dense.StepBuffers.bytes_needed(hp, n_batch, min(MAX_OUTPUTS, n_batch)),
-    }
+    # memory without the MTP block (what a plain load allocates), and what loading it adds
+    plan = fam.memory_plan(hp, infos, 1, n_ctx, n_batch, n_out, has_mtp)
+    mem = {name: v for name, v in plan.items() if not name.startswith("mtp_")}
     mem["total"] = sum(mem.values())
-    return {
+    summary = {
         "file": str(mf.path),
         "architecture": mf.arch,
         "name": mf.meta.get("general.name", ""),
@@ -39,7 +39,21 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
         "tokenizer": {"model": mf.meta.get("tokenizer.ggml.model"), "pre": mf.meta.get("tokenizer.ggml.pre")},
         "n_ctx": n_ctx,
         "memory_bytes": mem,
+        "mtp": None,
     }
+    if has_mtp:
+        names = fam.mtp_tensor_names(hp, infos)
+        summary["mtp"] = {
+            "layer": hp.n_layer,
+            "tensors": len(names),
+            "parameters": sum(int(infos[n].n_rows * infos[n].n_cols) for n in names),
+            "own_embedding": any(n.endswith("nextn.embed_tokens.weight") for n in names),
+            "own_head": any(n.endswith("nextn.shared_head_head.weight") for n in names),
+            "memory_bytes": {"weights": plan.mtp_weights, "kv_cache": plan.mtp_kv_cache,
+                             "activations": plan.mtp_activations,
+                             "total": plan.mtp_weights + plan.mtp_kv_cache + plan.mtp_activations},
+        }
+    return summary
 
 
 def describe(path, n_ctx: int | None = None, as_json: bool = False) -> str:
@@ -58,5 +72,15 @@ def describe(path, n_ctx: int | None = None, as_json: bool = False) -> str:
         f"memory (ctx {s['n_ctx']}, 1 sequence, batch 512):",
     ]
     for k, v in s["memory_bytes"].items():
-        lines.append(f"  {k:<12}{_mib(v):>14}")
+        lines.append(f"  {k:<16}{_mib(v):>14}")
+    m = s["mtp"]
+    if m is None:
+        lines.append("MTP block:    none (speculation can use the n-gram drafters or a draft model)")
+    else:
+        shared = [part for part, own in (("embedding", m["own_embedding"]), ("head", m["own_head"])) if not own]
+        lines.append(f"MTP block:    layer {m['layer']}, {m['tensors']} tensors, {m['parameters']:,} "
+                     f"parameters" + (f" (shares the trunk's {' and '.join(shared)})" if shared else ""))
+        lines.append("  loaded only when MTP drafting is asked for; it then adds:")
+        for k, v in m["memory_bytes"].items():
+            lines.append(f"  {k:<16}{_mib(v):>14}")
     return "\n".join(lines)

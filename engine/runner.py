@@ -17,25 +17,14 @@ from nextn.cl import plan as planmod
 from nextn.cl.runtime import Runtime
 from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVCache
-from nextn.models import architecture, dense
+from nextn.memory.plan import MemoryPlan
+from nextn.models import architecture, family
 from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
 from nextn.ops.matmul import MatmulOps
 from nextn.tokenizer import Tokenizer
 
 VERIFY_TOKENS = 16  # largest batch served by the "few tokens" plan (speculative drafts, several slots)
 MAX_OUTPUTS = 64  # rows of one step whose logits can be computed (drafts of all slots, or a chunk of a prompt)
-
-
-@dataclass
-class MemoryPlan:
-    weights: int
-    kv_cache: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations
 
 
 class ModelRunner:
@@ -49,45 +38,55 @@ class ModelRunner:
         n_batch: int = 512,
         native_plan: bool = True,
         progress: bool = False,
+        mtp: bool = False,
     ):
         t0 = time.perf_counter()
         self.file = mf = ModelFile(path)
         self.arch = architecture(mf.arch, mf.path)
         self.hp = hp = self.arch.hparams(mf)
-        infos = dense.check_tensors(hp, mf)
+        self.family = fam = family(self.arch)  # dense (qwen3, llama) or qwen35 (hybrid): tensors, cache, step
+        infos = fam.check_tensors(hp, mf, mtp)
         self.tokenizer = Tokenizer.from_metadata(mf.meta)
         self.n_ctx = int(n_ctx or min(hp.n_ctx_train, 4096))
         self.n_seq = n_seq
         self.n_batch = max(1, min(n_batch, self.n_ctx))
         self.max_outputs = min(MAX_OUTPUTS, self.n_batch)
-        self.memory = MemoryPlan(
-            weights=dense.weights_bytes(hp, infos),
-            kv_cache=KVCache.bytes_needed(hp.n_layer, n_seq, self.n_ctx, hp.n_head_kv, hp.head_dim),
-            activations=dense.StepBuffers.bytes_needed(hp, self.n_batch, self.max_outputs),
-        )
+        self.has_mtp = mtp
+        self.memory: MemoryPlan = fam.memory_plan(hp, infos, n_seq, self.n_ctx, self.n_batch, self.max_outputs, mtp)
         self.rt = rt or Runtime()
-        self.rt.check_fits(self.memory.total, f"{mf.path.name} (weights + KV cache for {n_seq}x{self.n_ctx} + activations)")
+        parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
+        self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
 
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(i.nbytes for i in infos.values()), unit="B", unit_scale=True, desc="loading")
-        self.weights = dense.upload(self.rt, hp, mf, infos, progress=bar.update if bar else None)
+        self.weights = fam.upload(self.rt, hp, mf, infos, progress=bar.update if bar else None, mtp=mtp)
         if bar:
             bar.close()
-        self.cache = KVCache(self.rt, hp.n_layer, n_seq, self.n_ctx, hp.n_head_kv, hp.head_dim)
-        self.buffers = dense.StepBuffers.allocate(self.rt, hp, self.n_batch, self.max_outputs)
+        self.cache = fam.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp)
+        self.buffers = fam.StepBuffers.allocate(self.rt, hp, self.n_batch, self.max_outputs)
         self.mm = MatmulOps(self.rt)
         buckets = sorted({1, min(VERIFY_TOKENS, self.n_batch), self.n_batch})
         self.plans = []  # (max_tokens, plan), smallest first
         self.launches = {}  # max_tokens -> the plan's Launch list (bench swaps plan kinds over the same launches)
         for max_tokens in buckets:
-            launches = dense.build_step(
+            launches = fam.build_step(
                 self.rt, self.mm, hp, self.weights, self.buffers, self.cache, max_tokens, self.max_outputs
             )
             self.plans.append((max_tokens, planmod.make_plan(self.rt.queue, launches, native=native_plan)))
             self.launches[max_tokens] = launches
+        self.mtp_plans = {}  # (max_tokens, hidden source) -> plan of the MTP block
+        if mtp:
+            self.mtp_buffers = fam.MtpBuffers(self.rt, hp, self.n_batch, self.max_outputs)
+            for max_tokens in buckets:
+                for source, hidden in (("trunk", self.buffers.x), ("mtp", self.mtp_buffers.h)):
+                    launches = fam.build_mtp_step(self.rt, self.mm, hp, self.weights, self.buffers,
+                                                  self.mtp_buffers, self.cache, max_tokens, self.max_outputs,
+                                                  hidden)
+                    self.mtp_plans[max_tokens, source] = planmod.make_plan(self.rt.queue, launches,
+                                                                           native=native_plan)
         self.load_seconds = time.perf_counter() - t0
         # Host staging arrays, alive for the runner's life (writes are non-blocking).
         self._vars = np.zeros(N_VARS, np.int32)
@@ -95,6 +94,7 @@ class ModelRunner:
         self._pos = np.zeros(self.n_batch, np.int32)
         self._seq = np.zeros(self.n_batch, np.int32)
         self._out_idx = np.zeros(self.n_batch, np.int32)
+        self._hid = np.zeros(self.n_batch, np.int32)
 
     @property
     def n_vocab(self) -> int:
@@ -113,21 +113,46 @@ class ModelRunner:
     def step(self, ids, pos, seq, out_rows, want_logits: bool = False):
         """One forward pass over a batch (at most n_batch tokens). Returns (argmax ids, logits or None) of the
         rows listed in `out_rows`."""
+        n = len(ids)
+        b = self.buffers
+        self._write_batch((b.ids, b.pos, b.seq, b.out_idx), ids, pos, seq, out_rows)
+        self._plan(n).run(self._vars)
+        return self._read_head(len(out_rows), want_logits)
+
+    def mtp_step(self, ids, pos, seq, hidden_rows, out_rows, source: str = "trunk", want_logits: bool = False):
+        """The MTP block over (token, hidden) pairs: ids[i] at pos[i] of sequence seq[i], paired with row
+        hidden_rows[i] of the last trunk step's output_norm'd hidden states (source "trunk") or of the last
+        MTP step's own output (source "mtp"); a row of n_batch gives a zero hidden state (position 0).
+        Returns (argmax, logits or None) of the draft for the token after each out row."""
+        if not self.has_mtp:
+            raise ValueError("the MTP block is not loaded (load with mtp=True)")
+        n = len(ids)
+        m = self.mtp_buffers
+        self._hid[:n] = hidden_rows
+        planmod.enqueue_write(self.rt.queue, m.hid_idx, self._hid[:n])
+        self._write_batch((m.ids, m.pos, m.seq, m.out_idx), ids, pos, seq, out_rows)
+        max_tokens = next(mt for mt, _ in self.plans if n <= mt)
+        self.mtp_plans[max_tokens, source].run(self._vars)
+        for s, p in zip(seq, pos):  # the MTP block's KV now holds these positions
+            self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], int(p) + 1)
+        return self._read_head(len(out_rows), want_logits)
+
+    def _write_batch(self, bufs, ids, pos, seq, out_rows) -> None:
         n, n_out = len(ids), len(out_rows)
         if n > self.n_batch or n_out > self.max_outputs:
             raise ValueError(f"step of {n} tokens / {n_out} outputs exceeds {self.n_batch} / {self.max_outputs}")
-        q, b = self.rt.queue, self.buffers
+        q = self.rt.queue
         self._ids[:n] = ids
         self._pos[:n] = pos
         self._seq[:n] = seq
         self._out_idx[:n_out] = out_rows
-        planmod.enqueue_write(q, b.ids, self._ids[:n])
-        planmod.enqueue_write(q, b.pos, self._pos[:n])
-        planmod.enqueue_write(q, b.seq, self._seq[:n])
-        planmod.enqueue_write(q, b.out_idx, self._out_idx[:n_out])
+        for buf, host in zip(bufs, (self._ids[:n], self._pos[:n], self._seq[:n], self._out_idx[:n_out])):
+            planmod.enqueue_write(q, buf, host)
         self._vars[VAR_N_TOKENS] = n
         self._vars[VAR_N_OUTPUTS] = n_out
-        self._plan(n).run(self._vars)
+
+    def _read_head(self, n_out: int, want_logits: bool):
+        q, b = self.rt.queue, self.buffers
         top = np.empty(n_out, np.int32)
         if n_out == 0:  # a mid-prompt chunk: the head's kernels see zero rows and do nothing
             planmod.finish(q)
@@ -151,6 +176,9 @@ class ModelRunner:
             raise RequestError(
                 f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx} tokens (--ctx-size)"
             )
+        seek = getattr(self.cache, "seek", None)
+        if seek is not None:  # a recurrent state continues only from where it is (or its snapshot, or 0)
+            seek(seq, start_pos)
         tops, logits = [], []
         chunk_size = self.max_outputs if all_logits else self.n_batch
         for i in range(0, len(tokens), chunk_size):

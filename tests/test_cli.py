@@ -65,3 +65,17 @@ def test_make_tiny_refuses_bad_block_multiple(tmp_path):
 def test_missing_model_is_one_line_error(tmp_path):
     r = nextn("generate", "-m", tmp_path / "none.gguf", "-p", "x", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no such file" in r.stderr
+
+
+def test_inspect_reports_the_mtp_block_and_its_memory(tmp_path):
+    path = make_tiny(tmp_path / "mtp.gguf", arch="qwen35", qtype="Q8_0", mtp=True)
+    out = nextn("inspect", path).stdout
+    assert "architecture: qwen35" in out and "recurrent_state" in out
+    assert "MTP block:    layer 4" in out and "shares the trunk's embedding and head" in out
+    js = json.loads(nextn("inspect", path, "--json").stdout)
+    m = js["mtp"]["memory_bytes"]
+    assert m["weights"] > 0 and m["kv_cache"] > 0 and m["total"] == m["weights"] + m["kv_cache"] + m["activations"]
+    assert "mtp_weights" not in js["memory_bytes"]  # a plain load does not spend it
+    plain = make_tiny(tmp_path / "plain.gguf", arch="qwen35", qtype="Q8_0")
+    assert json.loads(nextn("inspect", plain, "--json").stdout)["mtp"] is None
+    assert "MTP block:    none" in nextn("inspect", plain).stdout

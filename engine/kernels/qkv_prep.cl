@@ -1,7 +1,9 @@
 // qkv_prep.cl - after the fused Q|K|V projection: per-head q/k RMSNorm, RoPE, and the KV-cache store.
 //
-// Input qkv float32 [n_tokens, (N_HEAD + 2 * N_HEAD_KV) * HD]: each row is Q heads, then K heads, then V
-// heads (the output of one mat-vec over the row-concatenated attn_q | attn_k | attn_v weights).
+// Input qkv float32 [n_tokens, ROW_LEN]: each row is Q heads, then K heads, then V heads (the output of one
+// mat-vec over the row-concatenated attn_q | attn_k | attn_v weights). With Q_GATE (qwen35's gated
+// attention) each Q head is followed by its HD output-gate values (attn_q projects both, head by head), so a
+// row is N_HEAD * 2 * HD + 2 * N_HEAD_KV * HD; the gates stay in qkv for kernel_attn_gate.
 // Q heads: optional RMSNorm with q_norm (QK_NORM), RoPE on the first N_ROT dims, written to
 //   q_out float32 [n_tokens, N_HEAD * HD] (the layout kernel_attention reads).
 // K heads: optional RMSNorm with k_norm, RoPE, stored as half at k_cache[(seq[t], pos[t])].
@@ -17,6 +19,17 @@
 // rope q, rope k, kv_store): on PoCL each launch costs ~20 us of dispatch, more than this kernel's work.
 // Reference: tests/test_ops_qkv.py (the composition of norm.cl, rope.cl and kv_store, and numpy).
 
+#ifndef Q_GATE
+#define Q_GATE 0
+#endif
+#define Q_STRIDE ((1 + Q_GATE) * HD)  // floats from one Q head to the next in a qkv row
+#define ROW_LEN (N_HEAD * Q_STRIDE + 2 * N_HEAD_KV * HD)
+
+// Offset of head h (Q heads, then K, then V) in a qkv row.
+inline int head_offset(const int h) {
+    return h < N_HEAD ? h * Q_STRIDE : N_HEAD * Q_STRIDE + (h - N_HEAD) * HD;
+}
+
 __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, __global half *k_cache,
                               __global half *v_cache, __global const int *pos, __global const int *seq,
                               __global const float *q_norm, __global const float *k_norm, const float eps,
@@ -27,8 +40,7 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
     if (t >= n_tokens || h >= N_HEAD + 2 * N_HEAD_KV) {  // the grid is rounded up to the local size
         return;
     }
-    const int row_len = (N_HEAD + 2 * N_HEAD_KV) * HD;
-    __global const float *src = qkv + (size_t)t * row_len + (size_t)h * HD;
+    __global const float *src = qkv + (size_t)t * ROW_LEN + head_offset(h);
     const int p = pos[t];
     const int s = seq[t];
     const int in_cache = (uint)p < (uint)n_ctx && (uint)s < (uint)n_seq;
@@ -94,4 +106,17 @@ __kernel void kernel_swiglu_fused(__global const float *gu, __global float *y, c
     const float g = gu[(size_t)t * 2 * n_ff + i];
     const float u = gu[(size_t)t * 2 * n_ff + n_ff + i];
     y[(size_t)t * n_ff + i] = g / (1.0f + exp(-g)) * u;
+}
+
+// qwen35 gated attention: out[t, h * HD + d] *= sigmoid(gate), the gate being the HD values after Q head h
+// in the Q_GATE qkv row. NDRange 2-D (N_HEAD * HD, n_tokens rows).
+__kernel void kernel_attn_gate(__global const float *qkv, __global float *out, const int n_tokens) {
+    const int i = get_global_id(0);
+    const int t = get_global_id(1);
+    if (t >= n_tokens || i >= N_HEAD * HD) {
+        return;
+    }
+    const int h = i / HD, d = i % HD;
+    const float g = qkv[(size_t)t * ROW_LEN + h * Q_STRIDE + Q_GATE * HD + d];
+    out[(size_t)t * N_HEAD * HD + i] *= 1.0f / (1.0f + exp(-g));
 }

@@ -12,6 +12,8 @@ import numpy as np
 
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
+from nextn.memory.kv_cache import KVCache
+from nextn.memory.plan import MemoryPlan
 from nextn.ops import attention, elementwise, norm, qkv, select
 from nextn.ops.launch import VAR_N_OUTPUTS, Launch
 from nextn.ops.weights import SUPPORTED_TYPES, DeviceWeight, device_bytes, upload_weight
@@ -104,27 +106,36 @@ def tensor_table(hp: DenseHParams, mf: ModelFile) -> dict[str, tuple[tuple[int, 
     return t
 
 
-def check_tensors(hp: DenseHParams, mf: ModelFile) -> dict:
+def check_tensors(hp: DenseHParams, mf: ModelFile, mtp: bool = False) -> dict:
     """Validate every tensor (shape and type) before anything is uploaded; returns name -> TensorInfo."""
+    if mtp:
+        raise ModelLoadError(f"{mf.path}: MTP drafting was asked for, but architecture {mf.arch} has no MTP "
+                             f"(nextn) block; use a model that has one (qwen35, qwen35moe) or another draft type")
     if mf.has("blk.0.attn_qkv.weight"):
         raise ModelLoadError(f"{mf.path}: fused attn_qkv tensors are not supported for {mf.arch}")
     return {name: mf.tensor(name, ne, types) for name, (ne, types) in tensor_table(hp, mf).items()}
 
 
-def fused_groups(hp: DenseHParams, infos: dict) -> dict[str, list[str]]:
-    """Device weight name -> the file tensors concatenated (by rows) into it. Q|K|V and gate|up of a layer
-    are fused when their types agree (one mat-vec instead of three or two); otherwise each stays itself and
-    the step writes them side by side into the same activation row."""
-    groups: dict[str, list[str]] = {}
-    fused = set()
+def fusion_candidates(hp: DenseHParams) -> list[tuple[str, list[str]]]:
+    """(device name, file tensors) that the step reads as one row-concatenated weight when their types agree."""
+    out = []
     for il in range(hp.n_layer):
         b = f"blk.{il}."
-        for name, parts in ((b + "attn_qkv.weight", ["attn_q", "attn_k", "attn_v"]),
-                            (b + "ffn_gate_up.weight", ["ffn_gate", "ffn_up"])):
-            members = [b + p + ".weight" for p in parts]
-            if len({infos[m].qtype for m in members}) == 1:
-                groups[name] = members
-                fused.update(members)
+        out.append((b + "attn_qkv.weight", [b + p + ".weight" for p in ("attn_q", "attn_k", "attn_v")]))
+        out.append((b + "ffn_gate_up.weight", [b + p + ".weight" for p in ("ffn_gate", "ffn_up")]))
+    return out
+
+
+def fused_groups(infos: dict, candidates) -> dict[str, list[str]]:
+    """Device weight name -> the file tensors concatenated (by rows) into it. A candidate group (Q|K|V,
+    gate|up) is fused when its members' types agree (one mat-vec instead of three or two); otherwise each
+    member stays itself and the step writes them side by side into the same activation row."""
+    groups: dict[str, list[str]] = {}
+    fused = set()
+    for name, members in candidates:
+        if all(m in infos for m in members) and len({infos[m].qtype for m in members}) == 1:
+            groups[name] = members
+            fused.update(members)
     for name in infos:
         if name not in fused:
             groups[name] = [name]
@@ -134,7 +145,7 @@ def fused_groups(hp: DenseHParams, infos: dict) -> dict[str, list[str]]:
 def weights_bytes(hp: DenseHParams, infos: dict) -> int:
     """Device bytes the weights will occupy (norms as float32, matrices in their device layout)."""
     total = 0
-    for members in fused_groups(hp, infos).values():
+    for members in fused_groups(infos, fusion_candidates(hp)).values():
         first = infos[members[0]]
         if len(first.ne) == 1:
             total += 4 * first.ne[0]
@@ -143,22 +154,39 @@ def weights_bytes(hp: DenseHParams, infos: dict) -> int:
     return total
 
 
-def upload(rt, hp: DenseHParams, mf: ModelFile, infos: dict, progress=None) -> dict:
+def upload_group(rt, mf: ModelFile, infos: dict, members: list[str], name: str):
+    """One device weight: a 1-D tensor as float32, a matrix (or row-concatenated matrices) as DeviceWeight."""
+    first = infos[members[0]]
+    if len(first.ne) == 1:
+        return rt.upload(np.array(mf.array_f32(first)), name)
+    raw = mf.raw(first) if len(members) == 1 else np.concatenate([mf.raw(infos[m]) for m in members])
+    n_rows = sum(infos[m].n_rows for m in members)
+    return upload_weight(rt, raw, first.qtype, n_rows, first.n_cols, name)
+
+
+def upload(rt, hp: DenseHParams, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
     """Upload every tensor; matrices as DeviceWeight (fused groups concatenated), 1-D norms as float32."""
     out = {}
-    for name, members in fused_groups(hp, infos).items():
-        first = infos[members[0]]
-        if len(first.ne) == 1:
-            out[name] = rt.upload(np.array(mf.array_f32(first)), name)
-        else:
-            raw = mf.raw(first) if len(members) == 1 else np.concatenate([mf.raw(infos[m]) for m in members])
-            n_rows = sum(infos[m].n_rows for m in members)
-            out[name] = upload_weight(rt, raw, first.qtype, n_rows, first.n_cols, name)
+    for name, members in fused_groups(infos, fusion_candidates(hp)).items():
+        out[name] = upload_group(rt, mf, infos, members, name)
         if progress is not None:
             progress(sum(infos[m].nbytes for m in members))
     if "output.weight" not in out:
         out["output.weight"] = out["token_embd.weight"]  # tied embeddings: the same device buffers
     return out
+
+
+def memory_plan(hp: DenseHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
+                mtp: bool = False) -> MemoryPlan:
+    return MemoryPlan(
+        weights=weights_bytes(hp, infos),
+        kv_cache=KVCache.bytes_needed(hp.n_layer, n_seq, n_ctx, hp.n_head_kv, hp.head_dim),
+        activations=StepBuffers.bytes_needed(hp, n_batch, max_outputs),
+    )
+
+
+def make_cache(rt, hp: DenseHParams, n_seq: int, n_ctx: int, mtp: bool = False) -> KVCache:
+    return KVCache(rt, hp.n_layer, n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
 
 
 @dataclass

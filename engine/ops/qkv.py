@@ -15,16 +15,24 @@ from nextn.ops.launch import VAR_N_TOKENS, Launch
 QKV_WG = 4  # heads per work-group of kernel_qkv_prep (see its header)
 
 
+def _program(rt, n_head, n_head_kv, head_dim, n_rot, neox, qk_norm, q_gate):
+    defines = {"HD": head_dim, "N_HEAD": n_head, "N_HEAD_KV": n_head_kv, "N_ROT": n_rot, "NEOX": int(neox),
+               "QK_NORM": int(qk_norm)}
+    if q_gate:
+        defines["Q_GATE"] = 1
+    return rt.build("qkv_prep.cl", defines)
+
+
 def qkv_prep(rt, qkv, q_out, k_cache, v_cache, positions, seqs, q_norm, k_norm, *, n_head: int,
              n_head_kv: int, head_dim: int, n_rot: int, neox: bool, freq_base: float, freq_scale: float,
-             eps: float, n_ctx: int, n_seq: int) -> list[Launch]:
+             eps: float, n_ctx: int, n_seq: int, q_gate: bool = False) -> list[Launch]:
     """qkv float32 [n_tokens, (n_head + 2 n_head_kv) * head_dim] -> q_out [n_tokens, n_head * head_dim] and
-    the half K/V caches [n_seq, n_ctx, n_head_kv, head_dim]. q_norm/k_norm: float32 [head_dim] or None."""
+    the half K/V caches [n_seq, n_ctx, n_head_kv, head_dim]. q_norm/k_norm: float32 [head_dim] or None.
+    q_gate: each Q head in qkv is followed by head_dim gate values (qwen35; see attn_gate)."""
     if n_rot % 2 or n_rot > head_dim:
         raise ValueError(f"qkv_prep: n_rot={n_rot} must be even and <= head_dim={head_dim}")
     qk_norm = q_norm is not None
-    prg = rt.build("qkv_prep.cl", {"HD": head_dim, "N_HEAD": n_head, "N_HEAD_KV": n_head_kv, "N_ROT": n_rot,
-                                   "NEOX": int(neox), "QK_NORM": int(qk_norm)})
+    prg = _program(rt, n_head, n_head_kv, head_dim, n_rot, neox, qk_norm, q_gate)
     k = rt.kernel(prg, "kernel_qkv_prep")
     dummy = q_out  # any buffer: the norm weights are not read without QK_NORM
     k.set_args(qkv, q_out, k_cache, v_cache, positions, seqs, q_norm if qk_norm else dummy,
@@ -40,3 +48,12 @@ def swiglu_fused(rt, gate_up, y, n_ff: int) -> list[Launch]:
                   "kernel_swiglu_fused")
     k.set_args(gate_up, y, np.int32(n_ff), np.int32(0))
     return [Launch(k, (n_ff, 0), (0, 1), None, [(3, VAR_N_TOKENS)], VAR_N_TOKENS, name="ffn_swiglu")]
+
+
+def attn_gate(rt, qkv, out, *, n_head: int, n_head_kv: int, head_dim: int, n_rot: int, neox: bool,
+              qk_norm: bool) -> list[Launch]:
+    """out[t, h, :] *= sigmoid(gate of head h), the gate read from a q_gate qkv row (qwen35 gated attention).
+    The layout defines are qkv_prep's, so the same program serves both kernels."""
+    k = rt.kernel(_program(rt, n_head, n_head_kv, head_dim, n_rot, neox, qk_norm, True), "kernel_attn_gate")
+    k.set_args(qkv, out, np.int32(0))
+    return [Launch(k, (n_head * head_dim, 0), (0, 1), None, [(2, VAR_N_TOKENS)], VAR_N_TOKENS, name="attn_gate")]

@@ -1,0 +1,137 @@
+"""The cache of a hybrid model (qwen35, qwen35moe): attention KV + the recurrent state of linear layers.
+
+Per sequence (slot):
+- K/V of every full-attention layer, and of the MTP block when it is loaded (a KVCache over those layers);
+- conv state [d_conv - 1, conv_dim] and delta-rule state [n_v_heads, head_k_dim, head_v_dim] of every linear
+  (Gated DeltaNet) layer, float32, in one buffer per layer holding all sequences;
+- one snapshot of its recurrent states and the position it was taken at.
+
+Unlike K/V, a recurrent state cannot be cut back to an earlier position: it holds the whole prefix folded in.
+So a sequence can continue from its current length, from its snapshot, or from 0 (zeroed state); `seek`
+does whichever the position asks for and refuses anything else.
+"""
+
+import numpy as np
+import pyopencl as cl
+
+from nextn.memory.kv_cache import KVCache
+from nextn.ops import delta_net as dn
+
+
+class HybridCache:
+    def __init__(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False):
+        self.rt, self.n_seq, self.n_ctx = rt, n_seq, n_ctx
+        self.attn_layers = hp.attention_layers(mtp)
+        self.kv = KVCache(rt, len(self.attn_layers), n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
+        self._kv_index = {il: i for i, il in enumerate(self.attn_layers)}
+        conv_seq = dn.conv_state_bytes(1, hp.conv_dim, hp.d_conv)
+        delta_seq = dn.delta_state_bytes(1, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim)
+        self.conv, self.delta, per_seq = {}, {}, []
+        for il in hp.linear_layers():
+            self.conv[il] = rt.alloc(n_seq * conv_seq, f"state.{il}.conv")
+            self.delta[il] = rt.alloc(n_seq * delta_seq, f"state.{il}.delta")
+            per_seq += [(self.conv[il], conv_seq), (self.delta[il], delta_seq)]
+        self._per_seq = per_seq  # (state buffer, bytes per sequence) in snapshot order
+        snap_bytes = dn.snapshot_bytes(per_seq)
+        self._snaps = [rt.alloc(max(snap_bytes, 4), f"state.snapshot.{s}") for s in range(n_seq)]
+        self.snapshot_pos: list[int | None] = [None] * n_seq
+        self.mtp_lengths = [0] * n_seq  # positions held in the MTP block's KV cache
+        for s in range(n_seq):
+            self.reset(s)
+
+    @staticmethod
+    def bytes_needed(hp, n_seq: int, n_ctx: int, mtp: bool = False) -> dict[str, int]:
+        """Device bytes by part: kv_cache (trunk), mtp_kv_cache, recurrent_state, snapshots."""
+        per_layer_kv = KVCache.bytes_needed(1, n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
+        n_lin = len(hp.linear_layers())
+        state = n_lin * dn.state_bytes(n_seq, hp.conv_dim, hp.d_conv, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim)
+        return {
+            "kv_cache": len(hp.attention_layers(False)) * per_layer_kv,
+            "mtp_kv_cache": per_layer_kv if mtp else 0,
+            "recurrent_state": state,
+            "snapshots": state,
+        }
+
+    @property
+    def lengths(self) -> list[int]:
+        """Positions of each sequence held by the trunk (KV and recurrent state agree on it)."""
+        return self.kv.lengths
+
+    def layer(self, il: int):
+        """(K, V) buffers of full-attention layer il (il = n_layer: the MTP block)."""
+        return self.kv.layer(self._kv_index[il])
+
+    # -- positions --------------------------------------------------------------------------------------
+
+    def reset(self, seq: int) -> None:
+        """Sequence seq back to empty: zero recurrent state, no positions."""
+        zero = np.zeros(1, np.float32)
+        for buf, per_seq in self._per_seq:
+            cl.enqueue_fill_buffer(self.rt.queue, buf, zero, seq * per_seq, per_seq)
+        self.kv.lengths[seq] = 0
+        self.mtp_lengths[seq] = 0
+
+    def seek(self, seq: int, pos: int) -> None:
+        """Make seq continue at position pos: its current length, its snapshot's position, or 0."""
+        if pos == self.kv.lengths[seq]:
+            return
+        if pos == 0:
+            self.reset(seq)
+        elif pos == self.snapshot_pos[seq]:
+            self.restore(seq)
+        else:
+            raise ValueError(
+                f"sequence {seq} holds {self.kv.lengths[seq]} positions (snapshot at {self.snapshot_pos[seq]}): "
+                f"a recurrent state cannot continue from position {pos}"
+            )
+
+    def snapshot(self, seq: int) -> None:
+        """Save seq's recurrent state at its current length (a device copy, queued in order)."""
+        if self._per_seq:
+            dn.snapshot(self.rt, self._per_seq, seq, self._snaps[seq])
+        self.snapshot_pos[seq] = self.kv.lengths[seq]
+
+    def restore(self, seq: int) -> None:
+        """Back to the snapshot: recurrent state restored, KV positions past it dropped."""
+        pos = self.snapshot_pos[seq]
+        if pos is None:
+            raise ValueError(f"sequence {seq} has no snapshot")
+        if self._per_seq:
+            dn.restore(self.rt, self._per_seq, seq, self._snaps[seq])
+        self.kv.truncate(seq, pos)
+        self.mtp_lengths[seq] = min(self.mtp_lengths[seq], pos)
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """dst becomes a copy of src: KV prefix and recurrent state (device copies)."""
+        if src == dst:
+            return
+        q = self.rt.queue
+        for buf, per_seq in self._per_seq:
+            cl.enqueue_copy(q, buf, buf, byte_count=per_seq, src_offset=src * per_seq, dst_offset=dst * per_seq)
+        self.kv.copy_prefix(src, dst, self.kv.lengths[src])
+        self.mtp_lengths[dst] = min(self.mtp_lengths[src], self.kv.lengths[dst])
+        self.snapshot_pos[dst] = None
+
+
+class HybridPrefixStore:
+    """PrefixStore of a hybrid cache: a prefix is kept only where the recurrent state exists for it - the
+    whole cached sequence, or its snapshot; otherwise the sequence restarts from 0."""
+
+    def __init__(self, cache: HybridCache):
+        self.cache = cache
+
+    def reuse(self, seq: int, n: int) -> int:
+        c = self.cache
+        length = c.lengths[seq]
+        if n >= length:
+            return length
+        snap = c.snapshot_pos[seq]
+        c.seek(seq, snap if snap is not None and snap <= n else 0)
+        return c.lengths[seq]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> int:
+        c = self.cache
+        if src != dst and 0 < c.lengths[src] <= n:
+            c.copy_sequence(src, dst)
+            return c.lengths[dst]
+        return self.reuse(dst, n if src == dst else 0)
