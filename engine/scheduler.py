@@ -25,7 +25,7 @@ import numpy as np
 
 from nextn.errors import NextnError, Overloaded, RequestError
 from nextn.generate import StopMatcher
-from nextn.memory.prompt_cache import KVPrefixStore, PromptCache
+from nextn.memory.prompt_cache import PromptCache
 from nextn.sampling import Sampler, SamplingParams
 
 log = logging.getLogger("nextn.scheduler")
@@ -111,7 +111,11 @@ class Scheduler:
         self.n_slots = min(n_slots or runner.n_seq, runner.n_seq, runner.max_outputs)
         self.max_queue = max_queue
         self.slots = [_Slot(i) for i in range(self.n_slots)]
-        self.cache = PromptCache(KVPrefixStore(runner.cache), self.n_slots)
+        self.cache = PromptCache(runner.family.prefix_store(runner.cache), self.n_slots)
+        # A recurrent state cannot be cut back to an earlier position, so a hybrid model's slot saves a
+        # snapshot just before its last prompt token: the same prompt again (a regenerate) or one sharing all
+        # but its tail then reuses everything up to there instead of recomputing from 0.
+        self._snapshot_before_last = getattr(runner.cache, "holds_recurrent_state", False)
         self.counters = Counters()
         self._pending: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -283,7 +287,10 @@ class Scheduler:
                 break
             if s.req is None or not s.prefilling:
                 continue
-            chunk = s.req.prompt[s.prompt_pos : s.prompt_pos + budget]
+            end = len(s.req.prompt)
+            if self._snapshot_before_last and s.prompt_pos < end - 1:
+                end -= 1  # the last token goes in the next step, after the snapshot
+            chunk = s.req.prompt[s.prompt_pos : min(s.prompt_pos + budget, end)]
             start = s.prompt_pos
             ids.extend(chunk)
             pos.extend(range(start, start + len(chunk)))
@@ -303,6 +310,8 @@ class Scheduler:
             s.n_past += len(toks)
             r.cache.lengths[s.index] = s.n_past
             self.cache.append(s.index, toks)
+            if self._snapshot_before_last and s.prompt_pos == len(s.req.prompt) - 1:
+                r.cache.snapshot(s.index)
         for j, s in enumerate(out_slots):
             self._emit(s, int(top[j]), None if logits is None else logits[j])
 

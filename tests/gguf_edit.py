@@ -37,7 +37,7 @@ def rewrite(src, dst, *, arch=None, drop=(), replace=None, set_keys=None, drop_k
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_tensor(t.name, data, raw_dtype=qtype)
         else:
-            w.add_tensor(t.name, data.view(np.uint8).reshape(data.shape[0], -1), raw_dtype=qtype)
+            w.add_tensor(t.name, data.view(np.uint8).reshape(*data.shape[:-1], -1), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

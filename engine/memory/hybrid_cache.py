@@ -36,6 +36,7 @@ class HybridCache:
         self._snaps = [rt.alloc(max(snap_bytes, 4), f"state.snapshot.{s}") for s in range(n_seq)]
         self.snapshot_pos: list[int | None] = [None] * n_seq
         self.mtp_lengths = [0] * n_seq  # positions held in the MTP block's KV cache
+        self.holds_recurrent_state = True
         for s in range(n_seq):
             self.reset(s)
 
@@ -70,6 +71,7 @@ class HybridCache:
             cl.enqueue_fill_buffer(self.rt.queue, buf, zero, seq * per_seq, per_seq)
         self.kv.lengths[seq] = 0
         self.mtp_lengths[seq] = 0
+        self.snapshot_pos[seq] = None  # it held a prefix of what the sequence is about to forget
 
     def seek(self, seq: int, pos: int) -> None:
         """Make seq continue at position pos: its current length, its snapshot's position, or 0."""

@@ -14,6 +14,7 @@ from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.kv_cache import KVCache
 from nextn.memory.plan import MemoryPlan
+from nextn.memory.prompt_cache import KVPrefixStore
 from nextn.ops import attention, elementwise, norm, qkv, select
 from nextn.ops.launch import VAR_N_OUTPUTS, Launch
 from nextn.ops.weights import SUPPORTED_TYPES, DeviceWeight, device_bytes, upload_weight
@@ -187,6 +188,10 @@ def memory_plan(hp: DenseHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: 
 
 def make_cache(rt, hp: DenseHParams, n_seq: int, n_ctx: int, mtp: bool = False) -> KVCache:
     return KVCache(rt, hp.n_layer, n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
+
+
+def prefix_store(cache: KVCache) -> KVPrefixStore:
+    return KVPrefixStore(cache)
 
 
 @dataclass

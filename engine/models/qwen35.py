@@ -25,7 +25,7 @@ import pyopencl as cl
 
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.hybrid_cache import HybridCache
+from nextn.memory.hybrid_cache import HybridCache, HybridPrefixStore
 from nextn.memory.plan import MemoryPlan
 from nextn.models import dense
 from nextn.ops import attention, delta_net, elementwise, moe, norm, qkv, select
@@ -390,6 +390,10 @@ def memory_plan(hp: HybridHParams, infos: dict, n_seq: int, n_ctx: int, n_batch:
 
 def make_cache(rt, hp: HybridHParams, n_seq: int, n_ctx: int, mtp: bool = False) -> HybridCache:
     return HybridCache(rt, hp, n_seq, n_ctx, mtp)
+
+
+def prefix_store(cache: HybridCache) -> HybridPrefixStore:
+    return HybridPrefixStore(cache)
 
 
 # -- step buffers --------------------------------------------------------------------------------------------
