@@ -12,20 +12,34 @@ import numpy as np
 
 from nextn.cl.runtime import Runtime, default_cache_dir
 
-BENCH_MODEL = dict(arch="qwen3", qtype="Q8_0", seed=0, n_embd=1024, n_layer=9, n_head=16, n_head_kv=8,
-                   head_dim=128, n_ff=3072, n_ctx=4096, tied=True)
+# Random ~300M-parameter Q8_0 models with Qwen2's 151936-token vocabulary (tied head), one per architecture.
+BENCH_MODELS = {
+    "qwen3": dict(arch="qwen3", qtype="Q8_0", seed=0, n_embd=1024, n_layer=9, n_head=16, n_head_kv=8,
+                  head_dim=128, n_ff=3072, n_ctx=4096, tied=True),
+    # Qwen3.5's proportions at n_embd 1024: 3 linear layers per full one, 8 value / 4 key heads of 128,
+    # partial RoPE over 64 of 128 dims
+    "qwen35": dict(arch="qwen35", qtype="Q8_0", seed=0, n_embd=1024, n_layer=12, n_head=8, n_head_kv=2,
+                   head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, ssm_d_state=128, ssm_n_group=4,
+                   ssm_dt_rank=8),
+    "qwen35moe": dict(arch="qwen35moe", qtype="Q8_0", seed=0, n_embd=1024, n_layer=8, n_head=8, n_head_kv=2,
+                      head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, ssm_d_state=128, ssm_n_group=4,
+                      ssm_dt_rank=8, n_expert=32, n_expert_used=4, n_ff_exp=512, n_ff_shexp=512),
+}
+BENCH_ARCHS = tuple(BENCH_MODELS)
 
 
-def bench_model_path() -> Path:
-    """A random ~300M-parameter Q8_0 qwen3 with Qwen2's 151936-token vocabulary, made once and cached."""
+def bench_model_path(arch: str = "qwen3") -> Path:
+    """The random bench model of `arch` (BENCH_MODELS), made once and cached."""
     from nextn.tiny import make_tiny
 
     vocab = Path(__file__).resolve().parent.parent / "tests" / "data" / "vocab" / "ggml-vocab-qwen2.gguf"
-    path = default_cache_dir().parent / "bench" / "qwen3-300m-q8_0-seed0.gguf"
+    spec = BENCH_MODELS[arch]
+    tag = f"{arch}-{spec['n_layer']}l" if arch != "qwen3" else "qwen3-300m"
+    path = default_cache_dir().parent / "bench" / f"{tag}-q8_0-seed0.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        make_tiny(tmp, vocab=str(vocab) if vocab.exists() else "bytes", **BENCH_MODEL)
+        make_tiny(tmp, vocab=str(vocab) if vocab.exists() else "bytes", **spec)
         tmp.replace(path)
     return path
 
@@ -42,15 +56,25 @@ def unique_weights(runner) -> list:
 
 def decode_bytes_per_token(runner, n_past: int) -> int:
     """Bytes a decode step must read: every weight matrix once (the embedding table only for its one row,
-    unless it is also the output head), the norms, and the f16 KV cache of n_past positions."""
+    unless it is also the output head; of routed experts only the n_used chosen), the norms, the f16 KV
+    cache of n_past positions, and a linear-attention layer's state (read and written back)."""
     hp, w = runner.hp, runner.weights
     total = 0
     for t in unique_weights(runner):
         if t is w["token_embd.weight"] and w["output.weight"] is not t:
             total += t.nbytes // t.n_rows
+        elif getattr(t, "n_expert", 0):
+            total += t.nbytes * hp.n_expert_used // t.n_expert
         else:
             total += t.nbytes if hasattr(t, "n_rows") else int(t.size)
-    total += hp.n_layer * 2 * n_past * hp.n_head_kv * hp.head_dim * 2
+    cache = runner.cache
+    n_kv_layers = len(cache.attn_layers) if hasattr(cache, "attn_layers") else hp.n_layer
+    total += n_kv_layers * 2 * n_past * hp.n_head_kv * hp.head_dim * 2
+    if hasattr(cache, "delta"):
+        from nextn.ops import delta_net
+
+        per_layer = delta_net.state_bytes(1, hp.conv_dim, hp.d_conv, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim)
+        total += 2 * len(cache.delta) * per_layer
     return total
 
 
@@ -86,7 +110,7 @@ def main(args) -> int:
         return int(v) if v is not None and str(v).isdigit() else v
 
     rt = Runtime(DeviceChoice(sel(args.platform), sel(args.device)))
-    path = Path(args.model) if args.model else bench_model_path()
+    path = Path(args.model) if args.model else bench_model_path(args.arch)
     t0 = time.perf_counter()
     runner = ModelRunner(path, rt=rt, n_ctx=args.n_prompt + args.n_decode + 16, n_batch=args.n_prompt)
     load_s = time.perf_counter() - t0

@@ -230,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     mt.set_defaults(func=cmd_make_tiny)
 
     b = sub.add_parser("bench", help="measure prompt and decode speed against the memory-bandwidth bound")
-    b.add_argument("-m", "--model", default=None, help="GGUF to measure (default: a random ~300M Q8_0 qwen3)")
+    b.add_argument("-m", "--model", default=None, help="GGUF to measure (default: a random ~300M Q8_0 model of --arch)")
+    b.add_argument("--arch", default="qwen3", choices=("qwen3", "qwen35", "qwen35moe"),
+                   help="architecture of the default random model (default: qwen3)")
     b.add_argument("--n-prompt", type=int, default=512)
     b.add_argument("--n-decode", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)
