@@ -19,7 +19,7 @@ from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.plan import MemoryPlan
 from nextn.models import architecture, family
-from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
+from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
 from nextn.ops.matmul import MatmulOps
 from nextn.tokenizer import Tokenizer
 
@@ -39,6 +39,7 @@ class ModelRunner:
         native_plan: bool = True,
         progress: bool = False,
         mtp: bool = False,
+        speculative: bool = False,
     ):
         t0 = time.perf_counter()
         self.file = mf = ModelFile(path)
@@ -52,7 +53,11 @@ class ModelRunner:
         self.n_batch = max(1, min(n_batch, self.n_ctx))
         self.max_outputs = min(MAX_OUTPUTS, self.n_batch)
         self.has_mtp = mtp
-        self.memory: MemoryPlan = fam.memory_plan(hp, infos, n_seq, self.n_ctx, self.n_batch, self.max_outputs, mtp)
+        # speculation verifies drafts among the first max_outputs rows of a step; recurrent layers keep what
+        # rolling back to any of them takes
+        self.rollback_rows = self.max_outputs if speculative else 0
+        self.memory: MemoryPlan = fam.memory_plan(hp, infos, n_seq, self.n_ctx, self.n_batch, self.max_outputs, mtp,
+                                                  self.rollback_rows)
         self.rt = rt or Runtime()
         parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
         self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
@@ -65,7 +70,7 @@ class ModelRunner:
         self.weights = fam.upload(self.rt, hp, mf, infos, progress=bar.update if bar else None, mtp=mtp)
         if bar:
             bar.close()
-        self.cache = fam.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp)
+        self.cache = fam.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows)
         self.buffers = fam.StepBuffers.allocate(self.rt, hp, self.n_batch, self.max_outputs)
         self.mm = MatmulOps(self.rt)
         buckets = sorted({1, min(VERIFY_TOKENS, self.n_batch), self.n_batch})
@@ -77,6 +82,11 @@ class ModelRunner:
             )
             self.plans.append((max_tokens, planmod.make_plan(self.rt.queue, launches, native=native_plan)))
             self.launches[max_tokens] = launches
+        self.replay_plan = None
+        if self.rollback_rows and hasattr(fam, "build_replay"):
+            self.replay_plan = planmod.make_plan(
+                self.rt.queue, fam.build_replay(self.rt, hp, self.weights, self.buffers, self.cache),
+                native=native_plan)
         self.mtp_plans = {}  # (max_tokens, hidden source) -> plan of the MTP block
         if mtp:
             self.mtp_buffers = fam.MtpBuffers(self.rt, hp, self.n_batch, self.max_outputs)
@@ -137,6 +147,32 @@ class ModelRunner:
             self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], int(p) + 1)
         return self._read_head(len(out_rows), want_logits)
 
+    # -- speculative rollback -------------------------------------------------------------------------
+
+    def save_for_rollback(self, seq: int) -> None:
+        """Call before a step that verifies drafts of seq (queued in order, before the step)."""
+        if self.replay_plan is not None:
+            self.cache.save_for_rollback(seq)
+
+    def rollback(self, seq: int, rows, n_keep: int) -> None:
+        """After such a step, keep only the first n_keep of seq's rows (batch rows `rows`, in order): KV
+        positions past them are forgotten, and recurrent layers are brought to the state after row
+        rows[n_keep - 1] by restoring the saved state and replaying those rows' saved inputs through the
+        conv and delta rule (no matmuls)."""
+        if n_keep > len(rows) or n_keep < 1:
+            raise ValueError(f"rollback: keep {n_keep} of {len(rows)} rows")
+        if self.replay_plan is None or n_keep == len(rows):
+            return
+        if max(rows) >= self.rollback_rows:
+            raise ValueError(f"rollback: row {max(rows)} was not saved (only the first {self.rollback_rows})")
+        self.cache.restore_for_rollback(seq)
+        q, b = self.rt.queue, self.buffers
+        # fresh host arrays: the writes are non-blocking and the staging arrays belong to the next step
+        planmod.enqueue_write(q, b.replay_idx, np.asarray(rows[:n_keep], np.int32))
+        planmod.enqueue_write(q, b.replay_seq, np.full(n_keep, seq, np.int32))
+        self._vars[VAR_N_TOKENS] = n_keep
+        self.replay_plan.run(self._vars)
+
     def _write_batch(self, bufs, ids, pos, seq, out_rows) -> None:
         n, n_out = len(ids), len(out_rows)
         if n > self.n_batch or n_out > self.max_outputs:
@@ -150,6 +186,7 @@ class ModelRunner:
             planmod.enqueue_write(q, buf, host)
         self._vars[VAR_N_TOKENS] = n
         self._vars[VAR_N_OUTPUTS] = n_out
+        self._vars[VAR_N_SAVED] = min(n, self.rollback_rows)
 
     def _read_head(self, n_out: int, want_logits: bool):
         q, b = self.rt.queue, self.buffers

@@ -209,3 +209,23 @@ def test_mixed_types_within_a_layer(rt, models, tmp_path):
     want = ReferenceModel(path).forward(PROMPT, 0)
     assert spread_error(logits, want) < tolerance("Q4_K")
     assert (top == want.argmax(axis=1)).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rollback_after_partial_accept_equals_plain_run(rt, models, arch):
+    """A verify step over [last, d1..d4], then keeping 1..5 of its rows (rollback: restore the state saved
+    before the step, replay the kept rows through the conv and delta rule only) leaves the state a plain
+    run of the kept tokens leaves: the next token's logits agree."""
+    path = models(arch, "Q8_0", mtp=False)
+    runner = ModelRunner(path, rt=rt, n_ctx=128, n_batch=32, speculative=True)
+    assert runner.memory.rollback > 0
+    n, ids = len(PROMPT), [11, 9, 31, 77, 4]
+    for keep in range(1, len(ids) + 1):
+        runner.eval(0, PROMPT, 0, want_logits=False)
+        runner.save_for_rollback(0)
+        runner.step(ids, np.arange(n, n + len(ids), dtype=np.int32), [0] * len(ids), list(range(len(ids))))
+        runner.rollback(0, list(range(len(ids))), keep)
+        runner.cache.lengths[0] = n + keep
+        _, got = runner.eval(0, [123], n + keep)
+        _, want = ModelRunner(path, rt=rt, n_ctx=128, n_batch=32).eval(0, PROMPT + ids[:keep] + [123], 0)
+        np.testing.assert_allclose(got, want, atol=1e-4 * float(want.std()), err_msg=f"keep {keep}")

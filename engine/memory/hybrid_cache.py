@@ -19,7 +19,7 @@ from nextn.ops import delta_net as dn
 
 
 class HybridCache:
-    def __init__(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False):
+    def __init__(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0):
         self.rt, self.n_seq, self.n_ctx = rt, n_seq, n_ctx
         self.attn_layers = hp.attention_layers(mtp)
         self.kv = KVCache(rt, len(self.attn_layers), n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
@@ -35,14 +35,27 @@ class HybridCache:
         snap_bytes = dn.snapshot_bytes(per_seq)
         self._snaps = [rt.alloc(max(snap_bytes, 4), f"state.snapshot.{s}") for s in range(n_seq)]
         self.snapshot_pos: list[int | None] = [None] * n_seq
+        # Speculative rollback: the state of each sequence before its verify step, and the inputs of the
+        # recurrent kernels (pre-conv q|k|v, alpha, beta) of the first rollback_rows rows of a step, per
+        # layer. Rolling back to "after row r" = restore the saved state, replay rows up to r through the
+        # conv and delta rule alone (no matmul: the whole batch is not recomputed).
+        self.rollback_rows = rollback_rows
+        self.saved = {}
+        self._spec_snaps = []
+        if rollback_rows:
+            self._spec_snaps = [rt.alloc(max(snap_bytes, 4), f"state.spec_snapshot.{s}") for s in range(n_seq)]
+            for il in hp.linear_layers():
+                self.saved[il] = tuple(rt.alloc(4 * rollback_rows * width, f"state.{il}.saved_{name}")
+                                       for name, width in (("qkv", hp.conv_dim), ("alpha", hp.n_v_heads),
+                                                           ("beta", hp.n_v_heads)))
         self.mtp_lengths = [0] * n_seq  # positions held in the MTP block's KV cache
         self.holds_recurrent_state = True
         for s in range(n_seq):
             self.reset(s)
 
     @staticmethod
-    def bytes_needed(hp, n_seq: int, n_ctx: int, mtp: bool = False) -> dict[str, int]:
-        """Device bytes by part: kv_cache (trunk), mtp_kv_cache, recurrent_state, snapshots."""
+    def bytes_needed(hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0) -> dict[str, int]:
+        """Device bytes by part: kv_cache (trunk), mtp_kv_cache, recurrent_state, snapshots, rollback."""
         per_layer_kv = KVCache.bytes_needed(1, n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
         n_lin = len(hp.linear_layers())
         state = n_lin * dn.state_bytes(n_seq, hp.conv_dim, hp.d_conv, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim)
@@ -51,6 +64,7 @@ class HybridCache:
             "mtp_kv_cache": per_layer_kv if mtp else 0,
             "recurrent_state": state,
             "snapshots": state,
+            "rollback": (state + n_lin * 4 * rollback_rows * (hp.conv_dim + 2 * hp.n_v_heads)) if rollback_rows else 0,
         }
 
     @property
@@ -102,6 +116,15 @@ class HybridCache:
             dn.restore(self.rt, self._per_seq, seq, self._snaps[seq])
         self.kv.truncate(seq, pos)
         self.mtp_lengths[seq] = min(self.mtp_lengths[seq], pos)
+
+    def save_for_rollback(self, seq: int) -> None:
+        """Before a verify step: keep seq's recurrent state (device copy, in queue order)."""
+        if self._per_seq:
+            dn.snapshot(self.rt, self._per_seq, seq, self._spec_snaps[seq])
+
+    def restore_for_rollback(self, seq: int) -> None:
+        if self._per_seq:
+            dn.restore(self.rt, self._per_seq, seq, self._spec_snaps[seq])
 
     def copy_sequence(self, src: int, dst: int) -> None:
         """dst becomes a copy of src: KV prefix and recurrent state (device copies)."""

@@ -9,7 +9,8 @@ class MemoryPlan:
     kv_cache: int  # attention layers, every sequence
     activations: int  # step buffers of the largest batch
     recurrent_state: int = 0  # conv + delta-rule state of linear-attention layers, every sequence
-    snapshots: int = 0  # one saved recurrent state per sequence (rollback, prompt cache)
+    snapshots: int = 0  # one saved recurrent state per sequence (prompt cache)
+    rollback: int = 0  # speculation on recurrent layers: a state copy per sequence + saved kernel inputs
     mtp_weights: int = 0  # the MTP (nextn) block, only when loaded
     mtp_kv_cache: int = 0
     mtp_activations: int = 0

@@ -178,7 +178,7 @@ def upload(rt, hp: DenseHParams, mf: ModelFile, infos: dict, progress=None, mtp:
 
 
 def memory_plan(hp: DenseHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
-                mtp: bool = False) -> MemoryPlan:
+                mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan:
     return MemoryPlan(
         weights=weights_bytes(hp, infos),
         kv_cache=KVCache.bytes_needed(hp.n_layer, n_seq, n_ctx, hp.n_head_kv, hp.head_dim),
@@ -186,7 +186,8 @@ def memory_plan(hp: DenseHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: 
     )
 
 
-def make_cache(rt, hp: DenseHParams, n_seq: int, n_ctx: int, mtp: bool = False) -> KVCache:
+def make_cache(rt, hp: DenseHParams, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0) -> KVCache:
+    # a KV cache rolls back by its lengths alone: rejected draft positions are overwritten later
     return KVCache(rt, hp.n_layer, n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
 
 

@@ -29,7 +29,7 @@ from nextn.memory.hybrid_cache import HybridCache, HybridPrefixStore
 from nextn.memory.plan import MemoryPlan
 from nextn.models import dense
 from nextn.ops import attention, delta_net, elementwise, moe, norm, qkv, select
-from nextn.ops.launch import VAR_N_OUTPUTS, VAR_N_TOKENS, Launch
+from nextn.ops.launch import VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS, Launch
 from nextn.ops.weights import SUPPORTED_TYPES, device_bytes, upload_weight
 
 F32 = frozenset({gguf.GGMLQuantizationType.F32})
@@ -373,23 +373,25 @@ def upload(rt, hp: HybridHParams, mf: ModelFile, infos: dict, progress=None, mtp
 # -- memory --------------------------------------------------------------------------------------------------
 
 def memory_plan(hp: HybridHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
-                mtp: bool = False) -> MemoryPlan:
+                mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan:
     trunk, mtp_w = weights_bytes(hp, infos, mtp)
-    cache = HybridCache.bytes_needed(hp, n_seq, n_ctx, mtp)
+    cache = HybridCache.bytes_needed(hp, n_seq, n_ctx, mtp, rollback_rows)
     return MemoryPlan(
         weights=trunk,
         kv_cache=cache["kv_cache"],
         activations=StepBuffers.bytes_needed(hp, n_batch, max_outputs),
         recurrent_state=cache["recurrent_state"],
         snapshots=cache["snapshots"],
+        rollback=cache["rollback"] + (4 * rollback_rows if rollback_rows else 0),
         mtp_weights=mtp_w,
         mtp_kv_cache=cache["mtp_kv_cache"],
         mtp_activations=MtpBuffers.bytes_needed(hp, n_batch, max_outputs) if mtp else 0,
     )
 
 
-def make_cache(rt, hp: HybridHParams, n_seq: int, n_ctx: int, mtp: bool = False) -> HybridCache:
-    return HybridCache(rt, hp, n_seq, n_ctx, mtp)
+def make_cache(rt, hp: HybridHParams, n_seq: int, n_ctx: int, mtp: bool = False,
+               rollback_rows: int = 0) -> HybridCache:
+    return HybridCache(rt, hp, n_seq, n_ctx, mtp, rollback_rows)
 
 
 def prefix_store(cache: HybridCache) -> HybridPrefixStore:
@@ -431,6 +433,9 @@ class StepBuffers:
             setattr(self, name, rt.alloc(4 * rows * floats, f"act.{name}"))
         if hp.moe:
             self.moe = moe.MoeBuffers.allocate(rt, hp.n_embd, hp.n_ff_exp, hp.n_expert, hp.n_expert_used, n)
+        self.iota = rt.upload(np.arange(n, dtype=np.int32), "batch.iota")  # row r -> r (saving rows)
+        self.replay_idx = rt.alloc(4 * n, "batch.replay_idx")
+        self.replay_seq = rt.alloc(4 * n, "batch.replay_seq")
         self.x_out = rt.alloc(4 * max_outputs * hp.n_embd, "act.x_out")
         self.logits = rt.alloc(4 * max_outputs * hp.n_vocab, "act.logits")
         self.argmax = rt.alloc(4 * max_outputs, "act.argmax")
@@ -445,7 +450,7 @@ class StepBuffers:
     @staticmethod
     def bytes_needed(hp: HybridHParams, max_tokens: int, max_outputs: int) -> int:
         n = max_tokens
-        total = 4 * 4 * n + 4 * sum(_sizes(hp).values()) * n + 4 * hp.n_embd
+        total = 4 * 7 * n + 4 * sum(_sizes(hp).values()) * n + 4 * hp.n_embd
         if hp.moe:
             total += moe.MoeBuffers.bytes_needed(hp.n_embd, hp.n_ff_exp, hp.n_expert, hp.n_expert_used, n)
         return total + 4 * max_outputs * (hp.n_embd + hp.n_vocab + 1)
@@ -502,6 +507,9 @@ def _linear_attention(rt, mm, hp, w, b, buf, cache, il, n, x) -> list[Launch]:
     L += mm.matmul(w[b + "attn_gate.weight"], buf.cur, buf.lin_z, n)
     L += mm.matmul(w[b + "ssm_alpha.weight"], buf.cur, buf.lin_alpha, n)
     L += mm.matmul(w[b + "ssm_beta.weight"], buf.cur, buf.lin_beta, n)
+    if cache.rollback_rows and n > 1:  # a step that may verify drafts: keep what a rollback replays
+        L += _copy_saved(rt, hp, (buf.proj, buf.lin_alpha, buf.lin_beta), cache.saved[il], buf.iota,
+                         min(n, cache.rollback_rows), VAR_N_SAVED)
     L += delta_net.ssm_conv(rt, buf.proj, buf.proj, w[b + "ssm_conv1d.weight"], cache.conv[il], buf.seq,
                             hp.conv_dim, hp.d_conv, n)
     L += delta_net.gdn_prep(rt, buf.proj, buf.lin_alpha, buf.lin_beta, w[b + "ssm_dt.bias"], w[b + "ssm_a"],
@@ -512,6 +520,32 @@ def _linear_attention(rt, mm, hp, w, b, buf, cache, il, n, x) -> list[Launch]:
     L += delta_net.gated_rms_norm(rt, buf.kqv_out, buf.lin_z, w[b + "ssm_norm.weight"], buf.lin_z, hv, dv,
                                   hp.rms_eps, n)
     L += mm.matmul(w[b + "ssm_out.weight"], buf.lin_z, x, n, accumulate=True)
+    return L
+
+
+def _copy_saved(rt, hp, src, dst, idx, rows: int, token_var: int) -> list[Launch]:
+    """dst[k][r] = src[k][idx[r]] for r < vars[token_var], k over (pre-conv qkv, alpha, beta)."""
+    L = []
+    for a, b_, width in zip(src, dst, (hp.conv_dim, hp.n_v_heads, hp.n_v_heads)):
+        L += elementwise.gather_rows(rt, a, idx, b_, width, rows, token_var=token_var)
+    return L
+
+
+def build_replay(rt, hp: HybridHParams, w: dict, buf: "StepBuffers", cache: HybridCache) -> list[Launch]:
+    """Rollback replay: the saved rows buf.replay_idx[:n] of the last step, all of sequence buf.replay_seq,
+    through each linear layer's conv and delta rule only, from the state restored before it."""
+    n, hk, hv, dk, dv = cache.rollback_rows, hp.n_k_heads, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim
+    L = []
+    for il in hp.linear_layers():
+        b = f"blk.{il}."
+        L += _copy_saved(rt, hp, cache.saved[il], (buf.proj, buf.lin_alpha, buf.lin_beta), buf.replay_idx, n,
+                         VAR_N_TOKENS)
+        L += delta_net.ssm_conv(rt, buf.proj, buf.proj, w[b + "ssm_conv1d.weight"], cache.conv[il],
+                                buf.replay_seq, hp.conv_dim, hp.d_conv, n)
+        L += delta_net.gdn_prep(rt, buf.proj, buf.lin_alpha, buf.lin_beta, w[b + "ssm_dt.bias"], w[b + "ssm_a"],
+                                hk, hv, dk, dv, hp.rms_eps, n)
+        L += delta_net.delta_net(rt, buf.proj, buf.lin_alpha, buf.lin_beta, cache.delta[il], buf.kqv_out,
+                                 buf.replay_seq, hk, hv, dk, dv, n)
     return L
 
 

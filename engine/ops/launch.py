@@ -18,6 +18,7 @@ import pyopencl as cl
 
 VAR_N_TOKENS = 0  # tokens in this batch
 VAR_N_OUTPUTS = 1  # rows of the batch whose logits are computed (last token of a prompt, every draft)
+VAR_N_SAVED = 2  # leading rows of the batch whose recurrent-layer inputs are kept for a rollback (drafts)
 N_VARS = 4
 
 
