@@ -30,3 +30,4 @@ static __attribute__((always_inline)) inline void tile_bf16(const int TT, const 
 }
 
 MM_KERNEL(kernel_matmul_bf16_f32, tile_bf16, 1, TB_BF16)
+MM_KERNEL_ID(kernel_matmul_id_bf16_f32, tile_bf16, 1, TB_BF16)

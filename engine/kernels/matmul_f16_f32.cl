@@ -30,3 +30,4 @@ static __attribute__((always_inline)) inline void tile_f16(const int TT, const i
 }
 
 MM_KERNEL(kernel_matmul_f16_f32, tile_f16, 1, TB_F16)
+MM_KERNEL_ID(kernel_matmul_id_f16_f32, tile_f16, 1, TB_F16)

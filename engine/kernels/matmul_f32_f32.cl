@@ -30,3 +30,4 @@ static __attribute__((always_inline)) inline void tile_f32(const int TT, const i
 }
 
 MM_KERNEL(kernel_matmul_f32_f32, tile_f32, 1, TB_F32)
+MM_KERNEL_ID(kernel_matmul_id_f32_f32, tile_f32, 1, TB_F32)

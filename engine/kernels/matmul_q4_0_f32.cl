@@ -41,3 +41,4 @@ static __attribute__((always_inline)) inline void tile_q4_0(const int TT, const 
 }
 
 MM_KERNEL(kernel_matmul_q4_0_f32, tile_q4_0, 32, TB_Q4_0)
+MM_KERNEL_ID(kernel_matmul_id_q4_0_f32, tile_q4_0, 32, TB_Q4_0)

@@ -42,3 +42,4 @@ static __attribute__((always_inline)) inline void tile_q4_k(const int TT, const 
 }
 
 MM_KERNEL(kernel_matmul_q4_k_f32, tile_q4_k, 256, TB_Q4_K)
+MM_KERNEL_ID(kernel_matmul_id_q4_k_f32, tile_q4_k, 256, TB_Q4_K)

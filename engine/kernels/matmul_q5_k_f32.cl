@@ -46,3 +46,4 @@ static __attribute__((always_inline)) inline void tile_q5_k(const int TT, const 
 }
 
 MM_KERNEL(kernel_matmul_q5_k_f32, tile_q5_k, 256, TB_Q5_K)
+MM_KERNEL_ID(kernel_matmul_id_q5_k_f32, tile_q5_k, 256, TB_Q5_K)

@@ -99,3 +99,4 @@ static __attribute__((always_inline)) inline void tile_q6_k(const int TT, const 
 }
 
 MM_KERNEL(kernel_matmul_q6_k_f32, tile_q6_k, 256, TB_Q6_K)
+MM_KERNEL_ID(kernel_matmul_id_q6_k_f32, tile_q6_k, 256, TB_Q6_K)

@@ -30,3 +30,4 @@ static __attribute__((always_inline)) inline void tile_q8_0(const int TT, const 
 }
 
 MM_KERNEL(kernel_matmul_q8_0_f32, tile_q8_0, 32, TB_Q8_0)
+MM_KERNEL_ID(kernel_matmul_id_q8_0_f32, tile_q8_0, 32, TB_Q8_0)

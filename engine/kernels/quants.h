@@ -230,6 +230,28 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
 //     of the work-item re-read its tile from cache) and prompt (tchunk 64: a chunk of x stays in a CPU's
 //     L2). Inside, a one-token group unrolls whole blocks and CPU builds prefetch the weight stream
 //     (MM_UNROLL, MM_PREFETCH in quants.h).
+// The token loop shared by MM_KERNEL and MM_KERNEL_ID: rows t0 <= t < t1 of x (rows n_cols floats apart) and
+// y (rows ldy apart, from y_off + r0), in groups of 8, 4, 2 and 1 tokens.
+#define MM_TOKEN_LOOP(TILE_FN)                                                                              \
+    while (t0 < t1) {                                                                                       \
+        __global const float *xt = x + (size_t)t0 * n_cols;                                                 \
+        __global float *yt = y + y_off + (size_t)t0 * ldy + r0;                                             \
+        const int rem = t1 - t0;                                                                            \
+        if (rem >= 8) {                                                                                     \
+            TILE_FN(8, 1, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                                   \
+            t0 += 8;                                                                                        \
+        } else if (rem >= 4) {                                                                              \
+            TILE_FN(4, 2, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                                   \
+            t0 += 4;                                                                                        \
+        } else if (rem >= 2) {                                                                              \
+            TILE_FN(2, 4, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                                   \
+            t0 += 2;                                                                                        \
+        } else {                                                                                            \
+            TILE_FN(1, 4, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                                   \
+            t0 += 1;                                                                                        \
+        }                                                                                                   \
+    }
+
 // Work-item (tile, chunk) handles rows [16 tile, 16 tile + 16) for tokens
 // [chunk * tchunk, min(n_tokens, (chunk + 1) * tchunk)), in groups of 8, 4, 2 and 1 tokens.
 #define MM_KERNEL(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                              \
@@ -246,24 +268,39 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
         __global const uchar *wt = w + (size_t)tile * nb * (TILE_BLOCK_BYTES);                              \
         int t0 = get_global_id(1) * tchunk;                                                                 \
         const int t1 = min(n_tokens, t0 + tchunk);                                                          \
-        while (t0 < t1) {                                                                                   \
-            __global const float *xt = x + (size_t)t0 * n_cols;                                             \
-            __global float *yt = y + y_off + (size_t)t0 * ldy + r0;                                         \
-            const int rem = t1 - t0;                                                                        \
-            if (rem >= 8) {                                                                                 \
-                TILE_FN(8, 1, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                            \
-                t0 += 8;                                                                                    \
-            } else if (rem >= 4) {                                                                          \
-                TILE_FN(4, 2, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                            \
-                t0 += 4;                                                                                    \
-            } else if (rem >= 2) {                                                                          \
-                TILE_FN(2, 4, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                            \
-                t0 += 2;                                                                                    \
-            } else {                                                                                        \
-                TILE_FN(1, 4, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                            \
-                t0 += 1;                                                                                    \
-            }                                                                                               \
+        MM_TOKEN_LOOP(TILE_FN)                                                                              \
+    }
+
+// Expert-indexed entry (ggml's mul_mat_id), the contract of every kernel_matmul_id_<type>_f32:
+//   w holds n_expert weights of n_rows rows each, each expert padded to whole tiles (expert e's tile i is
+//   tile e * ceil(n_rows / 16) + i of the buffer; engine/ops/moe.py::upload_experts). The rows of x and y
+//   are grouped by expert: expert e owns rows [bounds[e], bounds[e + 1]) (bounds int32 [n_expert + 1],
+//   written on the device by the MoE router, kernels/moe.cl), and
+//   y[s, y_off + r] (+)= sum_c W_e[r, c] * x[s, c]  for s in that range.
+// NDRange: 2-D (tile, (token chunk, expert)): dim 0 as MM_KERNEL; dim 1 index j is chunk j / n_expert of
+//   expert j % n_expert (chunk-major, so a grid of n_expert * ceil(n / tchunk) covers n rows per expert and
+//   grows with the batch). Work-item (i, j) handles rows [bounds[e] + chunk * tchunk, ... + tchunk) clipped
+//   to the expert's range, with the tile function and token grouping of MM_KERNEL: every row routed to an
+//   expert shares one pass over that expert's weights. Empty chunks (most of them in decode: 1 token uses
+//   n_used of n_expert experts) return after reading two ints.
+#define MM_KERNEL_ID(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                           \
+    __kernel void NAME(__global const uchar *w, __global const float *x, __global float *y,                 \
+                       const int n_rows, const int n_cols, __global const int *bounds, const int tchunk,    \
+                       const int accumulate, const int ldy, const int y_off, const int n_expert) {          \
+        const int tile = get_global_id(0);                                                                  \
+        const int r0 = tile * TILE_ROWS;                                                                    \
+        const int e = get_global_id(1) % n_expert;                                                          \
+        const int end = bounds[e + 1];                                                                      \
+        int t0 = bounds[e] + (int)(get_global_id(1) / n_expert) * tchunk;                                   \
+        if (r0 >= n_rows || t0 >= end) {                                                                    \
+            return;                                                                                         \
         }                                                                                                   \
+        const int t1 = min(end, t0 + tchunk);                                                               \
+        const int rows = min(TILE_ROWS, n_rows - r0);                                                       \
+        const int nb = n_cols / (BLOCK_COLS);                                                               \
+        const int n_tiles = (n_rows + TILE_ROWS - 1) / TILE_ROWS;                                           \
+        __global const uchar *wt = w + ((size_t)e * n_tiles + tile) * nb * (TILE_BLOCK_BYTES);              \
+        MM_TOKEN_LOOP(TILE_FN)                                                                              \
     }
 
 #endif

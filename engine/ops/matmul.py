@@ -130,6 +130,80 @@ class MatmulOps:
             )
         ]
 
+    def matmul_id(
+        self,
+        w: DeviceWeight,
+        x: cl.Buffer,
+        y: cl.Buffer,
+        bounds: cl.Buffer,
+        max_tokens: int,
+        max_rows: int,
+        token_var: int = VAR_N_TOKENS,
+        accumulate: bool = False,
+        y_stride: int | None = None,
+        y_offset: int = 0,
+    ) -> list[Launch]:
+        """Expert-indexed product (mul_mat_id): y[s, y_offset + r] (+)= sum_c w_e[r, c] * x[s, c] for every
+        row s in expert e's range [bounds[e], bounds[e + 1]).
+
+        w: an expert weight from nextn.ops.moe.upload_experts (n_expert experts of w.n_rows rows, each padded
+        to whole tiles); bounds: int32 [n_expert + 1], written on the device (the MoE router) before the
+        launch; x: float32 [max_rows, n_cols] grouped by expert; y: float32 [max_rows, y_stride] (not
+        aliasing x). An expert's range holds at most vars[token_var] <= max_tokens rows (a token picks an
+        expert at most once): max_tokens picks the token chunking as in matmul(), and the grid grows with the
+        batch.
+        """
+        n_expert = getattr(w, "n_expert", None)
+        if n_expert is None:
+            raise ValueError("matmul_id: the weight was not uploaded with nextn.ops.moe.upload_experts")
+        if max_tokens <= 0 or max_rows <= 0:
+            raise ValueError(f"matmul_id: max_tokens={max_tokens}, max_rows={max_rows}")
+        ldy = w.n_rows if y_stride is None else y_stride
+        if y_offset < 0 or y_offset + w.n_rows > ldy:
+            raise ValueError(
+                f"matmul_id: rows [{y_offset}, {y_offset + w.n_rows}) do not fit a y row of {ldy}"
+            )
+        check_buffer(x, 4 * max_rows * w.n_cols, "matmul_id x")
+        check_buffer(y, 4 * max_rows * ldy, "matmul_id y")
+        check_buffer(bounds, 4 * (n_expert + 1), "matmul_id bounds")
+        if max_tokens == 1:
+            tchunk = 1
+        elif max_tokens <= FEW_TOKENS:
+            tchunk = max_tokens
+        else:
+            tchunk = PROMPT_CHUNK
+        name = KERNEL_NAMES[w.qtype]
+        k = self.rt.kernel(self._program("matmul", w.qtype), f"kernel_matmul_id_{name}_f32")
+        k.set_args(
+            w.buffers["tiles"],
+            x,
+            y,
+            np.int32(w.n_rows),
+            np.int32(w.n_cols),
+            bounds,
+            np.int32(tchunk),
+            np.int32(1 if accumulate else 0),
+            np.int32(ldy),
+            np.int32(y_offset),
+            np.int32(n_expert),
+        )
+        wg = self._local_size(k)
+        n_groups = -(-w.n_tiles // wg)
+        # dim 1 walks (chunk, expert) chunk-major: one chunk per expert covers a batch of up to tchunk tokens;
+        # beyond that n_expert * ceil(n / tchunk) <= n_expert + ceil(n_expert / tchunk) * n
+        per_token = 0 if max_tokens <= tchunk else -(-n_expert // tchunk)
+        return [
+            Launch(
+                k,
+                (n_groups * wg, n_expert),
+                (0, per_token),
+                (wg, 1),
+                [],
+                token_var,
+                name=f"matmul_id_{name}[{n_expert}x{w.n_rows}x{w.n_cols}]",
+            )
+        ]
+
     def get_rows(
         self, w: DeviceWeight, ids: cl.Buffer, y: cl.Buffer, max_tokens: int, token_var: int = VAR_N_TOKENS
     ) -> list[Launch]:
