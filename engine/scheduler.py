@@ -18,15 +18,18 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from nextn.errors import NextnError, Overloaded, RequestError
+from nextn.errors import ConfigError, NextnError, Overloaded, RequestError
 from nextn.generate import StopMatcher
 from nextn.memory.prompt_cache import PromptCache
 from nextn.sampling import Sampler, SamplingParams
+from nextn.spec.adaptive import StepCost
+from nextn.spec.ngram import NgramShared
+from nextn.spec.speculator import SlotSpec, SpecConfig
 
 log = logging.getLogger("nextn.scheduler")
 _ids = itertools.count(1)
@@ -57,6 +60,7 @@ class Request:
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     cancelled: bool = False
     slot: int | None = None  # set when it starts
+    spec: SpecConfig | None = None  # per-request speculative settings (None: the server's)
 
     def cancel(self) -> None:
         """Thread-safe: the worker drops the request before its next step."""
@@ -86,8 +90,11 @@ class _Slot:
         self.index = index
         self.req: Request | None = None
 
-    def start(self, req: Request, reused: int, tokenizer) -> None:
+    def start(self, req: Request, reused: int, tokenizer, spec: SpecConfig, cost: StepCost, shared) -> None:
         self.req = req
+        self.spec = SlotSpec(spec, cost, req.params.seed, shared) if spec.enabled else None
+        if self.spec is not None:
+            self.spec.start(req.prompt)
         self.reused = reused
         self.prompt_pos = reused  # next prompt token to evaluate
         self.n_past = reused  # positions of this sequence whose KV is valid
@@ -105,9 +112,51 @@ class _Slot:
         return self.prompt_pos < len(self.req.prompt)
 
 
+@dataclass
+class _Drafting:
+    """One slot's MTP drafts being made: tokens, their draft distributions (None: point proposals), its row
+    in the last MTP batch (whose hidden output feeds the next draft), and whether it stopped."""
+
+    row: int
+    tokens: list = field(default_factory=list)
+    probs: list = field(default_factory=list)
+    done: bool = False
+
+    def take(self, s: _Slot, top: int, logits) -> None:
+        """Append a draft: the argmax for greedy requests (a point proposal), else a draw from the request's
+        sampler chain over the draft logits, kept with its distribution for rejection sampling. A draft less
+        likely than the slot's p_min is dropped and ends its drafting."""
+        if logits is None:
+            self.tokens.append(top)
+            self.probs.append(None)
+            return
+        if s.req.params.greedy:
+            z = logits.astype(np.float64)
+            e = np.exp(z - z.max())
+            token, q, conf = top, None, float(e[top] / e.sum())
+        else:
+            q = s.sampler.probs(logits, [*s.history, *self.tokens])
+            token = int(s.sampler.rng.choice(len(q), p=q))
+            conf = float(q[token])
+        if conf < s.spec.p_min:
+            self.done = True
+            return
+        self.tokens.append(token)
+        self.probs.append(q)
+
+
 class Scheduler:
-    def __init__(self, runner, n_slots: int | None = None, max_queue: int = 64):
+    def __init__(self, runner, n_slots: int | None = None, max_queue: int = 64, spec: SpecConfig | None = None):
         self.runner = runner
+        self.spec = (spec or SpecConfig()).check()
+        if self.spec.uses_mtp and not getattr(runner, "has_mtp", False):
+            raise ConfigError(f"{runner.file.path.name}: --spec-type draft-mtp needs the model's MTP block loaded "
+                              f"(architecture {runner.file.arch}; see `nextn inspect`)")
+        if self.spec.enabled and getattr(runner.cache, "holds_recurrent_state", False) and not runner.rollback_rows:
+            raise ConfigError("speculation on a model with recurrent layers needs the runner built with "
+                              "speculative=True (rollback state)")
+        self.step_cost = StepCost()  # measured step times by batch size, shared by the slots' controllers
+        self.ngram_shared = NgramShared(self.spec.ngram)  # ngram-mod / ngram-cache tables, shared by slots
         self.n_slots = min(n_slots or runner.n_seq, runner.n_seq, runner.max_outputs)
         self.max_queue = max_queue
         self.slots = [_Slot(i) for i in range(self.n_slots)]
@@ -250,7 +299,8 @@ class Scheduler:
             place = self.cache.place(req.prompt, free)
             slot = self.slots[place.slot]
             req.slot = slot.index
-            slot.start(req, place.reused, self.runner.tokenizer)
+            slot.start(req, place.reused, self.runner.tokenizer, req.spec or self.spec, self.step_cost,
+                       self.ngram_shared)
             self.counters.prompt_cache_tokens_total += place.reused
             log.debug("request %s -> slot %d (%d prompt tokens, %d reused%s)", req.id, slot.index,
                       len(req.prompt), place.reused,
@@ -272,15 +322,25 @@ class Scheduler:
 
     def _step(self) -> None:
         r = self.runner
-        ids, pos, seq, out_rows, out_slots, fed = [], [], [], [], [], []
-        for s in self.slots:  # decode tokens first: one per generating slot
-            if s.req is not None and not s.prefilling:
-                out_rows.append(len(ids))
-                out_slots.append(s)
-                ids.append(s.last_token)
-                pos.append(s.n_past)
-                seq.append(s.index)
-                fed.append((s, [s.last_token]))
+        ids, pos, seq, out_rows, fed = [], [], [], [], []
+        verify = []  # (slot, first row, drafts, draft probs) of each generating slot
+        gen = [s for s in self.slots if s.req is not None and not s.prefilling]
+        for i, s in enumerate(gen):  # decode tokens (and their drafts) first, within the first out rows
+            drafts, probs = [], None
+            if s.spec is not None:
+                room = min(r.max_outputs - len(out_rows) - (len(gen) - i), r.n_ctx - s.n_past - 2,
+                           s.req.max_tokens - s.n_gen - 1)
+                drafts, probs = s.spec.propose(min(s.spec.k_next, room))
+                if drafts:
+                    r.save_for_rollback(s.index)
+            row = len(ids)
+            toks = [s.last_token, *drafts]
+            ids.extend(toks)
+            pos.extend(range(s.n_past, s.n_past + len(toks)))
+            seq.extend([s.index] * len(toks))
+            out_rows.extend(range(row, row + len(toks)))
+            verify.append((s, row, drafts, probs))
+        prompt_out = []
         for s in self.slots:  # then prompt chunks, as much as the batch holds
             budget = r.n_batch - len(ids)
             if budget <= 0:
@@ -292,34 +352,144 @@ class Scheduler:
                 end -= 1  # the last token goes in the next step, after the snapshot
             chunk = s.req.prompt[s.prompt_pos : min(s.prompt_pos + budget, end)]
             start = s.prompt_pos
+            fed.append((s, len(ids), chunk))
             ids.extend(chunk)
             pos.extend(range(start, start + len(chunk)))
             seq.extend([s.index] * len(chunk))
             s.prompt_pos += len(chunk)
-            fed.append((s, chunk))
             if not s.prefilling:
+                prompt_out.append((s, len(out_rows)))
                 out_rows.append(len(ids) - 1)
-                out_slots.append(s)
-        want_logits = any(not s.req.params.greedy or s.req.n_probs for s in out_slots)
+        live = [s for s, _, _, _ in verify] + [s for s, _ in prompt_out]
+        want_logits = any(not s.req.params.greedy or s.req.params.penalizes or s.req.n_probs for s in live)
         self._last_step = time.monotonic()
+        t0 = time.perf_counter()
         top, logits = r.step(ids, np.asarray(pos, np.int32), seq, out_rows, want_logits)
+        self.step_cost.observe(len(ids), time.perf_counter() - t0)
         self._last_step = time.monotonic()
         self.counters.steps_total += 1
         self.counters.step_tokens_total += len(ids)
-        for s, toks in fed:
-            s.n_past += len(toks)
+        for s, row, chunk in fed:  # prompt chunks
+            s.n_past += len(chunk)
             r.cache.lengths[s.index] = s.n_past
-            self.cache.append(s.index, toks)
+            self.cache.append(s.index, chunk)
             if self._snapshot_before_last and s.prompt_pos == len(s.req.prompt) - 1:
                 r.cache.snapshot(s.index)
-        for j, s in enumerate(out_slots):
-            self._emit(s, int(top[j]), None if logits is None else logits[j])
+        emitted = {}
+        for s, row in prompt_out:  # the first generated token of a finished prompt
+            lg = None if logits is None else logits[row]
+            token = int(top[row]) if lg is None or s.req.params.greedy and not s.req.params.penalizes \
+                else s.sampler.sample(lg, s.history)
+            emitted[s.index] = (s, [token], lg)
+            self._emit(s, token, lg)
+        for s, row, drafts, probs in verify:
+            j = row  # verify rows come first, every one of them an out row
+            k = len(drafts)
+            rows_top = top[j : j + k + 1]
+            rows_lg = None if logits is None else logits[j : j + k + 1]
+            if s.spec is None:
+                a = 0
+                greedy = rows_lg is None or s.req.params.greedy and not s.req.params.penalizes
+                token = int(rows_top[0]) if greedy else s.sampler.sample(rows_lg[0], s.history)
+            else:
+                a, token = s.spec.verify(drafts, probs, rows_top, rows_lg, s.sampler, s.history,
+                                         self._eog(s))
+                s.spec.observe(k, a)
+                self.counters.drafted_tokens_total += k
+                self.counters.drafted_accepted_total += a
+                if a < k:
+                    r.rollback(s.index, list(range(row, row + k + 1)), a + 1)
+            fed_toks = [s.last_token, *drafts[:a]]
+            s.n_past += len(fed_toks)
+            r.cache.lengths[s.index] = s.n_past
+            self.cache.append(s.index, fed_toks)
+            out = [*drafts[:a], token]
+            emitted[s.index] = (s, out, None)
+            for i, t in enumerate(out):
+                lg = None if rows_lg is None else rows_lg[i]
+                if not self._emit(s, t, lg):
+                    break
+        for s, toks, _ in emitted.values():
+            if s.req is not None and s.spec is not None:
+                s.spec.extend(toks)
+                s.spec.choose(len(emitted) - 1)
+        if r.has_mtp and self.spec.uses_mtp:
+            self._mtp_drafts(fed, verify, emitted)
 
-    def _emit(self, s: _Slot, top: int, logits) -> None:
+    def _mtp_drafts(self, fed, verify, emitted) -> None:
+        """Keep the MTP block's KV in step with every token the trunk just took (prompt chunks too), and draft
+        for the next step. The block pairs the token at position p with the trunk's hidden state of p - 1
+        (zeros at p = 0): for the tokens of this step that is their own batch rows, shifted by one token,
+        so the last entry of a generating slot is its new token, whose draft logits give d1. d2.. come from
+        feeding each draft back with the block's own hidden output."""
+        r = self.runner
+        entries = []  # (slot, token, position, hidden row of the trunk batch)
+        for s, row, chunk in fed:
+            start = s.n_past - len(chunk)
+            if start == 0:
+                entries.append((s, chunk[0], 0, r.n_batch))  # row n_batch of the hidden buffer is zero
+            nxt = []
+            if s.req is not None:
+                if s.prefilling:
+                    nxt = [s.req.prompt[s.prompt_pos]]
+                elif s.index in emitted:
+                    nxt = emitted[s.index][1][:1]
+            for i, t in enumerate([*chunk[1:], *nxt]):
+                entries.append((s, t, start + i + 1, row + i))
+        for s, row, _, _ in verify:
+            if s.req is None:
+                continue
+            out = emitted[s.index][1]
+            p0 = s.n_past - len(out)  # position of the step's first token (the previous last token)
+            for i, t in enumerate(out):
+                entries.append((s, t, p0 + i + 1, row + i))
+        drafting = {s.index: s for s, _, _, _ in entries
+                    if s.req is not None and not s.prefilling and s.spec is not None
+                    and "draft-mtp" in s.spec.cfg.types and s.spec.k_next > 0}
+        for s in drafting.values():
+            s.spec.set_mtp_drafts([], [])
+        last_row = {}
+        for i, (s, _, _, _) in enumerate(entries):
+            last_row[s.index] = i
+        # catch-up, in chunks of the batch size; d1 of each drafting slot from its last entry
+        state: dict[int, _Drafting] = {}
+        for c0 in range(0, len(entries), r.n_batch):
+            part = entries[c0 : c0 + r.n_batch]
+            want = [i for i, (s, _, _, _) in enumerate(part) if s.index in drafting and last_row[s.index] == c0 + i]
+            top, lg = r.mtp_step([e[1] for e in part], np.asarray([e[2] for e in part], np.int32),
+                                 [e[0].index for e in part], [e[3] for e in part], want,
+                                 want_logits=self._mtp_logits(drafting.values()))
+            for j, i in enumerate(want):
+                s = part[i][0]
+                state[s.index] = _Drafting(row=i)
+                state[s.index].take(s, int(top[j]), None if lg is None else lg[j])
+        # further drafts: each slot's last draft with the block's own hidden output of its row
+        for _ in range(1, max((s.spec.k_next for s in drafting.values()), default=0)):
+            go = [s for s in drafting.values() if not state[s.index].done and len(state[s.index].tokens) < s.spec.k_next]
+            if not go:
+                break
+            pos = np.asarray([s.n_past + len(state[s.index].tokens) for s in go], np.int32)
+            top, lg = r.mtp_step([state[s.index].tokens[-1] for s in go], pos, [s.index for s in go],
+                                 [state[s.index].row for s in go], list(range(len(go))), source="mtp",
+                                 want_logits=self._mtp_logits(go))
+            for j, s in enumerate(go):
+                state[s.index].row = j
+                state[s.index].take(s, int(top[j]), None if lg is None else lg[j])
+        for idx, st in state.items():
+            drafting[idx].spec.set_mtp_drafts(st.tokens, st.probs)
+
+    @staticmethod
+    def _mtp_logits(slots) -> bool:
+        return any(not s.req.params.greedy or s.spec.p_min > 0 for s in slots)
+
+    def _eog(self, s: _Slot) -> Collection[int]:
+        return () if s.req.ignore_eos else self.runner.tokenizer.eot_ids
+
+    def _emit(self, s: _Slot, token: int, logits) -> bool:
+        """Hand a generated token to the request; False when that finished it."""
         req = s.req
         if s.t_first is None:
             s.t_first = time.perf_counter()
-        token = top if req.params.greedy else s.sampler.sample(logits, s.history)
         s.history.append(token)
         s.n_gen += 1
         lp, top_lp = None, None
@@ -331,15 +501,19 @@ class Scheduler:
             top_lp = [(int(i), float(logp[i])) for i in best]
         tok = self.runner.tokenizer
         if tok.is_eog(token) and not req.ignore_eos:
-            return self._finish(s, "stop", Event("token", "", token, lp, top_lp))
+            self._finish(s, "stop", Event("token", "", token, lp, top_lp))
+            return False
         text, hit = s.matcher.push(s.decoder.push(token))
         if hit:
-            return self._finish(s, "stop", Event("token", text, token, lp, top_lp))
+            self._finish(s, "stop", Event("token", text, token, lp, top_lp))
+            return False
         if s.n_gen >= req.max_tokens or s.n_past + 1 >= self.runner.n_ctx:
             tail = s.matcher.push(s.decoder.flush())[0] + s.matcher.flush()
-            return self._finish(s, "length", Event("token", text + tail, token, lp, top_lp))
+            self._finish(s, "length", Event("token", text + tail, token, lp, top_lp))
+            return False
         req.sink(Event("token", text, token, lp, top_lp))
         s.last_token = token
+        return True
 
     def _timings(self, s: _Slot) -> dict:
         t_end = time.perf_counter()
@@ -359,8 +533,7 @@ class Scheduler:
             "predicted_ms": predicted_ms,
             "predicted_per_token_ms": predicted_ms / steps if steps else 0.0,
             "predicted_per_second": steps / predicted_ms * 1e3 if predicted_ms > 0 else 0.0,
-            "draft_n": 0,
-            "draft_n_accepted": 0,
+            **(s.spec.timings() if s.spec is not None else {"draft_n": 0, "draft_n_accepted": 0}),
         }
 
     def _finish(self, s: _Slot, reason: str, last: Event) -> None:

@@ -1,0 +1,183 @@
+"""Per-slot speculation: which drafter proposes, how many tokens, and what verification keeps.
+
+The scheduler asks each generating slot for a draft before a step (`SlotSpec.propose`), puts
+[last token, d1..dk] in the batch with logits for every row, and after the step calls `SlotSpec.verify`
+for (n_accepted, next token). Drafters chain in the order of --spec-type: the first that proposes at least
+max(1, n_min) tokens wins (e.g. `ngram-mod,draft-mtp`: a long n-gram match wins, the MTP head fills the gaps).
+The MTP head's drafts are made by the scheduler after each step (they need the device) and handed in with
+`set_mtp_drafts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from nextn.errors import ConfigError, RequestError
+from nextn.sampling import Sampler
+from nextn.spec import ngram
+from nextn.spec.adaptive import AdaptiveDraft, StepCost
+from nextn.spec.verify import SynthAcceptance, verify_greedy, verify_sampled
+
+MODEL_TYPES = ("draft-mtp", "draft-simple")
+SPEC_TYPES = ("none", *MODEL_TYPES, *ngram.NGRAM_TYPES)
+
+
+def parse_types(text: str | Sequence[str]) -> tuple[str, ...]:
+    """'ngram-mod,draft-mtp' -> ('ngram-mod', 'draft-mtp'); 'none' alone -> (). Unknown names: ValueError."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    bad = [t for t in names if t not in SPEC_TYPES]
+    if bad:
+        raise ValueError(f"unknown speculative type(s) {', '.join(bad)} (known: {', '.join(SPEC_TYPES)})")
+    if "none" in names and len(names) > 1:
+        raise ValueError("speculative type 'none' cannot be combined with other types")
+    return tuple(t for t in names if t != "none")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """llama-server's speculative settings (same names and defaults), plus nextn's adaptive controller."""
+
+    types: tuple[str, ...] = ()  # empty: no speculation
+    n_max: int = 3  # --spec-draft-n-max
+    n_min: int = 0  # --spec-draft-n-min
+    p_min: float = 0.0  # --spec-draft-p-min: an MTP / draft-model draft stops below this probability
+    adaptive: bool = True  # draft length and p_min follow the measured acceptance (n_max stays the bound)
+    synth_rates: tuple[float, ...] = ()  # --spec-synth-rates: benchmarking only, output NOT valid
+    synth_len: float = -1.0  # --spec-synth-len
+    ngram: ngram.NgramParams = field(default_factory=ngram.NgramParams)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.types)
+
+    @property
+    def uses_mtp(self) -> bool:
+        return "draft-mtp" in self.types
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.synth_rates) or self.synth_len != -1.0
+
+    def check(self) -> "SpecConfig":
+        if self.n_max < 0 or not 0 <= self.n_min <= max(self.n_max, 0):
+            raise ConfigError(f"speculative: need 0 <= draft_n_min <= draft_n_max, got {self.n_min} / {self.n_max}")
+        if not 0.0 <= self.p_min <= 1.0:
+            raise ConfigError(f"speculative: draft_p_min must be within [0, 1], got {self.p_min}")
+        if "draft-simple" in self.types:
+            raise ConfigError("speculative type draft-simple (a separate draft model) is not implemented yet; "
+                              "use draft-mtp or an n-gram type")
+        return self
+
+    def for_request(self, body: dict) -> "SpecConfig":
+        """The request body's overrides, as llama-server accepts them: speculative.n_max / n_min / p_min /
+        type / ngram_size_n / ngram_size_m / ngram_min_hits. A model-based type the server did not load
+        (draft-mtp without the MTP block) cannot be asked for per request."""
+        cfg = self
+        try:
+            if "speculative.n_max" in body:
+                cfg = replace(cfg, n_max=int(body["speculative.n_max"]))
+            if "speculative.n_min" in body:
+                cfg = replace(cfg, n_min=int(body["speculative.n_min"]))
+            if "speculative.p_min" in body:
+                cfg = replace(cfg, p_min=float(body["speculative.p_min"]))
+            if "speculative.type" in body:
+                types = parse_types(str(body["speculative.type"]))
+                if any(t in MODEL_TYPES for t in types) and not all(t in self.types for t in types if t in MODEL_TYPES):
+                    raise ValueError("a model-based draft type must be enabled at server start (--spec-type)")
+                cfg = replace(cfg, types=types)
+            ng = {}  # llama-server maps these onto ngram-simple's parameters
+            for key in ("size_n", "size_m", "min_hits"):
+                if f"speculative.ngram_{key}" in body:
+                    ng[f"ngram_simple_{key}"] = int(body[f"speculative.ngram_{key}"])
+            if ng:
+                cfg = replace(cfg, ngram=replace(cfg.ngram, **ng))
+            cfg.check()
+        except (TypeError, ValueError, ConfigError) as e:
+            raise RequestError(f"invalid speculative parameter: {e}") from None
+        return cfg
+
+
+class SlotSpec:
+    """Speculation state of one slot for one request."""
+
+    def __init__(self, cfg: SpecConfig, cost: StepCost, seed: int = -1, shared: ngram.NgramShared | None = None):
+        self.cfg = cfg
+        if shared is not None and shared.params != cfg.ngram:
+            shared = None  # a request with its own n-gram parameters gets its own tables
+        self.drafters = {t: ngram.make_ngram_drafter(t, cfg.ngram, shared) for t in cfg.types
+                         if t in ngram.NGRAM_TYPES}
+        self.adaptive = AdaptiveDraft(cfg.n_max, cfg.n_min, cfg.p_min, cost) if cfg.adaptive else None
+        self.synth = SynthAcceptance(cfg.n_max, cfg.synth_rates or None,
+                                     cfg.synth_len if cfg.synth_len != -1.0 else None, seed) if cfg.synthetic else None
+        self.mtp_drafts: list[int] = []
+        self.mtp_probs: list[np.ndarray | None] = []
+        self.k_next = 0  # draft length chosen for the next step
+        self.source = ""  # the drafter of the current draft
+        self.n_drafted = 0
+        self.n_accepted = 0
+
+    def start(self, prompt: Sequence[int]) -> None:
+        for d in self.drafters.values():
+            d.reset(prompt)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Tokens appended to the slot's sequence (emitted ones)."""
+        for d in self.drafters.values():
+            d.extend(tokens)
+
+    def choose(self, n_other_tokens: int) -> int:
+        self.k_next = self.adaptive.choose(n_other_tokens) if self.adaptive else self.cfg.n_max
+        return self.k_next
+
+    @property
+    def p_min(self) -> float:
+        return self.adaptive.p_min if self.adaptive else self.cfg.p_min
+
+    def set_mtp_drafts(self, drafts: list[int], probs: list[np.ndarray | None]) -> None:
+        self.mtp_drafts, self.mtp_probs = drafts, probs
+
+    def propose(self, k: int) -> tuple[list[int], list[np.ndarray | None] | None]:
+        """Up to k drafts and their draft distributions (None entries: point proposals)."""
+        self.source = ""
+        if k <= 0:
+            return [], None
+        need = max(1, self.cfg.n_min)
+        for t in self.cfg.types:
+            if t == "draft-mtp":
+                d, q = self.mtp_drafts[:k], self.mtp_probs[:k]
+            else:
+                d, q = self.drafters[t].draft(k), None
+            if len(d) >= need:
+                self.source = t
+                return list(d), (q if q and any(p is not None for p in q) else None)
+        return [], None
+
+    def verify(self, drafts, draft_probs, top, logits, sampler: Sampler, history: Sequence[int],
+               eog: Collection[int]) -> tuple[int, int]:
+        """(n_accepted, next token) for rows [last, d1..dk] of one step."""
+        if self.synth is not None and drafts:
+            return self.synth.verify(drafts, logits, sampler, history, eog)
+        if logits is None:  # greedy without penalties: the device argmax decides
+            return verify_greedy(drafts, top, eog)
+        return verify_sampled(drafts, draft_probs, logits, sampler, history, eog)
+
+    def observe(self, n_drafted: int, n_accepted: int) -> None:
+        if n_drafted == 0:
+            return
+        self.n_drafted += n_drafted
+        self.n_accepted += n_accepted
+        if self.adaptive is not None:
+            self.adaptive.update(n_drafted, n_accepted)
+        if self.source in self.drafters:
+            self.drafters[self.source].feedback(n_drafted, n_accepted)
+
+    def timings(self) -> dict:
+        out = {"draft_n": self.n_drafted, "draft_n_accepted": self.n_accepted}
+        if self.adaptive is not None:
+            out["speculative"] = self.adaptive.state()
+        if self.synth is not None:
+            out["speculative_synthetic"] = True  # output is NOT valid model output
+        return out
