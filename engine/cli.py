@@ -97,6 +97,15 @@ def cmd_bench(args) -> int:
 _SHORT = {"--model": "-m", "--ctx-size": "-c", "--batch-size": "-b", "--parallel": "-np"}
 
 
+def _parse_bool(text: str) -> bool:
+    v = text.strip().lower()
+    if v in ("1", "true", "on", "yes"):
+        return True
+    if v in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off or true/false, got {text!r}")
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from nextn import config
 
@@ -105,9 +114,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = f.metadata["flag"]
         if not flag:
             continue
-        t = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
+        t = {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
         names = [flag] + ([_SHORT[flag]] if flag in _SHORT else [])
-        p.add_argument(*names, dest="cfg:" + dotted, type=t, default=None, help=f"{f.metadata['doc']} [{dotted}]")
+        extra = {"type": t}
+        if t is bool:  # `--spec-default` alone means true, as in llama-server; `--spec-adaptive off` sets it
+            extra = {"type": _parse_bool, "nargs": "?", "const": True}
+        p.add_argument(*names, dest="cfg:" + dotted, default=None, help=f"{f.metadata['doc']} [{dotted}]", **extra)
     p.add_argument("--host", default=None, help="TCP host to listen on as well as the socket [server.tcp]")
     p.add_argument("--port", type=int, default=None, help="TCP port (with --host; default 8080) [server.tcp]")
 

@@ -72,6 +72,36 @@ class SamplingSection:
     seed: int = _f(-1, "default seed (-1: random)", "--seed", lo=-1, live=True)
 
 
+def _speculative_section():
+    """[speculative]: llama-server's --spec-* settings (same names, meanings and defaults), the n-gram ones
+    from engine/spec/ngram.py's table, plus nextn's adaptive controller."""
+    from nextn.spec import ngram
+
+    fields_ = [
+        ("type", str, _f("none", "comma list of draft types, chained in order: none, draft-mtp, ngram-simple, "
+                         "ngram-map-k, ngram-map-k4v, ngram-mod, ngram-cache", "--spec-type")),
+        ("draft_n_max", int, _f(3, "most tokens drafted per step", "--spec-draft-n-max", lo=0, hi=63)),
+        ("draft_n_min", int, _f(0, "fewest drafted tokens worth verifying", "--spec-draft-n-min", lo=0, hi=63)),
+        ("draft_p_min", float, _f(0.0, "an MTP draft less likely than this ends the draft", "--spec-draft-p-min",
+                                  lo=0.0, hi=1.0)),
+        ("adaptive", bool, _f(True, "draft length and p-min follow the measured acceptance per slot, falling back "
+                              "to plain decoding while speculation costs more than it gains (draft_n_max stays "
+                              "the bound)", "--spec-adaptive")),
+        ("default", bool, _f(False, "llama-server's --spec-default: ngram-mod with n_match 24, n_min 48, n_max 64",
+                             "--spec-default")),
+        ("synth_rates", str, _f("", "BENCHMARKING ONLY, output not valid: per-position acceptance probabilities "
+                                "P0,P1,...", "--spec-synth-rates")),
+        ("synth_len", float, _f(-1.0, "BENCHMARKING ONLY, output not valid: mean synthetic acceptance length "
+                                "including the target token (-1: off)", "--spec-synth-len")),
+    ]
+    for flag, name, typ, default, doc in ngram.FLAGS:
+        fields_.append((name, typ, _f(default, doc, flag, lo=0 if typ is int else None)))
+    return dataclasses.make_dataclass("SpeculativeSection", fields_, frozen=True)
+
+
+SpeculativeSection = _speculative_section()
+
+
 @dataclass(frozen=True)
 class LogSection:
     level: str = _f("info", "log level", "--log-level", choices=LOG_LEVELS, live=True)
@@ -84,6 +114,7 @@ class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
     log: LogSection = field(default_factory=LogSection)
     # dotted key -> where the value came from ("default", "FILE:LINE", "--flag"); not part of equality
     sources: dict = field(default_factory=dict, compare=False, repr=False)
@@ -99,7 +130,7 @@ class Config:
 
 _SECTION_CLASSES = {
     "server": ServerSection, "model": ModelSection, "device": DeviceSection,
-    "limits": LimitsSection, "sampling": SamplingSection, "log": LogSection,
+    "limits": LimitsSection, "sampling": SamplingSection, "speculative": SpeculativeSection, "log": LogSection,
 }
 
 
@@ -150,7 +181,7 @@ def check_value(dotted: str, value: Any, where: str) -> Any:
     """Validates one value against its field; returns it converted (int -> float where a float is wanted)."""
     f = _field(dotted)
     m = f.metadata
-    want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+    want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
 
     def fail(allowed: str) -> ConfigError:
         return ConfigError(f"{where}: {dotted} = {value!r} is invalid: allowed {allowed}")
@@ -164,6 +195,8 @@ def check_value(dotted: str, value: Any, where: str) -> Any:
             raise fail("an integer")
     elif want is str and not isinstance(value, str):
         raise fail("a string")
+    elif want is bool and not isinstance(value, bool):
+        raise fail("true or false")
     if m["choices"] and value not in m["choices"]:
         raise fail("one of " + ", ".join(repr(c) for c in m["choices"]))
     lo, hi = m["lo"], m["hi"]
@@ -174,6 +207,13 @@ def check_value(dotted: str, value: Any, where: str) -> Any:
         raise fail("octal permission bits such as '0660'")
     if dotted == "server.tcp" and value and not re.fullmatch(r".+:\d{1,5}", value):
         raise fail("'' or HOST:PORT such as '127.0.0.1:8080'")
+    if dotted == "speculative.type":
+        from nextn.spec.speculator import parse_types
+
+        try:
+            parse_types(value)
+        except ValueError as e:
+            raise fail(f"a comma list of known types ({e})") from None
     return value
 
 

@@ -87,6 +87,11 @@ class HybridCache:
         self.mtp_lengths[seq] = 0
         self.snapshot_pos[seq] = None  # it held a prefix of what the sequence is about to forget
 
+    def truncate(self, seq: int, length: int) -> None:
+        """Forget positions >= length: keeping everything, or going back to the snapshot, or to empty."""
+        if length < self.kv.lengths[seq]:
+            self.seek(seq, length)
+
     def seek(self, seq: int, pos: int) -> None:
         """Make seq continue at position pos: its current length, its snapshot's position, or 0."""
         if pos == self.kv.lengths[seq]:

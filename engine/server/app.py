@@ -220,7 +220,8 @@ async def _completion(request, chat: bool):
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
-    req = Request(p.prompt, p.max_tokens, p.params, p.stop, p.ignore_eos, p.n_probs, sink)
+    spec = state.scheduler.spec.for_request(p.spec_body) if p.spec_body else None
+    req = Request(p.prompt, p.max_tokens, p.params, p.stop, p.ignore_eos, p.n_probs, sink, spec=spec)
     sched.submit(req)  # RequestError / Overloaded -> 400 / 503 through the middleware
     shaper = openai_api.Shaper(chat, state.model_name, state.runner.tokenizer)
     state.active += 1
@@ -309,6 +310,7 @@ def _load_model(state: State) -> None:
     from nextn.cl.runtime import DeviceChoice, Runtime
     from nextn.runner import ModelRunner
     from nextn.scheduler import Scheduler
+    from nextn.spec.speculator import from_config as spec_from_config
 
     cfg = state.cfg
     if not cfg.model.path:
@@ -317,14 +319,22 @@ def _load_model(state: State) -> None:
     def sel(v):
         return None if v == "" else (int(v) if v.isdigit() else v)
 
+    spec = spec_from_config(cfg.speculative)
     rt = Runtime(DeviceChoice(platform=sel(cfg.device.platform), device=sel(cfg.device.device)))
+    # the MTP block and the rollback state are counted in the memory check before anything is uploaded
     runner = ModelRunner(cfg.model.path, rt=rt, n_ctx=cfg.model.ctx_size or None, n_seq=cfg.server.parallel,
-                         n_batch=cfg.model.batch_size)
+                         n_batch=cfg.model.batch_size, mtp=spec.uses_mtp, speculative=spec.enabled)
+    log.info("device memory: %s", ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.1f} MiB"
+                                            for k, v in runner.memory.items()))
+    if spec.enabled:
+        log.info("speculative decoding: %s, up to %d drafts%s%s", ",".join(spec.types), spec.n_max,
+                 " (adaptive)" if spec.adaptive else "",
+                 "; SYNTHETIC ACCEPTANCE: output is not valid" if spec.synthetic else "")
     runner.eval(0, [runner.tokenizer.bos_id if runner.tokenizer.bos_id is not None else 0], 0)  # warm-up
     runner.cache.truncate(0, 0)
     state.runner = runner
     state.model_name = Path(cfg.model.path).name
-    state.scheduler = Scheduler(runner, cfg.server.parallel, cfg.server.max_queue)
+    state.scheduler = Scheduler(runner, cfg.server.parallel, cfg.server.max_queue, spec=spec)
     state.scheduler.start()
 
 

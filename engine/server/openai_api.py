@@ -25,6 +25,7 @@ class Parsed:
     n_probs: int
     ignore_eos: bool
     include_usage: bool
+    spec_body: dict  # llama-server's per-request "speculative.*" fields, checked by SpecConfig.for_request
 
 
 def error_body(err: Exception, status: int) -> dict:
@@ -93,6 +94,7 @@ def parse_common(body: dict, defaults, limits) -> dict:
         "stream": _get(body, "stream", bool, False, what="true or false"),
         "ignore_eos": _get(body, "ignore_eos", bool, False, what="true or false"),
         "include_usage": bool(so.get("include_usage", False)),
+        "spec_body": {k: v for k, v in body.items() if k.startswith("speculative.")},
     }
 
 

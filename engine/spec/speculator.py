@@ -11,7 +11,7 @@ The MTP head's drafts are made by the scheduler after each step (they need the d
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -98,6 +98,28 @@ class SpecConfig:
         except (TypeError, ValueError, ConfigError) as e:
             raise RequestError(f"invalid speculative parameter: {e}") from None
         return cfg
+
+
+def from_config(section) -> SpecConfig:
+    """SpecConfig from the [speculative] configuration section (engine/config.py)."""
+    types = parse_types(section.type)
+    ng = {f.name: getattr(section, f.name) for f in fields(ngram.NgramParams)}
+    if section.default:  # llama-server's --spec-default
+        types = types or ("ngram-mod",)
+        ng.update(ngram_mod_n_match=24, ngram_mod_n_min=48, ngram_mod_n_max=64)
+    rates = ()
+    if section.synth_rates.strip():
+        try:
+            rates = tuple(float(x) for x in section.synth_rates.split(","))
+        except ValueError:
+            raise ConfigError(f"speculative.synth_rates = {section.synth_rates!r}: expected numbers P0,P1,...") from None
+    try:
+        ngram_params = ngram.NgramParams(**ng)
+    except ValueError as e:
+        raise ConfigError(f"speculative: {e}") from None
+    return SpecConfig(types=types, n_max=section.draft_n_max, n_min=section.draft_n_min, p_min=section.draft_p_min,
+                      adaptive=section.adaptive, synth_rates=rates, synth_len=section.synth_len,
+                      ngram=ngram_params).check()
 
 
 class SlotSpec:
