@@ -215,21 +215,6 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
     __global const uchar *wt, const int nb, __global const float *x, const int n_cols, __global float *y,  \
         const int n_rows, const int rows, const int accumulate
 
-// Kernel entry, the contract of every kernels/matmul_<type>_f32.cl:
-//   y[t, y_off + r] (+)= sum_c W[r, c] * x[t, c]: y rows are ldy floats apart (ldy = n_rows unless several
-//   weights write side by side into one row, e.g. Q|K|V of different types).
-// NDRange: 2-D (tile, token chunk): global = (ceil(n_rows / 16) rounded up to the local size,
-//     ceil(max_tokens / tchunk)), local = (WG, 1), any WG. Work-item (i, j) owns rows [16 i, 16 i + 16),
-//     lane l of its float16 accumulators being row 16 i + l, and tokens [j tchunk, (j + 1) tchunk) below
-//     n_tokens (a step argument; chunks past it return at once). It decodes each column of its tile once
-//     per group of up to 8 tokens and does rank-1 updates with x broadcast from memory, scaling once per
-//     (sub-)block (see MM_KERNEL in quants.h).
-// Variants (chosen on the host, engine/ops/matmul.py, by max_tokens; one kernel, float32 throughout, so
-//     results agree to float rounding, only the order of the sums differing): mat-vec (max_tokens 1),
-//     few tokens (tchunk = max_tokens <= 16: the weight is streamed from memory once, later token groups
-//     of the work-item re-read its tile from cache) and prompt (tchunk 64: a chunk of x stays in a CPU's
-//     L2). Inside, a one-token group unrolls whole blocks and CPU builds prefetch the weight stream
-//     (MM_UNROLL, MM_PREFETCH in quants.h).
 // The token loop shared by MM_KERNEL and MM_KERNEL_ID: rows t0 <= t < t1 of x (rows n_cols floats apart) and
 // y (rows ldy apart, from y_off + r0), in groups of 8, 4, 2 and 1 tokens.
 #define MM_TOKEN_LOOP(TILE_FN)                                                                              \
@@ -252,6 +237,21 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
         }                                                                                                   \
     }
 
+// Kernel entry, the contract of every kernels/matmul_<type>_f32.cl:
+//   y[t, y_off + r] (+)= sum_c W[r, c] * x[t, c]: y rows are ldy floats apart (ldy = n_rows unless several
+//   weights write side by side into one row, e.g. Q|K|V of different types).
+// NDRange: 2-D (tile, token chunk): global = (ceil(n_rows / 16) rounded up to the local size,
+//     ceil(max_tokens / tchunk)), local = (WG, 1), any WG. Work-item (i, j) owns rows [16 i, 16 i + 16),
+//     lane l of its float16 accumulators being row 16 i + l, and tokens [j tchunk, (j + 1) tchunk) below
+//     n_tokens (a step argument; chunks past it return at once). It decodes each column of its tile once
+//     per group of up to 8 tokens and does rank-1 updates with x broadcast from memory, scaling once per
+//     (sub-)block (see MM_KERNEL in quants.h).
+// Variants (chosen on the host, engine/ops/matmul.py, by max_tokens; one kernel, float32 throughout, so
+//     results agree to float rounding, only the order of the sums differing): mat-vec (max_tokens 1),
+//     few tokens (tchunk = max_tokens <= 16: the weight is streamed from memory once, later token groups
+//     of the work-item re-read its tile from cache) and prompt (tchunk 64: a chunk of x stays in a CPU's
+//     L2). Inside, a one-token group unrolls whole blocks and CPU builds prefetch the weight stream
+//     (MM_UNROLL, MM_PREFETCH in quants.h).
 // Work-item (tile, chunk) handles rows [16 tile, 16 tile + 16) for tokens
 // [chunk * tchunk, min(n_tokens, (chunk + 1) * tchunk)), in groups of 8, 4, 2 and 1 tokens.
 #define MM_KERNEL(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                              \

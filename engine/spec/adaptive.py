@@ -135,7 +135,7 @@ class AdaptiveDraft:
     n_max, n_min: llama.cpp's --spec-draft-n-max / --spec-draft-n-min (a draft shorter than n_min is not
     worth verifying, so choose() returns 0 or a length in [n_min, n_max]). p_min: the confidence threshold
     reported until acceptance and step costs have been measured (llama.cpp's --spec-draft-p-min; its
-    default is 0.0 in the llama.cpp this project follows and was 0.75 before, which is kept here as the
+    default is 0.0 in the llama.cpp this project follows and 0.75 in earlier releases, kept here as the
     cautious start). cost: the StepCost shared by the slots of one model (a private one if omitted).
     decay: weight kept by old acceptance counts at each update (0.95: a memory of ~20 steps). idle_decay:
     the same per step spent in fallback. prior_acceptance / prior_weight: the Beta prior of a position
@@ -157,7 +157,7 @@ class AdaptiveDraft:
         probe_len: int = 2,
         min_gain: float = 0.01,
     ):
-        if n_max < 0 or n_min < 0 or n_min > max(n_max, 0):
+        if n_max < 0 or n_min < 0 or n_min > n_max:
             raise ValueError(f"need 0 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
         if not 0.0 <= p_min <= 1.0:
             raise ValueError(f"p_min must be within [0, 1], got {p_min}")

@@ -134,7 +134,8 @@ class NgramParams:
                     raise ValueError(f"{flag}: expected a path string, got {value!r}")
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{flag}: expected an integer, got {value!r}")
+                # ValueError, not TypeError: every bad setting is one kind of error for the config layer
+                raise ValueError(f"{flag}: expected an integer, got {value!r}")  # noqa: TRY004
             object.__setattr__(self, f.name, int(value))  # frozen; a numpy integer becomes a plain int
             lo, hi = _RANGES[f.name]
             if value < lo or (hi is not None and value > hi):
@@ -164,8 +165,7 @@ class NgramParams:
 
 def _field_of(key: str) -> str:
     name = FLAG_ALIASES.get(key, key).lstrip("-").replace("-", "_")
-    if name.startswith("spec_"):
-        name = name[len("spec_"):]
+    name = name.removeprefix("spec_")
     if name not in _FIELD_FLAG:
         known = ", ".join(flag for flag, *_ in FLAGS)
         raise ValueError(f"unknown n-gram speculation option {key!r}; known: {known}")
@@ -292,7 +292,7 @@ class _Value:
     """A continuation m-gram of a key, how often it followed the key, and how many of its tokens the
     verifier accepted the last time it was drafted (the next draft from it is no longer than that)."""
 
-    __slots__ = ("tokens", "count", "n_accepted")
+    __slots__ = ("count", "n_accepted", "tokens")
 
     def __init__(self, tokens: list[int], n_accepted: int):
         self.tokens = tokens
@@ -500,7 +500,7 @@ class NgramModDrafter(NgramDrafter):
         self._n_added = 0
         self._drafted = False
         self._index(0)
-        if self.table.occupancy() > _MOD_OCCUPANCY_RESET:
+        if len(self._seq) >= self.n and self.table.occupancy() > _MOD_OCCUPANCY_RESET:
             log.info("ngram-mod table %.0f%% full: clearing it", 100 * self.table.occupancy())
             self.table.clear()
 
@@ -572,7 +572,7 @@ class _Followers:
     """The tokens seen after one n-gram with their counts, and the most frequent one kept up to date.
     `counts` is ordered by last change (a changed token moves to the end), which breaks ties by recency."""
 
-    __slots__ = ("counts", "best", "best_count", "total")
+    __slots__ = ("best", "best_count", "counts", "total")
 
     def __init__(self):
         self.counts: dict[int, int] = {}
