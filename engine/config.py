@@ -89,6 +89,8 @@ def _speculative_section():
                               "the bound)", "--spec-adaptive")),
         ("default", bool, _f(False, "llama-server's --spec-default: ngram-mod with n_match 24, n_min 48, n_max 64",
                              "--spec-default")),
+        ("draft_model", str, _f("", "GGUF of the draft model for draft-simple (same vocabulary as the model)",
+                                "--spec-draft-model")),
         ("synth_rates", str, _f("", "BENCHMARKING ONLY, output not valid: per-position acceptance probabilities "
                                 "P0,P1,...", "--spec-synth-rates")),
         ("synth_len", float, _f(-1.0, "BENCHMARKING ONLY, output not valid: mean synthetic acceptance length "

@@ -28,6 +28,7 @@ from nextn.generate import StopMatcher
 from nextn.memory.prompt_cache import PromptCache
 from nextn.sampling import Sampler, SamplingParams
 from nextn.spec.adaptive import StepCost
+from nextn.spec.draft_model import DraftModel
 from nextn.spec.ngram import NgramShared
 from nextn.spec.speculator import SlotSpec, SpecConfig
 
@@ -146,9 +147,15 @@ class _Drafting:
 
 
 class Scheduler:
-    def __init__(self, runner, n_slots: int | None = None, max_queue: int = 64, spec: SpecConfig | None = None):
+    def __init__(self, runner, n_slots: int | None = None, max_queue: int = 64, spec: SpecConfig | None = None,
+                 draft_runner=None):
         self.runner = runner
         self.spec = (spec or SpecConfig()).check()
+        self.draft_model = None
+        if self.spec.uses_draft_model:
+            if draft_runner is None:
+                raise ConfigError("draft-simple: the draft model is not loaded (--spec-draft-model)")
+            self.draft_model = DraftModel(draft_runner, runner)
         if self.spec.uses_mtp and not getattr(runner, "has_mtp", False):
             raise ConfigError(f"{runner.file.path.name}: --spec-type draft-mtp needs the model's MTP block loaded "
                               f"(architecture {runner.file.arch}; see `nextn inspect`)")
@@ -325,6 +332,11 @@ class Scheduler:
         ids, pos, seq, out_rows, fed = [], [], [], [], []
         verify = []  # (slot, first row, drafts, draft probs) of each generating slot
         gen = [s for s in self.slots if s.req is not None and not s.prefilling]
+        if self.draft_model is not None:
+            wants = {s.index: (s.history, s.spec.k_next) for s in gen
+                     if s.spec is not None and s.spec.cfg.uses_draft_model and s.spec.k_next > 0}
+            for idx, drafts in self.draft_model.draft(wants).items():
+                self.slots[idx].spec.model_drafts = drafts
         for i, s in enumerate(gen):  # decode tokens (and their drafts) first, within the first out rows
             drafts, probs = [], None
             if s.spec is not None:

@@ -1,10 +1,14 @@
 """Speculative decoding in the scheduler: every drafter and a chain, on every architecture (MTP on the hybrid
 models with the block), greedy output token-identical to plain decoding at n-max 1, 2, 3 and 8."""
 
+import queue
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from nextn.runner import ModelRunner
-from nextn.scheduler import Scheduler
+from nextn.scheduler import Request, Scheduler
 from nextn.spec.ngram import NgramParams
 from nextn.spec.speculator import SpecConfig
 from nextn.tiny import make_tiny
@@ -18,6 +22,13 @@ NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngr
 ARCHS = ("qwen3", "llama", "qwen35", "qwen35moe")
 
 
+def run_request(sched, req):
+    q = queue.Queue()
+    req.sink = q.put
+    sched.submit(req)
+    return q
+
+
 @pytest.fixture(scope="module", params=ARCHS)
 def runner(request, tmp_path_factory):
     arch = request.param
@@ -26,8 +37,17 @@ def runner(request, tmp_path_factory):
     return ModelRunner(path, n_ctx=256, n_seq=2, n_batch=32, mtp=mtp, speculative=True)
 
 
-def generate(runner, spec, prompt, n=32):
-    sched = Scheduler(runner, 2, spec=spec)
+@pytest.fixture(scope="module")
+def draft_runners(tmp_path_factory):
+    """draft-simple's models: a different random qwen3 (drafts mostly rejected) and a dense copy of the
+    target's own vocabulary and weights family (qwen3 seed 5: drafts right whenever the target is qwen3)."""
+    d = tmp_path_factory.mktemp("draft")
+    return [ModelRunner(make_tiny(d / f"draft{seed}.gguf", arch="qwen3", qtype="Q8_0", seed=seed), n_ctx=256,
+                        n_seq=2, n_batch=32) for seed in (9, 5)]
+
+
+def generate(runner, spec, prompt, n=32, draft_runner=None):
+    sched = Scheduler(runner, 2, spec=spec, draft_runner=draft_runner)
     for i in range(2):
         sched.cache.forget(i)
     sched.start()
@@ -38,7 +58,7 @@ def generate(runner, spec, prompt, n=32):
     return toks, done.timings
 
 
-def test_greedy_output_identical_with_every_drafter(runner):
+def test_greedy_output_identical_with_every_drafter(runner, draft_runners):
     tok = runner.tokenizer
     p0 = tok.encode("one two three four", True, False)
     first, _ = generate(runner, None, p0, 12)
@@ -48,15 +68,71 @@ def test_greedy_output_identical_with_every_drafter(runner):
     types = [(t,) for t in NGRAM_TYPES] + [("ngram-mod", "ngram-simple")]
     if runner.has_mtp:
         types += [("draft-mtp",), ("ngram-mod", "draft-mtp")]
+    types += [("draft-simple",), ("ngram-simple", "draft-simple")]
     drafted = accepted = 0
     for t in types:
         for n_max in (1, 2, 3, 8):
-            spec = SpecConfig(types=t, n_max=n_max, adaptive=False, ngram=NGRAM)
-            got, timings = generate(runner, spec, prompt)
-            assert got == plain, f"{','.join(t)} n_max={n_max}"
-            drafted += timings["draft_n"]
-            accepted += timings["draft_n_accepted"]
-            assert timings["draft_n_accepted"] <= timings["draft_n"]
-            if t == ("draft-mtp",):
-                assert timings["draft_n"] > 0, "the MTP head drafts every step"
+            spec = SpecConfig(types=t, n_max=n_max, adaptive=False, ngram=NGRAM, draft_model="tiny")
+            for draft in draft_runners if "draft-simple" in t else [None]:
+                got, timings = generate(runner, spec, prompt, draft_runner=draft)
+                assert got == plain, f"{','.join(t)} n_max={n_max}"
+                drafted += timings["draft_n"]
+                accepted += timings["draft_n_accepted"]
+                assert timings["draft_n_accepted"] <= timings["draft_n"]
+                if t in (("draft-mtp",), ("draft-simple",)):
+                    assert timings["draft_n"] > 0, "a draft model drafts every step"
     assert 0 < accepted < drafted  # both paths ran: accepted drafts and rejections (with rollback)
+
+
+def test_draft_model_must_share_the_vocabulary(tmp_path):
+    from nextn.errors import ConfigError
+    from nextn.spec.draft_model import DraftModel
+
+    target = ModelRunner(make_tiny(tmp_path / "t.gguf", arch="qwen3", seed=1), n_ctx=64)
+    vocab = Path(__file__).parent / "data" / "vocab" / "ggml-vocab-qwen35.gguf"
+    other = ModelRunner(make_tiny(tmp_path / "o.gguf", arch="qwen3", seed=1, vocab=str(vocab)), n_ctx=64)
+    with pytest.raises(ConfigError, match="vocabulary"):
+        DraftModel(other, target)
+    hybrid = ModelRunner(make_tiny(tmp_path / "h.gguf", arch="qwen35", seed=1), n_ctx=64)
+    with pytest.raises(ConfigError, match="recurrent"):
+        DraftModel(hybrid, target)
+
+
+def test_sampled_output_distribution_unchanged_by_speculation(tmp_path):
+    """Temperature > 0: the second generated token (the first one verified against MTP drafts sampled with
+    their probabilities, by rejection sampling) follows the model's exact joint distribution of the first
+    two tokens, computed from the plain model. Chi-square at significance 0.001 over 1500 seeded requests."""
+    from nextn.sampling import Sampler, SamplingParams
+    from test_spec_verify import chi_square
+
+    path = make_tiny(tmp_path / "m.gguf", arch="qwen35", qtype="Q8_0", seed=5, mtp=True)
+    runner = ModelRunner(path, n_ctx=128, n_seq=2, n_batch=32, mtp=True, speculative=True)
+    params = dict(temperature=6.0, top_k=4, top_p=1.0, min_p=0.0)
+    prompt = runner.tokenizer.encode("one two three", True, False)
+    # the exact joint distribution of (x1, x2) under the request's sampler chain
+    plain = ModelRunner(path, n_ctx=128, n_batch=32)
+    sampler = Sampler(SamplingParams(**params))
+    _, lg = plain.eval(0, prompt, 0)
+    p1 = sampler.probs(lg[-1])
+    joint = {}
+    for x1 in np.flatnonzero(p1):
+        _, lg2 = plain.eval(0, prompt + [int(x1)], 0)
+        p2 = sampler.probs(lg2[-1])
+        for x2 in np.flatnonzero(p2):
+            joint[int(x1), int(x2)] = float(p1[x1] * p2[x2])
+    spec = SpecConfig(types=("draft-mtp",), n_max=3, adaptive=False)
+    sched = Scheduler(runner, 2, spec=spec)
+    sched.start()
+    counts, drafted = {}, 0
+    try:
+        for seed in range(1500):
+            # 3 tokens: room for a draft of the second (speculation never drafts past max_tokens)
+            req = Request(list(prompt), 3, SamplingParams(seed=seed, **params), ignore_eos=True, sink=None)
+            toks, _, done = collect(run_request(sched, req))
+            counts[tuple(toks[:2])] = counts.get(tuple(toks[:2]), 0) + 1
+            drafted += done.timings["draft_n"]
+    finally:
+        sched.drain(0)
+    assert drafted > 1000  # the second token really went through verification
+    chi2, df, p = chi_square(counts, joint)
+    assert p > 0.001, f"chi2 {chi2:.1f} with {df} degrees of freedom, p = {p:.2g}"

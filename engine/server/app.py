@@ -334,7 +334,12 @@ def _load_model(state: State) -> None:
     runner.cache.truncate(0, 0)
     state.runner = runner
     state.model_name = Path(cfg.model.path).name
-    state.scheduler = Scheduler(runner, cfg.server.parallel, cfg.server.max_queue, spec=spec)
+    draft = None
+    if spec.uses_draft_model:
+        draft = ModelRunner(spec.draft_model, rt=rt, n_ctx=runner.n_ctx, n_seq=cfg.server.parallel,
+                            n_batch=cfg.model.batch_size)
+        log.info("draft model %s: %.1f MiB", Path(spec.draft_model).name, draft.memory.total / 2**20)
+    state.scheduler = Scheduler(runner, cfg.server.parallel, cfg.server.max_queue, spec=spec, draft_runner=draft)
     state.scheduler.start()
 
 

@@ -47,6 +47,7 @@ class SpecConfig:
     adaptive: bool = True  # draft length and p_min follow the measured acceptance (n_max stays the bound)
     synth_rates: tuple[float, ...] = ()  # --spec-synth-rates: benchmarking only, output NOT valid
     synth_len: float = -1.0  # --spec-synth-len
+    draft_model: str = ""  # --spec-draft-model: the GGUF of draft-simple
     ngram: ngram.NgramParams = field(default_factory=ngram.NgramParams)
 
     @property
@@ -58,6 +59,10 @@ class SpecConfig:
         return "draft-mtp" in self.types
 
     @property
+    def uses_draft_model(self) -> bool:
+        return "draft-simple" in self.types
+
+    @property
     def synthetic(self) -> bool:
         return bool(self.synth_rates) or self.synth_len != -1.0
 
@@ -66,9 +71,8 @@ class SpecConfig:
             raise ConfigError(f"speculative: need 0 <= draft_n_min <= draft_n_max, got {self.n_min} / {self.n_max}")
         if not 0.0 <= self.p_min <= 1.0:
             raise ConfigError(f"speculative: draft_p_min must be within [0, 1], got {self.p_min}")
-        if "draft-simple" in self.types:
-            raise ConfigError("speculative type draft-simple (a separate draft model) is not implemented yet; "
-                              "use draft-mtp or an n-gram type")
+        if "draft-simple" in self.types and not self.draft_model:
+            raise ConfigError("speculative type draft-simple needs a draft model: --spec-draft-model FILE")
         return self
 
     def for_request(self, body: dict) -> "SpecConfig":
@@ -119,7 +123,7 @@ def from_config(section) -> SpecConfig:
         raise ConfigError(f"speculative: {e}") from None
     return SpecConfig(types=types, n_max=section.draft_n_max, n_min=section.draft_n_min, p_min=section.draft_p_min,
                       adaptive=section.adaptive, synth_rates=rates, synth_len=section.synth_len,
-                      ngram=ngram_params).check()
+                      draft_model=section.draft_model, ngram=ngram_params).check()
 
 
 class SlotSpec:
@@ -134,6 +138,7 @@ class SlotSpec:
         self.adaptive = AdaptiveDraft(cfg.n_max, cfg.n_min, cfg.p_min, cost) if cfg.adaptive else None
         self.synth = SynthAcceptance(cfg.n_max, cfg.synth_rates or None,
                                      cfg.synth_len if cfg.synth_len != -1.0 else None, seed) if cfg.synthetic else None
+        self.model_drafts: list[int] = []
         self.mtp_drafts: list[int] = []
         self.mtp_probs: list[np.ndarray | None] = []
         self.k_next = 0  # draft length chosen for the next step
@@ -170,6 +175,8 @@ class SlotSpec:
         for t in self.cfg.types:
             if t == "draft-mtp":
                 d, q = self.mtp_drafts[:k], self.mtp_probs[:k]
+            elif t == "draft-simple":
+                d, q = self.model_drafts[:k], None
             else:
                 d, q = self.drafters[t].draft(k), None
             if len(d) >= need:
