@@ -20,7 +20,7 @@ BENCH_MODELS = {
     # partial RoPE over 64 of 128 dims
     "qwen35": dict(arch="qwen35", qtype="Q8_0", seed=0, n_embd=1024, n_layer=12, n_head=8, n_head_kv=2,
                    head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, ssm_d_state=128, ssm_n_group=4,
-                   ssm_dt_rank=8),
+                   ssm_dt_rank=8, mtp=True),
     "qwen35moe": dict(arch="qwen35moe", qtype="Q8_0", seed=0, n_embd=1024, n_layer=8, n_head=8, n_head_kv=2,
                       head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, ssm_d_state=128, ssm_n_group=4,
                       ssm_dt_rank=8, n_expert=32, n_expert_used=4, n_ff_exp=512, n_ff_shexp=512),
@@ -34,7 +34,7 @@ def bench_model_path(arch: str = "qwen3") -> Path:
 
     vocab = Path(__file__).resolve().parent.parent / "tests" / "data" / "vocab" / "ggml-vocab-qwen2.gguf"
     spec = BENCH_MODELS[arch]
-    tag = f"{arch}-{spec['n_layer']}l" if arch != "qwen3" else "qwen3-300m"
+    tag = f"{arch}-{spec['n_layer']}l{'-mtp' if spec.get('mtp') else ''}" if arch != "qwen3" else "qwen3-300m"
     path = default_cache_dir().parent / "bench" / f"{tag}-q8_0-seed0.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +102,8 @@ def _time_decode(runner, prompt, n_decode):
 
 
 def main(args) -> int:
+    if getattr(args, "spec", False):
+        return spec_main(args)
     from nextn.cl.runtime import DeviceChoice
     from nextn.ops.bandwidth import measure_bandwidth
     from nextn.runner import ModelRunner
@@ -110,7 +112,7 @@ def main(args) -> int:
         return int(v) if v is not None and str(v).isdigit() else v
 
     rt = Runtime(DeviceChoice(sel(args.platform), sel(args.device)))
-    path = Path(args.model) if args.model else bench_model_path(args.arch)
+    path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen3")
     t0 = time.perf_counter()
     runner = ModelRunner(path, rt=rt, n_ctx=args.n_prompt + args.n_decode + 16, n_batch=args.n_prompt)
     load_s = time.perf_counter() - t0
@@ -151,4 +153,78 @@ def main(args) -> int:
         print(f"{name:<10}{tps:>14.1f}{tps / bound:>9.0%}{host * 1e6:>14.0f}{n:>10}")
     print(f"ratio cython/pyopencl decode: {rows[0][1] / rows[1][1]:.2f}x; host time per step: "
           f"{rows[1][2] / rows[0][2]:.1f}x less")
+    return 0
+
+
+SPEC_BENCH_TYPES = ("none", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache",
+                    "draft-mtp", "ngram-mod,draft-mtp")
+
+
+def spec_main(args) -> int:
+    """`nextn bench --spec`: decode speed and acceptance of each speculative type on a repetitive and a plain
+    prompt, and prompt processing with the MTP head kept in step vs without, through the scheduler (one slot),
+    side by side in one process."""
+    import queue as queuemod
+
+    from nextn.cl.runtime import DeviceChoice
+    from nextn.runner import ModelRunner
+    from nextn.sampling import SamplingParams
+    from nextn.scheduler import Request, Scheduler
+    from nextn.spec.ngram import NgramParams
+    from nextn.spec.speculator import SpecConfig, parse_types
+
+    def sel(v):
+        return int(v) if v is not None and str(v).isdigit() else v
+
+    rt = Runtime(DeviceChoice(sel(args.platform), sel(args.device)))
+    path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen35")
+    runner = ModelRunner(path, rt=rt, n_ctx=2048, n_batch=args.n_prompt, mtp=True, speculative=True)
+    print(f"device:     {rt.describe()}")
+    print(f"model:      {path.name} (random weights: acceptance shows the machinery, not a real model's)")
+    tok = runner.tokenizer
+    repetitive = tok.encode("The cat sat on the mat and looked at the door. " * 24, True, False)[: args.n_prompt]
+    rng = np.random.default_rng(0)
+    plain = rng.integers(0, min(runner.n_vocab, 100000), args.n_prompt).tolist()
+    # the bench's own n-gram sizes: the defaults (12-token keys, 48-token ngram-mod chains) need real text
+    ngram = NgramParams(ngram_simple_size_n=3, ngram_map_k_size_n=3, ngram_map_k4v_size_n=3, ngram_mod_n_match=8,
+                        ngram_mod_n_min=2, ngram_mod_n_max=16)
+
+    def run(spec, prompt, n_gen):
+        sched = Scheduler(runner, 1, spec=spec)
+        for i in range(runner.n_seq):
+            sched.cache.forget(i)
+        sched.start()
+        q = queuemod.Queue()
+        sched.submit(Request(list(prompt), n_gen, SamplingParams(temperature=0.0), ignore_eos=True, sink=q.put))
+        while True:
+            ev = q.get(timeout=600)
+            if ev.kind == "done":
+                sched.drain(0)
+                return ev.timings
+            if ev.kind == "error":
+                sched.drain(0)
+                raise ev.error
+
+    print(f"prompt processing, {args.n_prompt} tokens through the scheduler (median of {args.repeats}):")
+    pp = {}
+    for name, spec in (("MTP off", SpecConfig()), ("MTP on", SpecConfig(types=("draft-mtp",)))):
+        pp[name] = statistics.median(run(spec, plain, 1)["prompt_per_second"] for _ in range(args.repeats))
+        print(f"  {name:<8}{pp[name]:>10.1f} tok/s")
+    print(f"  MTP on / off: {pp['MTP on'] / pp['MTP off']:.2f}")
+    print(f"decode, {args.n_decode} tokens greedy, n-max {args.spec_n_max} (adaptive off / on), median of "
+          f"{args.repeats}:")
+    print(f"{'type':<22}{'prompt':<12}{'tok/s':>8}{'accepted':>12}{'tok/s adapt':>13}{'chosen n':>10}")
+    for name in SPEC_BENCH_TYPES:
+        for label, prompt in (("repetitive", repetitive), ("plain", plain)):
+            row = []
+            for adaptive in (False, True):
+                spec = SpecConfig(types=parse_types(name), n_max=args.spec_n_max, adaptive=adaptive, ngram=ngram)
+                ts = [run(spec, prompt, args.n_decode) for _ in range(args.repeats)]
+                t = sorted(ts, key=lambda x: x["predicted_per_second"])[len(ts) // 2]
+                row.append(t)
+            fixed, adapt = row
+            acc = f"{fixed['draft_n_accepted']}/{fixed['draft_n']}" if fixed["draft_n"] else "-"
+            chosen = adapt.get("speculative", {}).get("draft_n_max_chosen", "-")
+            print(f"{name:<22}{label:<12}{fixed['predicted_per_second']:>8.1f}{acc:>12}"
+                  f"{adapt['predicted_per_second']:>13.1f}{chosen!s:>10}")
     return 0

@@ -243,11 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure prompt and decode speed against the memory-bandwidth bound")
     b.add_argument("-m", "--model", default=None, help="GGUF to measure (default: a random ~300M Q8_0 model of --arch)")
-    b.add_argument("--arch", default="qwen3", choices=("qwen3", "qwen35", "qwen35moe"),
-                   help="architecture of the default random model (default: qwen3)")
+    b.add_argument("--arch", default=None, choices=("qwen3", "qwen35", "qwen35moe"),
+                   help="architecture of the default random model (default: qwen3; qwen35 with --spec)")
     b.add_argument("--n-prompt", type=int, default=512)
     b.add_argument("--n-decode", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--spec", action="store_true",
+                   help="measure speculative decoding instead: every draft type on a repetitive and a plain prompt, "
+                        "and prompt processing with the MTP head on vs off (needs a model with an MTP block; "
+                        "default model: --arch qwen35)")
+    b.add_argument("--spec-n-max", type=int, default=4, help="draft length for --spec (default 4)")
     b.add_argument("--device", default=None)
     b.add_argument("--platform", default=None)
     b.set_defaults(func=cmd_bench)
