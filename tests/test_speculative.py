@@ -136,3 +136,19 @@ def test_sampled_output_distribution_unchanged_by_speculation(tmp_path):
     assert drafted > 1000  # the second token really went through verification
     chi2, df, p = chi_square(counts, joint)
     assert p > 0.001, f"chi2 {chi2:.1f} with {df} degrees of freedom, p = {p:.2g}"
+
+
+def test_synthetic_acceptance_is_marked_and_follows_the_rates(tmp_path):
+    """--spec-synth-rates: benchmarking only. The acceptance profile is the configured one, whatever the
+    drafts, and the timings say the output is synthetic."""
+    path = make_tiny(tmp_path / "m.gguf", arch="qwen3", qtype="Q8_0", seed=5)
+    runner = ModelRunner(path, n_ctx=256, n_seq=2, n_batch=32, speculative=True)
+    spec = SpecConfig(types=("ngram-simple",), n_max=1, adaptive=False, synth_rates=(0.5,),
+                      ngram=NgramParams(ngram_simple_size_n=1, ngram_simple_size_m=2))
+    prompt = runner.tokenizer.encode("a a a a a a a a", True, False)
+    toks, timings = generate(runner, spec, prompt, n=200)
+    assert timings["speculative_synthetic"] is True
+    assert timings["draft_n"] > 100
+    # one-token drafts accepted at rate 0.5 (about 130 drafts: 0.35..0.65 is beyond 3 standard deviations)
+    rate = timings["draft_n_accepted"] / timings["draft_n"]
+    assert 0.35 < rate < 0.65, rate

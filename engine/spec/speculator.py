@@ -188,6 +188,9 @@ class SlotSpec:
                eog: Collection[int]) -> tuple[int, int]:
         """(n_accepted, next token) for rows [last, d1..dk] of one step."""
         if self.synth is not None and drafts:
+            if logits is None:  # greedy: the model's own token at the first rejected row is its argmax
+                n = self.synth.n_accepted(drafts, eog)
+                return n, int(top[n])
             return self.synth.verify(drafts, logits, sampler, history, eog)
         if logits is None:  # greedy without penalties: the device argmax decides
             return verify_greedy(drafts, top, eog)
