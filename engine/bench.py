@@ -116,7 +116,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     runner = ModelRunner(path, rt=rt, n_ctx=args.n_prompt + args.n_decode + 16, n_batch=args.n_prompt)
     load_s = time.perf_counter() - t0
-    n_params = sum(t.n_rows * t.n_cols for t in unique_weights(runner) if hasattr(t, "n_cols"))
+    n_params = sum(t.n_rows * t.n_cols * getattr(t, "n_expert", 1) for t in unique_weights(runner) if hasattr(t, "n_cols"))
     print(f"device:     {rt.describe()}")
     print(f"model:      {path.name}: {runner.file.arch}, {n_params / 1e6:.0f} M parameters in matrices, "
           f"{runner.memory.weights / 2**20:.0f} MiB weights; loaded in {load_s:.1f} s "

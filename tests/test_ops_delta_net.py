@@ -6,7 +6,13 @@ about dk * 2^-24 relative to |S| (a dk-term dot product), and the state is a con
 0 < beta < 1, decay <= 1), so errors add up rather than grow; over 100 tokens at dk 128 that is
 ~1e-5 relative. We use rtol 1e-4, atol 2e-5 on outputs and states (values are O(1)). The recurrent
 and chunked forms sum in different orders, so they agree within the same bound, not bit for bit;
-a given form and split is deterministic, so snapshot / restore is compared for exact equality.
+a given form and split is deterministic, so snapshot / restore is compared for exact equality, and so is
+a sequence in a mixed batch against the same tokens launched alone (the chunked form cuts its chunks where
+the sequence changes, so a contiguous run is chunked as it would be alone).
+
+Mixed batches (continuous batching): seqs holds the slot of each token; a slot id outside [0, n_seq) must
+write nothing. The state lives in a sub-buffer with a sentinel margin of at least one sequence on each
+side (`Guarded`), so a write through slot -1 or n_seq would land where the test sees it.
 """
 
 import time
@@ -33,13 +39,64 @@ def write(rt, buf, arr):
     cl.enqueue_copy(rt.queue, buf, np.ascontiguousarray(arr, np.float32))
 
 
-def seqs_buf(rt, seq):
-    return rt.upload(np.array([seq], np.int32), "seqs")
+def seqs_buf(rt, seqs):
+    """The per-token slot array (int32 [n_tokens]) as the batch's seq buffer."""
+    return rt.upload(np.asarray(seqs, np.int32), "seqs")
+
+
+SENTINEL = 7.0
+
+
+class Guarded:
+    """A state array in a sub-buffer of a larger buffer whose margins (one sequence or more on each side,
+    the front rounded up to the device's sub-buffer alignment) hold SENTINEL; the kernels size n_seq from
+    the sub-buffer. `read` returns the state and asserts that the margins are untouched."""
+
+    def __init__(self, rt, state):
+        self.rt, self.shape = rt, state.shape
+        per_seq = state[0].nbytes
+        align = rt.device.mem_base_addr_align // 8
+        self.front = -(-per_seq // align) * align // 4  # floats
+        host = np.full(self.front + state.size + 2 * state[0].size, SENTINEL, np.float32)
+        host[self.front:self.front + state.size] = state.ravel()
+        self.parent = rt.upload(host, "guarded state")
+        self.buf = self.parent.get_sub_region(4 * self.front, state.nbytes)
+
+    def read(self):
+        host = np.empty(self.parent.size // 4, np.float32)
+        cl.enqueue_copy(self.rt.queue, host, self.parent)
+        n = int(np.prod(self.shape))
+        assert (host[:self.front] == SENTINEL).all(), "a write landed before the state buffer"
+        assert (host[self.front + n:] == SENTINEL).all(), "a write landed after the state buffer"
+        return host[self.front:self.front + n].reshape(self.shape)
+
+
+# Batches mixing sequences, as lists of (slot, run length). n_seq is 4: slot 1 is never in a batch (its state
+# must stay as it was); 4 and -1 are outside [0, n_seq) and must be skipped.
+N_SEQ = 4
+LAYOUTS = {
+    "runs": [(2, 1), (0, 5), (3, 9)],  # one contiguous run per sequence, short ones
+    "decode": [(3, 1), (0, 1), (2, 1)],  # one token per sequence, as a decode step of three slots
+    "long_run": [(3, 2), (0, 70), (2, 3)],  # a run longer than a 64-token chunk between two short ones
+    "two_runs": [(0, 3), (2, 4), (0, 6)],  # sequence 0 comes back after sequence 2
+    "bad_ids": [(0, 2), (N_SEQ, 3), (-1, 1), (0, 3), (2, 2)],  # slots outside [0, n_seq) in the middle
+}
+
+
+def layout_seqs(layout):
+    return np.concatenate([np.full(n, s, np.int32) for s, n in layout])
+
+
+def contiguous(layout) -> bool:
+    """Each valid sequence appears in one run: its chunks are then those of the same tokens alone."""
+    valid = [s for s, _ in layout if 0 <= s < N_SEQ]
+    return len(valid) == len(set(valid)) and len(valid) == len(layout)
 
 
 # -- ssm_conv ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("channels, n_tokens", [(40, 1), (40, 7), (200, 64)])
+# channels per work-item on a CPU (the largest of 16, 8, 4, 2, 1 dividing channels): 8, 1, 2, 4, 8
+@pytest.mark.parametrize("channels, n_tokens", [(40, 1), (41, 7), (42, 3), (36, 5), (200, 64)])
 def test_ssm_conv(rt, channels, n_tokens):
     rng = np.random.default_rng(channels + n_tokens)
     ks, n_seq, seq = 4, 3, 1
@@ -48,7 +105,7 @@ def test_ssm_conv(rt, channels, n_tokens):
     st = rng.standard_normal((n_seq, ks - 1, channels)).astype(np.float32)
     bx, bw, bst = rt.upload(x, "x"), rt.upload(w, "w"), rt.upload(st, "st")
     by = rt.upload(np.full_like(x, 7.0), "y")
-    bseq = seqs_buf(rt, seq)
+    bseq = seqs_buf(rt, [seq] * (n_tokens + 2))
     run_launches(rt, dn.ssm_conv(rt, bx, by, bw, bst, bseq, channels, ks, n_tokens + 2), [n_tokens, 0, 0, 0])
     y_ref, st_ref = ref.ssm_conv(x[:n_tokens], w, st[seq])
     y, st_new = read(rt, by, x.shape), read(rt, bst, st.shape)
@@ -64,7 +121,7 @@ def test_ssm_conv_in_place_and_split(rt):
     channels, ks = 96, 4
     x = rng.standard_normal((7, channels)).astype(np.float32)
     w = rng.standard_normal((channels, ks)).astype(np.float32)
-    bw, bseq = rt.upload(w, "w"), seqs_buf(rt, 0)
+    bw, bseq = rt.upload(w, "w"), seqs_buf(rt, [0] * 7)
     bst = rt.upload(np.zeros((1, ks - 1, channels), np.float32), "st")
     bx = rt.alloc(x.nbytes, "x")
     launches = dn.ssm_conv(rt, bx, bx, bw, bst, bseq, channels, ks, 7)
@@ -76,6 +133,35 @@ def test_ssm_conv_in_place_and_split(rt):
     y_ref, st_ref = ref.ssm_conv(x, w, np.zeros((ks - 1, channels)))
     np.testing.assert_allclose(np.concatenate(ys), y_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(read(rt, bst, (ks - 1, channels)), st_ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ssm_conv_mixed_batch(rt, layout):
+    """One launch over a batch of several sequences = each sequence's tokens through the reference from its
+    own state; states of sequences not in the batch and rows of skipped tokens untouched, nothing written
+    outside the state buffer."""
+    layout = LAYOUTS[layout]
+    seqs = layout_seqs(layout)
+    n, channels, ks = len(seqs), 72, 4
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, channels)).astype(np.float32)
+    w = rng.standard_normal((channels, ks)).astype(np.float32)
+    st = rng.standard_normal((N_SEQ, ks - 1, channels)).astype(np.float32)
+    bx, bw, bseq = rt.upload(x, "x"), rt.upload(w, "w"), seqs_buf(rt, seqs)
+    by = rt.upload(np.full_like(x, SENTINEL), "y")
+    gst = Guarded(rt, st)
+    run_launches(rt, dn.ssm_conv(rt, bx, by, bw, gst.buf, bseq, channels, ks, n), [n, 0, 0, 0])
+    y, st_new = read(rt, by, x.shape), gst.read()
+    for s in range(N_SEQ):
+        rows = seqs == s
+        if not rows.any():
+            np.testing.assert_array_equal(st_new[s], st[s], err_msg=f"sequence {s} is not in the batch")
+            continue
+        y_ref, st_ref = ref.ssm_conv(x[rows], w, st[s])
+        np.testing.assert_allclose(y[rows], y_ref, rtol=1e-5, atol=1e-6, err_msg=f"sequence {s}")
+        np.testing.assert_array_equal(st_new[s], st_ref.astype(np.float32), err_msg=f"sequence {s}")
+    skipped = (seqs < 0) | (seqs >= N_SEQ)
+    assert (y[skipped] == SENTINEL).all()
 
 
 # -- gates, l2 norm, gated norm ---------------------------------------------------------------------
@@ -136,31 +222,34 @@ def ref_from_prepped(qkv, g, beta, state, hk, hv, dk, dv):
 
 
 class DeltaRig:
-    """Device buffers for up to max_tokens tokens and the launches of one form."""
+    """Device buffers for up to max_tokens tokens and the launches of one form; the state in a Guarded
+    sub-buffer. A run's tokens belong to sequence `seq` unless a per-token seqs array is given."""
 
     def __init__(self, rt, hk, hv, dk, dv, state, max_tokens, form, seq=1):
-        self.rt, self.shape = rt, (hk, hv, dk, dv)
+        self.rt, self.shape, self.seq = rt, (hk, hv, dk, dv), seq
         qkv_dim = 2 * hk * dk + hv * dv
         self.qkv = rt.alloc(4 * max_tokens * qkv_dim, "qkv")
         self.g = rt.alloc(4 * max_tokens * hv, "g")
         self.beta = rt.alloc(4 * max_tokens * hv, "beta")
         self.out = rt.alloc(4 * max_tokens * hv * dv, "out")
-        self.state = rt.upload(state, "state")
-        self.seqs = seqs_buf(rt, seq)
-        self.launches = dn.delta_net(rt, self.qkv, self.g, self.beta, self.state, self.out, self.seqs,
+        self.state = Guarded(rt, state)
+        self.seqs = rt.alloc(4 * max_tokens, "seqs")
+        self.launches = dn.delta_net(rt, self.qkv, self.g, self.beta, self.state.buf, self.out, self.seqs,
                                      hk, hv, dk, dv, max_tokens, form=form)
 
-    def run(self, qkv, g, beta):
+    def run(self, qkv, g, beta, seqs=None):
         n = qkv.shape[0]
         write(self.rt, self.qkv, qkv)
         write(self.rt, self.g, g)
         write(self.rt, self.beta, beta)
+        write(self.rt, self.out, np.full((n, self.shape[1] * self.shape[3]), SENTINEL))
+        cl.enqueue_copy(self.rt.queue, self.seqs, np.asarray(np.full(n, self.seq) if seqs is None else seqs, np.int32))
         run_launches(self.rt, self.launches, [n, 0, 0, 0])
         hk, hv, dk, dv = self.shape
         return read(self.rt, self.out, (n, hv * dv))
 
-    def read_state(self, shape):
-        return read(self.rt, self.state, shape)
+    def read_state(self):
+        return self.state.read()
 
 
 SHAPES = [(2, 2, 16, 16), (2, 4, 32, 32), (1, 2, 128, 128)]  # (n_k_heads, n_v_heads, dk, dv)
@@ -176,7 +265,7 @@ def test_delta_net(rt, form, hk, hv, dk, dv, n):
     out = rig.run(qkv, g, beta)
     o_ref, s_ref = ref_from_prepped(qkv, g, beta, state[1], hk, hv, dk, dv)
     np.testing.assert_allclose(out, o_ref, rtol=RTOL, atol=ATOL)
-    st = rig.read_state(state.shape)
+    st = rig.read_state()
     np.testing.assert_allclose(st[1], s_ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_array_equal(st[0], state[0])  # the other sequence is untouched
 
@@ -193,8 +282,43 @@ def test_prompt_splits_agree(rt, hk, hv, dk, dv):
         rig = DeltaRig(rt, hk, hv, dk, dv, state, step, "recurrent" if step == 1 else "chunked")
         outs = [rig.run(qkv[a:a + step], g[a:a + step], beta[a:a + step]) for a in range(0, n, step)]
         np.testing.assert_allclose(np.concatenate(outs), o_ref, rtol=RTOL, atol=ATOL, err_msg=f"step {step}")
-        np.testing.assert_allclose(rig.read_state(state.shape)[1], s_ref, rtol=RTOL, atol=ATOL,
+        np.testing.assert_allclose(rig.read_state()[1], s_ref, rtol=RTOL, atol=ATOL,
                                    err_msg=f"step {step}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_delta_net_mixed_batch(rt, layout):
+    """One launch over a batch of several sequences, both forms: each sequence's outputs and state equal the
+    reference run over its tokens alone, and (for one run per sequence) the same kernel launched on those
+    tokens alone, bit for bit; the forms agree; sequence 1 (not in the batch) and the rows of skipped
+    tokens are untouched; nothing is written outside the state buffer."""
+    layout = LAYOUTS[layout]
+    hk, hv, dk, dv = 2, 4, 32, 32
+    seqs = layout_seqs(layout)
+    n = len(seqs)
+    rng = np.random.default_rng(n + len(layout))
+    qkv, g, beta, state = make_inputs(rng, n, hk, hv, dk, dv, n_seq=N_SEQ)
+    skipped = (seqs < 0) | (seqs >= N_SEQ)
+    outs = {}
+    for form in ("recurrent", "chunked"):
+        rig = DeltaRig(rt, hk, hv, dk, dv, state, n, form)
+        out = rig.run(qkv, g, beta, seqs)
+        st = rig.read_state()
+        assert (out[skipped] == SENTINEL).all(), form
+        np.testing.assert_array_equal(st[1], state[1], err_msg=f"{form}: sequence 1 is not in the batch")
+        for s in sorted(set(seqs[~skipped].tolist())):
+            rows = seqs == s
+            o_ref, s_ref = ref_from_prepped(qkv[rows], g[rows], beta[rows], state[s], hk, hv, dk, dv)
+            np.testing.assert_allclose(out[rows], o_ref, rtol=RTOL, atol=ATOL, err_msg=f"{form}, sequence {s}")
+            np.testing.assert_allclose(st[s], s_ref, rtol=RTOL, atol=ATOL, err_msg=f"{form}, sequence {s}")
+            if contiguous(layout):
+                alone = DeltaRig(rt, hk, hv, dk, dv, state, n, form, seq=s)
+                np.testing.assert_array_equal(out[rows], alone.run(qkv[rows], g[rows], beta[rows]),
+                                              err_msg=f"{form}, sequence {s} alone")
+                np.testing.assert_array_equal(st[s], alone.read_state()[s], err_msg=f"{form}, sequence {s} alone")
+        outs[form] = out, st
+    np.testing.assert_allclose(outs["recurrent"][0], outs["chunked"][0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(outs["recurrent"][1], outs["chunked"][1], rtol=RTOL, atol=ATOL)
 
 
 def test_delta_net_rejects_bad_heads(rt):
@@ -223,7 +347,7 @@ def test_snapshot_run_restore_rerun(rt):
 
     bx, bz, ba, bb = (rt.alloc(a.nbytes, name) for a, name in ((x, "x"), (z, "z"), (alpha, "alpha"), (b, "b")))
     bw, bdt, bsa, bnw = (rt.upload(a, name) for a, name in ((w, "w"), (dt_bias, "dt"), (ssm_a, "a"), (norm_w, "nw")))
-    bconv, bdelta, bseq = rt.upload(conv0, "conv"), rt.upload(delta0, "delta"), seqs_buf(rt, seq)
+    bconv, bdelta, bseq = rt.upload(conv0, "conv"), rt.upload(delta0, "delta"), seqs_buf(rt, [seq] * n)
     bo = rt.alloc(4 * n * hv * dv, "o")
     launches = (dn.ssm_conv(rt, bx, bx, bw, bconv, bseq, ch, ks, n)
                 + dn.gdn_prep(rt, bx, ba, bb, bdt, bsa, hk, hv, dk, dv, EPS, n)
@@ -288,7 +412,7 @@ def test_timings_qwen35_sizes(rt):
         bx = rt.upload(rng.standard_normal((n, ch)).astype(np.float32), "x")
         bw = rt.upload(rng.standard_normal((ch, ks)).astype(np.float32), "w")
         bst = rt.alloc(dn.conv_state_bytes(1, ch, ks), "st")
-        bseq = seqs_buf(rt, 0)  # kernels do not own their buffers: keep it referenced while it runs
+        bseq = seqs_buf(rt, [0] * n)  # kernels do not own their buffers: keep it referenced while it runs
         conv = dn.ssm_conv(rt, bx, bx, bw, bst, bseq, ch, ks, n)
         run_launches(rt, conv, [n, 0, 0, 0])
         t0 = time.perf_counter()

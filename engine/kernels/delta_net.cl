@@ -1,16 +1,25 @@
 // delta_net.cl - the gated delta rule of Gated DeltaNet layers (qwen35, qwen35moe, qwen3next).
 //
-// For the tokens t of ONE sequence s = seqs[0] and each value head h (k/q head hk = h % H_K: ggml's
-// repeat tiles the k heads over the v heads, it does not interleave them), with state S = state[s, h]
-// float32 [DK, DV] (S[i][j] at i * DV + j):
+// For each token t of a batch that may mix sequences (s = seqs[t], the slot of token t; a sequence's tokens
+// come in order of position) and each value head h (k/q head hk = h % H_K: ggml's repeat tiles the k heads
+// over the v heads, it does not interleave them), with state S = state[s, h] float32 [DK, DV] (S[i][j] at
+// i * DV + j), in batch order:
 //     S = exp(g[t, h]) * S
 //     S += k_t (beta[t, h] * (v_t - S^T k_t))^T
 //     o[t, h] = S^T q_t
 // where q_t, k_t are the l2-normalised q / k rows of head hk (q also scaled by 1 / sqrt(DK)), as
-// kernel_gdn_prep leaves them. The state is read and written in place.
+// kernel_gdn_prep leaves them. The states are read and written in place; sequences with no token in the
+// batch are not touched. A token whose seqs[t] is outside [0, n_seq) is skipped (out[t] not written).
 // Layouts: qkv float32 [n_tokens, QKV_DIM] with QKV_DIM = 2 * H_K * DK + H_V * DV (q heads, k heads,
 // v heads: the ssm_conv output); g, beta float32 [n_tokens, H_V]; out float32 [n_tokens, H_V * DV];
-// state float32 [n_seq, H_V, DK, DV].
+// state float32 [n_seq, H_V, DK, DV]; seqs int32 [n_tokens].
+// Sequences: a work-item holds its column of the state of one sequence at a time. The recurrent form
+//     walks the batch run by run (a run: consecutive tokens of one sequence, found by run_end), the
+//     chunked form chunk by chunk (a chunk ends after CH tokens or where the sequence changes). Where
+//     the sequence changes, the work-item stores its column to the previous sequence's slot and loads
+//     the new one's, so a batch of runs [s2 s2 s2 s0 s5 s5] costs one load and one store per run, and a
+//     sequence that comes back in a later run resumes from what its earlier run stored (each work-item
+//     reads back only the state column it wrote, so no fence is needed).
 //
 // Kernels:
 // kernel_gdn_prep: in place on qkv, q and k rows: x / sqrt(sum(x^2) + eps) (ggml's build_gdn_l2_norm),
@@ -20,8 +29,11 @@
 //     global = n_tokens * 2 * H_K * WG, local = WG; group 0 of each token also writes its gates.
 // kernel_gdn_recurrent: one work-item per value column j of one head: global = (DV, H_V),
 //     local = (LR, 1). The work-item keeps its state column S[:, j] in registers and loops over the
-//     tokens; there is no cross-work-item traffic, so no barrier. Used for decode (1 token) and drafts.
-// kernel_gdn_chunked: the chunked (WY-style) form over chunks of CH tokens, for prompts. Same grid with
+//     tokens of the batch; there is no cross-work-item traffic, so no barrier. Used for decode (1 token
+//     per sequence) and drafts.
+// kernel_gdn_chunked: the chunked (WY-style) form over chunks of up to CH consecutive tokens of one
+//     sequence, for prompts: a chunk ends after CH tokens or where the sequence changes (the Gram
+//     matrices below only relate tokens of one sequence). Same grid with
 //     local = (DV, 1): the group stages a chunk's k and q in local memory, builds the two CH x CH
 //     decayed Gram matrices A_kk[t][s] = beta_t e^(G_t - G_s) k_t.k_s (s < t) and
 //     A_qk[t][s] = e^(G_t - G_s) q_t.k_s (s <= t) (G = cumulative g in the chunk) cooperatively, then
@@ -41,6 +53,26 @@
 #ifndef CH
 #define CH 64
 #endif
+
+// The end of the run of tokens of sequence seqs[r0] that starts at r0, at most `limit`: the first t in
+// (r0, limit) with seqs[t] != seqs[r0], else limit. It looks at 8 tokens per step with independent loads:
+// a GPU work-item waits on every load it branches on, so a token-by-token scan costs a memory round
+// trip per token.
+inline int run_end(__global const int *seqs, const int r0, const int limit) {
+    const int s = seqs[r0];
+    for (int b = r0 + 1; b < limit; b += 8) {
+        int m = 8;
+        for (int k = 7; k >= 0; k--) {
+            if (b + k < limit && seqs[b + k] != s) {
+                m = k;
+            }
+        }
+        if (m < 8) {
+            return b + m;
+        }
+    }
+    return limit;
+}
 
 inline float group_sum(float s, __local float *part) {
     const int lid = get_local_id(0);
@@ -92,37 +124,44 @@ __kernel void kernel_gdn_recurrent(__global const float *qkv, __global const flo
     const int j = get_global_id(0);
     const int h = get_global_id(1);
     const int hk = h % H_K;
-    const int s = seqs[0];
-    if (j >= DV || s < 0 || s >= n_seq) {
+    if (j >= DV) {
         return;
     }
-    __global float *st = state + ((size_t)s * H_V + h) * DK * DV + j;
-    float sc[DK];
-    for (int i = 0; i < DK; i++) {
-        sc[i] = st[(size_t)i * DV];
-    }
-    for (int t = 0; t < n_tokens; t++) {
-        __global const float *row = qkv + (size_t)t * QKV_DIM;
-        __global const float *q = row + hk * DK;
-        __global const float *k = row + (H_K + hk) * DK;
-        const float v = row[2 * H_K * DK + h * DV + j];
-        const float decay = exp(g[(size_t)t * H_V + h]);
-        const float bt = beta[(size_t)t * H_V + h];
-        float kv = 0.0f;
-        for (int i = 0; i < DK; i++) {
-            sc[i] *= decay;
-            kv = mad(sc[i], k[i], kv);
+    float sc[DK];  // column j of the state of the run's sequence
+    for (int r0 = 0, r1 = 0; r0 < n_tokens; r0 = r1) {
+        const int s = seqs[r0];
+        r1 = run_end(seqs, r0, n_tokens);  // the run [r0, r1): consecutive tokens of sequence s
+        if (s < 0 || s >= n_seq) {
+            continue;  // a bad slot must not touch memory outside the state buffer: its tokens are skipped
         }
-        const float d = bt * (v - kv);
-        float o = 0.0f;
+        __global float *st = state + ((size_t)s * H_V + h) * DK * DV + j;
         for (int i = 0; i < DK; i++) {
-            sc[i] = mad(k[i], d, sc[i]);
-            o = mad(sc[i], q[i], o);
+            sc[i] = st[(size_t)i * DV];
         }
-        out[(size_t)t * H_V * DV + h * DV + j] = o;
-    }
-    for (int i = 0; i < DK; i++) {
-        st[(size_t)i * DV] = sc[i];
+#pragma unroll 1
+        for (int t = r0; t < r1; t++) {
+            __global const float *row = qkv + (size_t)t * QKV_DIM;
+            __global const float *q = row + hk * DK;
+            __global const float *k = row + (H_K + hk) * DK;
+            const float v = row[2 * H_K * DK + h * DV + j];
+            const float decay = exp(g[(size_t)t * H_V + h]);
+            const float bt = beta[(size_t)t * H_V + h];
+            float kv = 0.0f;
+            for (int i = 0; i < DK; i++) {
+                sc[i] *= decay;
+                kv = mad(sc[i], k[i], kv);
+            }
+            const float d = bt * (v - kv);
+            float o = 0.0f;
+            for (int i = 0; i < DK; i++) {
+                sc[i] = mad(k[i], d, sc[i]);
+                o = mad(sc[i], q[i], o);
+            }
+            out[(size_t)t * H_V * DV + h * DV + j] = o;
+        }
+        for (int i = 0; i < DK; i++) {
+            st[(size_t)i * DV] = sc[i];
+        }
     }
 }
 
@@ -139,18 +178,33 @@ void kernel_gdn_chunked(__global const float *qkv, __global const float *g, __gl
     const int j = get_local_id(0);
     const int h = get_group_id(1);
     const int hk = h % H_K;
-    const int s = seqs[0];
-    if (s < 0 || s >= n_seq) {
-        return;  // uniform over the group, so no barrier is skipped by only part of it
-    }
-    __global float *st = state + ((size_t)s * H_V + h) * DK * DV + j;
-    float sc[DK];
+    float sc[DK];  // column j of the state of sequence `cur`
     float u[CH];
-    for (int i = 0; i < DK; i++) {
-        sc[i] = st[(size_t)i * DV];
-    }
-    for (int c0 = 0; c0 < n_tokens; c0 += CH) {
-        const int L = min(CH, n_tokens - c0);
+    int cur = -1;  // -1: none (before the first chunk, or a bad slot)
+    __global float *st = state + j;
+    // Every branch below depends only on seqs and n_tokens, the same for the whole group, so no barrier
+    // is skipped by only part of it.
+    for (int c0 = 0, L = 0; c0 < n_tokens; c0 += L) {
+        const int s = seqs[c0];
+        L = run_end(seqs, c0, min(c0 + CH, n_tokens)) - c0;  // the chunk: up to CH tokens of sequence s
+        if (s != cur) {
+            if (cur >= 0) {
+                for (int i = 0; i < DK; i++) {
+                    st[(size_t)i * DV] = sc[i];
+                }
+            }
+            // a bad slot must not touch memory outside the state buffer: its tokens are skipped
+            cur = (s >= 0 && s < n_seq) ? s : -1;
+            if (cur >= 0) {
+                st = state + ((size_t)cur * H_V + h) * DK * DV + j;
+                for (int i = 0; i < DK; i++) {
+                    sc[i] = st[(size_t)i * DV];
+                }
+            }
+        }
+        if (cur < 0) {
+            continue;
+        }
         for (int idx = j; idx < L * DK; idx += DV) {
             const int t = idx / DK;
             const int i = idx - t * DK;
@@ -215,8 +269,10 @@ void kernel_gdn_chunked(__global const float *qkv, __global const float *g, __gl
         }
         barrier(CLK_LOCAL_MEM_FENCE);  // the next chunk overwrites Kc, Qc, gam, bet
     }
-    for (int i = 0; i < DK; i++) {
-        st[(size_t)i * DV] = sc[i];
+    if (cur >= 0) {
+        for (int i = 0; i < DK; i++) {
+            st[(size_t)i * DV] = sc[i];
+        }
     }
 }
 
