@@ -242,11 +242,12 @@ class DeltaRig:
         write(self.rt, self.qkv, qkv)
         write(self.rt, self.g, g)
         write(self.rt, self.beta, beta)
+        # rows of skipped tokens must keep the sentinel
         write(self.rt, self.out, np.full((n, self.shape[1] * self.shape[3]), SENTINEL))
-        cl.enqueue_copy(self.rt.queue, self.seqs, np.asarray(np.full(n, self.seq) if seqs is None else seqs, np.int32))
+        seqs = np.full(n, self.seq) if seqs is None else seqs
+        cl.enqueue_copy(self.rt.queue, self.seqs, np.ascontiguousarray(seqs, np.int32))
         run_launches(self.rt, self.launches, [n, 0, 0, 0])
-        hk, hv, dk, dv = self.shape
-        return read(self.rt, self.out, (n, hv * dv))
+        return read(self.rt, self.out, (n, self.shape[1] * self.shape[3]))
 
     def read_state(self):
         return self.state.read()

@@ -9,24 +9,26 @@
 // outside [0, n_seq) is skipped: y[t] is not written and no state moves.
 // Layouts: x, y float32 [n_tokens, channels] (row stride `channels`); weight float32 [channels, K]
 // (GGUF ssm_conv1d, ne = {K, channels}); state float32 [n_seq, K - 1, channels]; seqs int32 [n_tokens].
-// y may alias x: each work-item reads x[t, c] before it writes y[t, c] and touches no other channel.
+// y may alias x: each work-item reads x[t, c] before it writes y[t, c] and touches no other channels.
 // SiLU is applied here because qwen35 / qwen3next always apply it right after ssm_conv.
 //
 // NDRange: 1-D, one work-item per VW consecutive channels (global = channels / VW rounded up to the local
 //     size; items past the end return). The token loop runs inside the work-item with the window in
 //     registers: the conv is a few FMAs per token, so parallelism comes from the thousands of channels,
-//     and neighbouring work-items touch neighbouring addresses (coalesced on GPUs). The loop reads TB
-//     tokens' inputs before it writes their outputs: with y aliasing x the compiler cannot move a load of
-//     x[t + 1] above the store of y[t], so a token at a time costs a GPU a memory round trip per token.
-//     (Reading ahead is safe: y[t, c] aliases only x[t, c], which this work-item has already read.)
+//     and neighbouring work-items touch neighbouring addresses (coalesced on GPUs). The loop loads TB
+//     tokens' inputs before it stores their outputs: with y aliasing x the compiler may not move a load
+//     of x[t + 1] above the store of y[t], so a token at a time costs a GPU a memory round trip per token.
+//     Loading ahead is safe: the only output aliasing x[t + k, c] is y[t + k, c], which this work-item
+//     stores after it. (512 tokens x 12288 channels on an H100: 0.113 -> 0.082 ms.)
 // Variants: VW = 1 on GPUs (the most work-items); on CPUs VW = 16 (or the largest of 8, 4, 2 dividing
 //     channels): PoCL runs a group's work-items as a loop around the token loop and does not vectorise
-//     across them, so the vector type is what puts the FMAs and the SiLU's exp in SIMD lanes.
+//     across them, so the vector type is what puts the FMAs and the SiLU's exp in SIMD lanes (same
+//     shape on PoCL, AVX-512: 43 -> 5.5 ms).
 // Sequences: the work-item walks the batch run by run (a run: consecutive tokens of one sequence, found
-//     by scanning seqs, 8 tokens per step: run_end). It loads the run's sequence state into the window, rolls it over the run and
-//     stores it back, so a batch of runs [s2 s2 s2 s0 s5 s5] costs one load and one store per run, and a
-//     sequence that comes back in a later run resumes from what its earlier run stored (each work-item
-//     reads back only its own channel, so no fence is needed).
+//     by run_end, which scans seqs 8 tokens per step). It loads the run's sequence state into the
+//     window, rolls it over the run and stores it back, so a batch of runs [s2 s2 s2 s0 s5 s5] costs one
+//     load and one store per run, and a sequence that comes back in a later run resumes from what its
+//     earlier run stored (each work-item reads back only its own channels, so no fence is needed).
 // Defines: KS (kernel size, 4 in every Qwen3.5 / Qwen3-Next GGUF), VW (channels per work-item, divides
 //     channels).
 // Reference: tests/delta_net_reference.py::ssm_conv.
