@@ -214,11 +214,21 @@ def spec_main(args) -> int:
     print(f"decode, {args.n_decode} tokens greedy, n-max {args.spec_n_max} (adaptive off / on), median of "
           f"{args.repeats}:")
     print(f"{'type':<22}{'prompt':<12}{'tok/s':>8}{'accepted':>12}{'tok/s adapt':>13}{'chosen n':>10}")
-    for name in SPEC_BENCH_TYPES:
+    # a random model's greedy output repeats, so real drafts are all accepted: synthetic acceptance at fixed
+    # rates (output not valid) shows what low acceptance costs and what the adaptive controller saves
+    # (each draft accepted with probability r given the ones before it: unconditional rates r, r^2, ...)
+    cases = [(name, ()) for name in SPEC_BENCH_TYPES] + [
+        ("draft-mtp", tuple(r ** (i + 1) for i in range(args.spec_n_max))) for r in (0.5, 0.1)]
+    for name, rates in cases:
         for label, prompt in (("repetitive", repetitive), ("plain", plain)):
+            if rates and label == "repetitive":
+                continue
+            if rates:
+                label = f"synth {rates[0]:.0%}"
             row = []
             for adaptive in (False, True):
-                spec = SpecConfig(types=parse_types(name), n_max=args.spec_n_max, adaptive=adaptive, ngram=ngram)
+                spec = SpecConfig(types=parse_types(name), n_max=args.spec_n_max, adaptive=adaptive, ngram=ngram,
+                                  synth_rates=rates)
                 ts = [run(spec, prompt, args.n_decode) for _ in range(args.repeats)]
                 t = sorted(ts, key=lambda x: x["predicted_per_second"])[len(ts) // 2]
                 row.append(t)
