@@ -332,6 +332,8 @@ class Scheduler:
         ids, pos, seq, out_rows, fed = [], [], [], [], []
         verify = []  # (slot, first row, drafts, draft probs) of each generating slot
         gen = [s for s in self.slots if s.req is not None and not s.prefilling]
+        n_busy = self._busy_count()
+        token_cap = r.n_batch - (r.n_batch // 2 if n_busy > len(gen) else 0)
         if self.draft_model is not None:
             wants = {s.index: (s.history, s.spec.k_next) for s in gen
                      if s.spec is not None and s.spec.cfg.uses_draft_model and s.spec.k_next > 0}
@@ -340,8 +342,11 @@ class Scheduler:
         for i, s in enumerate(gen):  # decode tokens (and their drafts) first, within the first out rows
             drafts, probs = [], None
             if s.spec is not None:
-                room = min(r.max_outputs - len(out_rows) - (len(gen) - i), r.n_ctx - s.n_past - 2,
-                           s.req.max_tokens - s.n_gen - 1)
+                # leave an output row for every other busy slot and a token for every other generating
+                # one; while prompts wait, drafts take at most half the batch; never draft past the context
+                # or max_tokens
+                room = min(r.max_outputs - len(out_rows) - (n_busy - i), token_cap - len(ids) - (len(gen) - i),
+                           r.n_ctx - s.n_past - 2, s.req.max_tokens - s.n_gen - 1)
                 drafts, probs = s.spec.propose(min(s.spec.k_next, room))
                 if drafts:
                     r.save_for_rollback(s.index)

@@ -152,3 +152,31 @@ def test_synthetic_acceptance_is_marked_and_follows_the_rates(tmp_path):
     # one-token drafts accepted at rate 0.5 (about 130 drafts: 0.35..0.65 is beyond 3 standard deviations)
     rate = timings["draft_n_accepted"] / timings["draft_n"]
     assert 0.35 < rate < 0.65, rate
+
+
+def test_drafts_fit_a_small_batch_with_busy_slots(tmp_path):
+    """4 slots drafting up to 8 tokens each in batches of 8 tokens: drafts shrink to what the batch and the
+    output rows hold (a prompt arriving meanwhile still gets its token), and outputs equal plain decoding."""
+    path = make_tiny(tmp_path / "m.gguf", arch="qwen35", qtype="Q8_0", seed=5, mtp=True)
+    runner = ModelRunner(path, n_ctx=256, n_seq=4, n_batch=8, mtp=True, speculative=True)
+    prompts = [runner.tokenizer.encode(t, True, False) for t in ("a b c", "hello there", "x y z w v", "1 2 3")]
+
+    def serve(spec):
+        sched = Scheduler(runner, 4, spec=spec)
+        for i in range(4):
+            sched.cache.forget(i)
+        sched.start()
+        try:
+            qs = [run(sched, p, 20, ignore_eos=True)[1] for p in prompts[:3]]
+            first = [q.get(timeout=30) for q in qs]  # the three are generating (and drafting)
+            q4 = run(sched, prompts[3], 20, ignore_eos=True)[1]  # arrives mid-speculation
+            out = []
+            for ev, q in zip(first, qs):
+                toks = collect(q)[0]
+                out.append([ev.token, *toks])
+            return out + [collect(q4)[0]]
+        finally:
+            sched.drain(0)
+
+    plain = serve(None)
+    assert serve(SpecConfig(types=("draft-mtp",), n_max=8, adaptive=False)) == plain
