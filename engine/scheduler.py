@@ -337,7 +337,11 @@ class Scheduler:
         if self.draft_model is not None:
             wants = {s.index: (s.history, s.spec.k_next) for s in gen
                      if s.spec is not None and s.spec.cfg.uses_draft_model and s.spec.k_next > 0}
-            for idx, drafts in self.draft_model.draft(wants).items():
+            t0 = time.perf_counter()
+            made = self.draft_model.draft(wants)
+            # what drafting costs counts against speculating (the adaptive controllers read it)
+            self.step_cost.observe_draft(sum(map(len, made.values())), time.perf_counter() - t0)
+            for idx, drafts in made.items():
                 self.slots[idx].spec.model_drafts = drafts
         for i, s in enumerate(gen):  # decode tokens (and their drafts) first, within the first out rows
             drafts, probs = [], None
@@ -440,6 +444,7 @@ class Scheduler:
         so the last entry of a generating slot is its new token, whose draft logits give d1. d2.. come from
         feeding each draft back with the block's own hidden output."""
         r = self.runner
+        t0 = time.perf_counter()
         entries = []  # (slot, token, position, hidden row of the trunk batch)
         for s, row, chunk in fed:
             start = s.n_past - len(chunk)
@@ -494,6 +499,8 @@ class Scheduler:
                 state[s.index].take(s, int(top[j]), None if lg is None else lg[j])
         for idx, st in state.items():
             drafting[idx].spec.set_mtp_drafts(st.tokens, st.probs)
+        # the whole pass counts as drafting cost (its catch-up part runs at k = 0 too: conservative)
+        self.step_cost.observe_draft(sum(len(st.tokens) for st in state.values()), time.perf_counter() - t0)
 
     @staticmethod
     def _mtp_logits(slots) -> bool:
