@@ -56,25 +56,27 @@
 #define CH 64
 #endif
 
-// The end of the run of tokens of sequence seqs[r0] that starts at r0, at most `limit`: the first t in
-// (r0, limit) with seqs[t] != seqs[r0], else limit. It looks at 8 tokens per step with independent loads:
-// a GPU work-item waits on every load it branches on, so a token-by-token scan costs a memory round
-// trip per token.
-inline int run_end(__global const int *seqs, const int r0, const int limit) {
-    const int s = seqs[r0];
-    for (int b = r0 + 1; b < limit; b += 8) {
-        int m = 8;
-        for (int k = 7; k >= 0; k--) {
-            if (b + k < limit && seqs[b + k] != s) {
-                m = k;
-            }
-        }
-        if (m < 8) {
-            return b + m;
-        }
+#include "seq_runs.h"
+
+// At a change of sequence: store the work-item's state column sc to the sequence it belongs to, and load
+// sequence s's (a slot outside [0, n_seq) must not touch memory outside the state buffer: cur = -1 then,
+// and its tokens are skipped). Shared by the recurrent and the chunked form.
+#define SWITCH_SEQUENCE(s)                                                                                  \
+    if ((s) != cur) {                                                                                      \
+        if (cur >= 0) {                                                                                    \
+            for (int i = 0; i < DK; i++) {                                                                 \
+                st[(size_t)i * DV] = sc[i];                                                                \
+            }                                                                                              \
+        }                                                                                                  \
+        cur = ((s) >= 0 && (s) < n_seq) ? (s) : -1;                                                        \
+        if (cur >= 0) {                                                                                    \
+            st = state + ((size_t)cur * H_V + h) * DK * DV + j;                                            \
+            for (int i = 0; i < DK; i++) {                                                                 \
+                sc[i] = st[(size_t)i * DV];                                                                \
+            }                                                                                              \
+        }                                                                                                  \
     }
-    return limit;
-}
+
 
 inline float group_sum(float s, __local float *part) {
     const int lid = get_local_id(0);
@@ -134,21 +136,7 @@ __kernel void kernel_gdn_recurrent(__global const float *qkv, __global const flo
     __global float *st = state + j;
     for (int t = 0; t < n_tokens; t++) {
         const int s = seqs[t];
-        if (s != cur) {
-            if (cur >= 0) {
-                for (int i = 0; i < DK; i++) {
-                    st[(size_t)i * DV] = sc[i];
-                }
-            }
-            // a bad slot must not touch memory outside the state buffer: its tokens are skipped
-            cur = (s >= 0 && s < n_seq) ? s : -1;
-            if (cur >= 0) {
-                st = state + ((size_t)cur * H_V + h) * DK * DV + j;
-                for (int i = 0; i < DK; i++) {
-                    sc[i] = st[(size_t)i * DV];
-                }
-            }
-        }
+        SWITCH_SEQUENCE(s)
         if (cur < 0) {
             continue;
         }
@@ -200,21 +188,7 @@ void kernel_gdn_chunked(__global const float *qkv, __global const float *g, __gl
     for (int c0 = 0, L = 0; c0 < n_tokens; c0 += L) {
         const int s = seqs[c0];
         L = run_end(seqs, c0, min(c0 + CH, n_tokens)) - c0;  // the chunk: up to CH tokens of sequence s
-        if (s != cur) {
-            if (cur >= 0) {
-                for (int i = 0; i < DK; i++) {
-                    st[(size_t)i * DV] = sc[i];
-                }
-            }
-            // a bad slot must not touch memory outside the state buffer: its tokens are skipped
-            cur = (s >= 0 && s < n_seq) ? s : -1;
-            if (cur >= 0) {
-                st = state + ((size_t)cur * H_V + h) * DK * DV + j;
-                for (int i = 0; i < DK; i++) {
-                    sc[i] = st[(size_t)i * DV];
-                }
-            }
-        }
+        SWITCH_SEQUENCE(s)
         if (cur < 0) {
             continue;
         }

@@ -53,25 +53,7 @@ typedef CAT(float, VW) floatv;
 #define STOREV(v, p) CAT(vstore, VW)(v, 0, p)
 #endif
 
-// The end of the run of tokens of sequence seqs[r0] that starts at r0, at most `limit`: the first t in
-// (r0, limit) with seqs[t] != seqs[r0], else limit. It looks at 8 tokens per step with independent loads:
-// a GPU work-item waits on every load it branches on, so a token-by-token scan costs a memory round
-// trip per token.
-inline int run_end(__global const int *seqs, const int r0, const int limit) {
-    const int s = seqs[r0];
-    for (int b = r0 + 1; b < limit; b += 8) {
-        int m = 8;
-        for (int k = 7; k >= 0; k--) {
-            if (b + k < limit && seqs[b + k] != s) {
-                m = k;
-            }
-        }
-        if (m < 8) {
-            return b + m;
-        }
-    }
-    return limit;
-}
+#include "seq_runs.h"
 
 __kernel void kernel_ssm_conv(__global const float *x, __global float *y, __global const float *weight,
                               __global float *state, __global const int *seqs, const int channels,
