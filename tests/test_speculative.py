@@ -180,3 +180,23 @@ def test_drafts_fit_a_small_batch_with_busy_slots(tmp_path):
 
     plain = serve(None)
     assert serve(SpecConfig(types=("draft-mtp",), n_max=8, adaptive=False)) == plain
+
+
+def test_bad_speculative_settings_are_refused_up_front():
+    from nextn.errors import ConfigError, RequestError
+    from nextn.spec.speculator import parse_types
+
+    with pytest.raises(ValueError, match="unknown speculative type"):
+        parse_types("ngram-mod,bogus")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        parse_types("none,draft-mtp")
+    with pytest.raises(ConfigError, match="--spec-draft-model"):
+        SpecConfig(types=("draft-simple",)).check()
+    with pytest.raises(ConfigError, match="spec-synth-rates"):
+        SpecConfig(types=("ngram-mod",), n_max=2, synth_rates=(0.5, 0.9)).check()  # must not increase
+    base = SpecConfig(types=("ngram-mod",))
+    assert base.for_request({"speculative.n_max": 5, "speculative.ngram_size_n": 4}).n_max == 5
+    with pytest.raises(RequestError, match="speculative"):
+        base.for_request({"speculative.n_max": -1})
+    with pytest.raises(RequestError, match="enabled at server start"):
+        base.for_request({"speculative.type": "draft-mtp"})

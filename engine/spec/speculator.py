@@ -19,7 +19,7 @@ from nextn.errors import ConfigError, RequestError
 from nextn.sampling import Sampler
 from nextn.spec import ngram
 from nextn.spec.adaptive import AdaptiveDraft, StepCost
-from nextn.spec.verify import SynthAcceptance, verify_greedy, verify_sampled
+from nextn.spec.verify import SynthAcceptance, synth_rates, verify_greedy, verify_sampled
 
 MODEL_TYPES = ("draft-mtp", "draft-simple")
 SPEC_TYPES = ("none", *MODEL_TYPES, *ngram.NGRAM_TYPES)
@@ -71,6 +71,8 @@ class SpecConfig:
             raise ConfigError(f"speculative: need 0 <= draft_n_min <= draft_n_max, got {self.n_min} / {self.n_max}")
         if not 0.0 <= self.p_min <= 1.0:
             raise ConfigError(f"speculative: draft_p_min must be within [0, 1], got {self.p_min}")
+        if self.synthetic:  # the rates are checked at start, not at the first request
+            synth_rates(self.n_max, self.synth_rates or None, self.synth_len if self.synth_len != -1.0 else None)
         if "draft-simple" in self.types and not self.draft_model:
             raise ConfigError("speculative type draft-simple needs a draft model: --spec-draft-model FILE")
         return self
