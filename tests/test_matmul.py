@@ -281,3 +281,32 @@ def test_strided_output_writes_side_by_side(rt):
     np.testing.assert_allclose(out, np.concatenate([x @ wa.T, x @ wb.T], axis=1), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
         mm.matmul(db, xb, y, n_tok, y_stride=64, y_offset=50)
+
+
+@pytest.mark.parametrize("shape", [(100, 512), (33, 96), (1024, 1024)])
+def test_gpu_matvec_kernel(rt, shape):
+    """The GPU-shaped Q8_0 mat-vec (used on GPUs for one-token products), forced here on whatever device
+    runs the tests: same results as numpy, accumulate / ldy / y_off honoured, zero tokens write nothing."""
+    mm = MatmulOps(rt)
+    mm.gpu_matvec = True
+    rng = np.random.default_rng(6)
+    n_rows, n_cols = shape
+    raw = random_weight(T.Q8_0, n_rows, n_cols, rng)
+    w = upload_weight(rt, raw, T.Q8_0, n_rows, n_cols, "test.w")
+    x = rng.standard_normal((1, n_cols)).astype(np.float32)
+    ldy, off = n_rows + 9, 5
+    y0 = rng.standard_normal((1, ldy)).astype(np.float32)
+    xb = rt.upload(x, "test.x")
+    for accumulate in (False, True):
+        yb = rt.upload(y0, "test.y")
+        launches = mm.matmul(w, xb, yb, 1, accumulate=accumulate, y_stride=ldy, y_offset=off)
+        assert launches[0].name.startswith("matmul_q8_0") and "gpu" in launches[0].kernel.function_name
+        run_launches(rt, launches, step_vars(1))
+        y = read(rt, yb, (1, ldy))
+        want = reference(raw, T.Q8_0, x) + (y0[:, off : off + n_rows] if accumulate else 0)
+        assert_close(y[:, off : off + n_rows], want, bound(raw, T.Q8_0, x) + np.abs(y0[:, off : off + n_rows]),
+                     f"gpu mat-vec accumulate={accumulate}")
+        assert np.array_equal(y[:, :off], y0[:, :off]) and np.array_equal(y[:, off + n_rows :], y0[:, off + n_rows :])
+    yb = rt.upload(y0, "test.y")
+    run_launches(rt, mm.matmul(w, xb, yb, 1, y_stride=ldy, y_offset=off), step_vars(0))
+    assert np.array_equal(read(rt, yb, (1, ldy)), y0)

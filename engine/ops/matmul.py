@@ -29,6 +29,12 @@ GET_ROWS_GROUP = 16  # pieces of a row per get_rows work-group on a CPU
 GET_ROWS_COLS = 16  # columns per get_rows work-item for the float types (the quantized ones do a block)
 
 KERNEL_NAMES = {t: t.name.lower() for t in SUPPORTED_TYPES}
+# GPU mat-vec kernels (kernels/matvec_<type>_f32_gpu.cl): a work-group of MV_WARPS 32-wide warps per 16-row
+# tile, lanes splitting each tile block's columns, so a decode product spreads over the whole GPU with
+# coalesced loads. MM_KERNEL gives a GPU one work-item per tile (64 for a 1024-row weight: one SM of an
+# H100, where the bench model decoded at 1% of the bandwidth bound).
+GPU_MATVEC_TYPES = frozenset({T.Q8_0})
+MV_WARPS = 4
 ARG_N_TOKENS = 5  # index of n_tokens in kernel_matmul_*'s argument list (set before each launch)
 
 
@@ -43,6 +49,7 @@ class MatmulOps:
         self.rt = rt
         self._programs: dict[tuple[str, T], cl.Program] = {}
         self.is_cpu = bool(rt.device.type & cl.device_type.CPU)
+        self.gpu_matvec = not self.is_cpu  # one-token products of GPU_MATVEC_TYPES use the GPU kernel
         # software prefetch helps a CPU stream the weights (kernels/quants.h); a GPU has no use for it
         self.defines = {"MM_PREFETCH_BYTES": PREFETCH_BYTES} if self.is_cpu else {}
 
@@ -103,7 +110,12 @@ class MatmulOps:
         else:
             tchunk = PROMPT_CHUNK
         n_chunks = -(-max_tokens // tchunk)
-        k = self.rt.kernel(self._program("matmul", w.qtype), f"kernel_matmul_{KERNEL_NAMES[w.qtype]}_f32")
+        gpu_mv = max_tokens == 1 and self.gpu_matvec and w.qtype in GPU_MATVEC_TYPES
+        if gpu_mv:
+            name = f"matvec_{KERNEL_NAMES[w.qtype]}_f32_gpu"
+            k = self.rt.kernel(self.rt.build(f"{name}.cl", {"MV_WARPS": MV_WARPS}), f"kernel_{name}")
+        else:
+            k = self.rt.kernel(self._program("matmul", w.qtype), f"kernel_matmul_{KERNEL_NAMES[w.qtype]}_f32")
         k.set_args(
             w.buffers["tiles"],
             x,
@@ -116,8 +128,11 @@ class MatmulOps:
             np.int32(ldy),
             np.int32(y_offset),
         )
-        wg = self._local_size(k)
-        n_groups = -(-w.n_tiles // wg)
+        if gpu_mv:  # one work-group per tile
+            wg, n_groups = 32 * MV_WARPS, w.n_tiles
+        else:
+            wg = self._local_size(k)
+            n_groups = -(-w.n_tiles // wg)
         return [
             Launch(
                 k,
