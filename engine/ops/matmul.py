@@ -12,6 +12,8 @@ in how tokens are chunked over the grid and agree to float rounding. The variant
 tests/bench_matmul.py prints the bandwidth and GFLOP/s figures of every type (not part of the test run).
 """
 
+import os
+
 import numpy as np
 import pyopencl as cl
 from gguf import GGMLQuantizationType
@@ -49,7 +51,10 @@ class MatmulOps:
         self.rt = rt
         self._programs: dict[tuple[str, T], cl.Program] = {}
         self.is_cpu = bool(rt.device.type & cl.device_type.CPU)
-        self.gpu_matvec = not self.is_cpu  # one-token products of GPU_MATVEC_TYPES use the GPU kernel
+        # one-token products of GPU_MATVEC_TYPES use the GPU kernel. Opt-in until it has run on a GPU: it is
+        # checked against numpy on PoCL (tests/test_matmul.py forces it), but no GPU was left to time or even
+        # compile it when it was written; NEXTN_GPU_MATVEC=1 turns it on for GPU devices.
+        self.gpu_matvec = not self.is_cpu and os.environ.get("NEXTN_GPU_MATVEC") == "1"
         # software prefetch helps a CPU stream the weights (kernels/quants.h); a GPU has no use for it
         self.defines = {"MM_PREFETCH_BYTES": PREFETCH_BYTES} if self.is_cpu else {}
 
