@@ -49,6 +49,7 @@ Where this differs from llama.cpp, on purpose:
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -172,8 +173,9 @@ def _field_of(key: str) -> str:
     return name
 
 
-class NgramDrafter:
-    """One slot's n-gram drafter. The sequence is the request's prompt plus every token appended since."""
+class NgramDrafter(abc.ABC):
+    """One slot's n-gram drafter. The sequence is the request's prompt plus every token appended since.
+    Each type implements draft() (and its indexing in _index)."""
 
     name = ""
     max_len = 0  # the longest draft this type proposes (llama.cpp's per-type n_max)
@@ -192,9 +194,9 @@ class NgramDrafter:
         self._seq.extend(_ints(tokens))
         self._index(start)
 
+    @abc.abstractmethod
     def draft(self, n_max: int) -> list[int]:
         """Up to n_max proposed continuations of the sequence ([] = nothing to propose)."""
-        raise NotImplementedError
 
     def feedback(self, n_drafted: int, n_accepted: int) -> None:
         """How many of the last draft's n_drafted tokens the verifier accepted."""
