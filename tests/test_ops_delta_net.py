@@ -256,7 +256,7 @@ class DeltaRig:
 SHAPES = [(2, 2, 16, 16), (2, 4, 32, 32), (1, 2, 128, 128)]  # (n_k_heads, n_v_heads, dk, dv)
 
 
-@pytest.mark.parametrize("form", ["recurrent", "chunked"])
+@pytest.mark.parametrize("form", ["recurrent", "recurrent_v16", "chunked"])
 @pytest.mark.parametrize("hk, hv, dk, dv", SHAPES)
 @pytest.mark.parametrize("n", [1, 7, 64, 100])
 def test_delta_net(rt, form, hk, hv, dk, dv, n):
@@ -301,7 +301,7 @@ def test_delta_net_mixed_batch(rt, layout):
     qkv, g, beta, state = make_inputs(rng, n, hk, hv, dk, dv, n_seq=N_SEQ)
     skipped = (seqs < 0) | (seqs >= N_SEQ)
     outs = {}
-    for form in ("recurrent", "chunked"):
+    for form in ("recurrent", "recurrent_v16", "chunked"):
         rig = DeltaRig(rt, hk, hv, dk, dv, state, n, form)
         out = rig.run(qkv, g, beta, seqs)
         st = rig.read_state()
@@ -318,8 +318,9 @@ def test_delta_net_mixed_batch(rt, layout):
                                               err_msg=f"{form}, sequence {s} alone")
                 np.testing.assert_array_equal(st[s], alone.read_state()[s], err_msg=f"{form}, sequence {s} alone")
         outs[form] = out, st
-    np.testing.assert_allclose(outs["recurrent"][0], outs["chunked"][0], rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(outs["recurrent"][1], outs["chunked"][1], rtol=RTOL, atol=ATOL)
+    for other in ("recurrent_v16", "chunked"):
+        np.testing.assert_allclose(outs["recurrent"][0], outs[other][0], rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(outs["recurrent"][1], outs[other][1], rtol=RTOL, atol=ATOL)
 
 
 def test_delta_net_rejects_bad_heads(rt):

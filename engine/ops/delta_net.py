@@ -24,12 +24,11 @@ from nextn.ops.norm import check_buffer, work_group
 
 # On a GPU, steps built for at most this many tokens use the recurrent kernel (decode, drafts), longer
 # ones the chunked kernel (its k.S / q.S products are independent across a chunk's tokens, the
-# recurrent form waits on S after every token). On PoCL the recurrent form is faster at every length
-# (one layer at 16/32 heads, dk = dv = 128, 512 tokens: recurrent 293 ms, chunked 639 ms; a CPU core
-# has no latency to hide and the chunked form adds the Gram matrices), so "auto" always picks it there.
-# On an H100 (NVIDIA OpenCL, same layer) the recurrent form is faster too: 512 tokens 0.83 ms against
-# 2.1 ms, one token 11 us against 23 us; the threshold stands for GPUs where the chunked form wins (none
-# measured yet).
+# recurrent form waits on S after every token). On a CPU "auto" picks the recurrent form with 16 value
+# columns per work-item as float16 vectors (recurrent_v16) at every length: one layer at 8 heads of
+# 128 x 128 took 0.21 -> 0.063 ms for 1 token and 51 -> 5.4 ms for 512 tokens against the one-column
+# kernel, which PoCL does not vectorise; the chunked form is slower still there (a CPU core has no latency
+# to hide and the chunked form adds the Gram matrices).
 RECURRENT_MAX_TOKENS = 8
 
 
@@ -124,9 +123,10 @@ def delta_net(rt, qkv, g, beta, state, out, seqs, n_k_heads: int, n_v_heads: int
     qkv: float32 [max_tokens, 2 * n_k_heads * dk + n_v_heads * dv] as gdn_prep leaves it; g, beta:
     float32 [max_tokens, n_v_heads]; state: float32 [n_seq, n_v_heads, dk, dv]; out: float32
     [max_tokens, n_v_heads * dv]; seqs: int32 [max_tokens], the sequence of each token (a token of a slot
-    outside [0, n_seq) is skipped: out row not written, no state touched). form: "recurrent", "chunked",
-    or "auto" (recurrent when the step is built for at most RECURRENT_MAX_TOKENS tokens, or on a CPU
-    device). Both forms give the same result within float error.
+    outside [0, n_seq) is skipped: out row not written, no state touched). form: "recurrent",
+    "recurrent_v16" (16 value columns per work-item; dv % 16 == 0), "chunked", or "auto" (on a CPU
+    recurrent_v16 when dv allows, else recurrent; on a GPU recurrent when the step is built for at most
+    RECURRENT_MAX_TOKENS tokens, else chunked). All forms give the same result within float error.
     """
     _check_heads(n_k_heads, n_v_heads, dk, dv)
     check_buffer(qkv, 4 * max_tokens * (2 * n_k_heads * dk + n_v_heads * dv), "delta_net qkv")
@@ -139,7 +139,19 @@ def delta_net(rt, qkv, g, beta, state, out, seqs, n_k_heads: int, n_v_heads: int
         raise ValueError(f"delta_net: state buffer of {state.size} bytes holds no sequence")
     if form == "auto":
         cpu = bool(rt.device.type & cl.device_type.CPU)
-        form = "recurrent" if cpu or max_tokens <= RECURRENT_MAX_TOKENS else "chunked"
+        if cpu:
+            form = "recurrent_v16" if dv % 16 == 0 else "recurrent"
+        else:
+            form = "recurrent" if max_tokens <= RECURRENT_MAX_TOKENS else "chunked"
+    if form == "recurrent_v16":
+        if dv % 16:
+            raise ValueError(f"delta_net: recurrent_v16 needs head_v_dim % 16 == 0, not {dv}")
+        prg = rt.build("delta_net.cl", _defines(n_k_heads, n_v_heads, dk, dv))
+        kern = rt.kernel(prg, "kernel_gdn_recurrent_v16")
+        local = (1, 1)
+        kern.set_args(qkv, g, beta, state, out, seqs, np.int32(n_seq), np.int32(0))
+        return [Launch(kern, (dv // 16, n_v_heads), (0, 0), local, [(7, VAR_N_TOKENS)], VAR_N_TOKENS,
+                       name="delta_net_recurrent_v16")]
     if form == "recurrent":
         # one work-item per value column; up to 64 columns per group
         lr = min(dv, 64)
@@ -156,7 +168,7 @@ def delta_net(rt, qkv, g, beta, state, out, seqs, n_k_heads: int, n_v_heads: int
         kern = rt.kernel(prg, "kernel_gdn_chunked")
         local = (dv, 1)
     else:
-        raise ValueError(f"delta_net: form={form!r} is not 'auto', 'recurrent' or 'chunked'")
+        raise ValueError(f"delta_net: form={form!r} is not 'auto', 'recurrent', 'recurrent_v16' or 'chunked'")
     kern.set_args(qkv, g, beta, state, out, seqs, np.int32(n_seq), np.int32(0))
     return [Launch(kern, (dv, n_v_heads), (0, 0), local, [(7, VAR_N_TOKENS)], VAR_N_TOKENS,
                    name=f"delta_net_{form}")]
