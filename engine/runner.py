@@ -143,8 +143,9 @@ class ModelRunner:
         self._write_batch((m.ids, m.pos, m.seq, m.out_idx), ids, pos, seq, out_rows)
         max_tokens = next(mt for mt, _ in self.plans if n <= mt)
         self.mtp_plans[max_tokens, source].run(self._vars)
-        for s, p in zip(seq, pos):  # the MTP block's KV now holds these positions
-            self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], int(p) + 1)
+        seq_a, pos_a = np.asarray(seq), np.asarray(pos)
+        for s in np.unique(seq_a):  # the MTP block's KV now holds these positions (a loop per slot, not token)
+            self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], int(pos_a[seq_a == s].max()) + 1)
         return self._read_head(len(out_rows), want_logits)
 
     # -- speculative rollback -------------------------------------------------------------------------

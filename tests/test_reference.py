@@ -25,8 +25,10 @@ def test_matches_llama_cpp(name):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=0)
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
+@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen35", "qwen35moe"])
 def model_path(request, tmp_path_factory):
+    # the chaining, chunking and rollback properties hold for every architecture: the hybrid ones carry
+    # their recurrent states across calls like the KV cache (their own checks: tests/test_reference_qwen35.py)
     return make_tiny(tmp_path_factory.mktemp("ref") / f"{request.param}.gguf", arch=request.param, seed=5)
 
 
@@ -81,8 +83,10 @@ def test_tied_head_is_token_embd(tmp_path):
     assert "output.weight" not in ref.w and ref.output is ref.tok_embd
 
 
-def test_trace_records_llama_cpp_names(model_path):
-    ref = ReferenceModel(model_path)
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_trace_records_llama_cpp_names(arch, tmp_path):
+    # the dense graph's names (the hybrid ones: tests/test_reference_qwen35.py)
+    ref = ReferenceModel(make_tiny(tmp_path / f"{arch}.gguf", arch=arch, seed=5))
     ref.trace = {}
     ref.forward(PROMPT[:3])
     assert {"attn_norm-0", "Qcur-0", "Kcur-0", "Vcur-0", "ffn_inp-1", "ffn_out-1", "l_out-1",

@@ -2,8 +2,6 @@
 the layout llama.cpp's loader expects, self-consistency of the reference (whole prompt vs token by token vs
 chunks, rollback of the recurrent state), the MTP block, and peaky logits."""
 
-import itertools
-
 import gguf
 import numpy as np
 import pytest
@@ -227,17 +225,6 @@ def test_one_by_one_equals_batch(model_path):
     np.testing.assert_allclose(steps, full, atol=1e-9)
     np.testing.assert_allclose(ref.conv_state(1), conv, atol=1e-12)
     np.testing.assert_allclose(ref.delta_state(1), delta, atol=1e-12)
-
-
-@pytest.mark.parametrize("cuts", [(5,), (1, 7), (3, 4, 11)])
-def test_chunked_prompt_equals_full(model_path, cuts):
-    ref = ReferenceModel(model_path)
-    full = ref.forward(PROMPT)
-    ref.reset()
-    bounds = [0, *cuts, len(PROMPT)]
-    parts = [ref.forward(PROMPT[a:b], a) for a, b in itertools.pairwise(bounds)]
-    np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-9)
-    assert ref.n_past == len(PROMPT)
 
 
 def test_rollback_restores_recurrent_state(model_path):

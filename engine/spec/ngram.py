@@ -561,7 +561,7 @@ class NgramModDrafter(NgramDrafter):
 NGRAM_CACHE_MIN = 1
 NGRAM_CACHE_MAX = 4
 NGRAM_CACHE_STATIC = 2
-NGRAM_CACHE_N_DRAFT = 8  # llama.cpp hard-codes 8 ("TODO get from config?"): no flag
+NGRAM_CACHE_N_DRAFT = 8  # fixed in llama.cpp too (it has no flag for it)
 # Index = n-gram size - 1. A draft token needs at least this many samples and this share of them.
 _LAX_MIN_SAMPLES = (2, 2, 1, 1)
 _LAX_MIN_PERCENT = (66, 50, 50, 50)
