@@ -79,18 +79,7 @@
     }
 
 
-inline float group_sum(float s, __local float *part) {
-    const int lid = get_local_id(0);
-    part[lid] = s;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int off = WG >> 1; off > 0; off >>= 1) {
-        if (lid < off) {
-            part[lid] += part[lid + off];
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    return part[0];
-}
+#include "group_sum.h"
 
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
 void kernel_gdn_prep(__global float *qkv, __global float *alpha, __global float *b,

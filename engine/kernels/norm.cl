@@ -21,6 +21,8 @@
 #endif
 
 // Sum of squares of one row, reduced over the work-group; every work-item gets the result.
+#include "group_sum.h"
+
 inline float row_sumsq(__global const float *xr, int row_len, __local float *part) {
     const int lid = get_local_id(0);
     const int n4 = row_len >> 2;
@@ -33,15 +35,7 @@ inline float row_sumsq(__global const float *xr, int row_len, __local float *par
     for (int i = (n4 << 2) + lid; i < row_len; i += WG) {
         s = mad(xr[i], xr[i], s);
     }
-    part[lid] = s;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int off = WG >> 1; off > 0; off >>= 1) {
-        if (lid < off) {
-            part[lid] += part[lid + off];
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    return part[0];
+    return group_sum(s, part);
 }
 
 #define RMS_NORM_BODY(WEIGHT4, WEIGHT1)                                                                \
