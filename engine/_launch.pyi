@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyopencl as cl
 
-from nextn.ops.launch import Launch
+from nextn.cl.launch import Launch
 
 DYN_UNSET: int  # marks a dyn argument no plan has set yet in a kernel's record
 DYN_CACHE_ATTR: str  # attribute of a pyopencl Kernel holding that record (np.int64 array, one per argument)

@@ -108,10 +108,7 @@ def main(args) -> int:
     from nextn.ops.bandwidth import measure_bandwidth
     from nextn.runner import ModelRunner
 
-    def sel(v):
-        return int(v) if v is not None and str(v).isdigit() else v
-
-    rt = Runtime(DeviceChoice(sel(args.platform), sel(args.device)))
+    rt = Runtime(DeviceChoice.parse(args.platform, args.device))
     path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen3")
     t0 = time.perf_counter()
     runner = ModelRunner(path, rt=rt, n_ctx=args.n_prompt + args.n_decode + 16, n_batch=args.n_prompt)
@@ -173,10 +170,7 @@ def spec_main(args) -> int:
     from nextn.spec.ngram import NgramParams
     from nextn.spec.speculator import SpecConfig, parse_types
 
-    def sel(v):
-        return int(v) if v is not None and str(v).isdigit() else v
-
-    rt = Runtime(DeviceChoice(sel(args.platform), sel(args.device)))
+    rt = Runtime(DeviceChoice.parse(args.platform, args.device))
     path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen35")
     runner = ModelRunner(path, rt=rt, n_ctx=2048, n_batch=args.n_prompt, mtp=True, speculative=True)
     print(f"device:     {rt.describe()}")

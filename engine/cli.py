@@ -18,10 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _device_choice(args):
     from nextn.cl.runtime import DeviceChoice
 
-    def sel(v):
-        return int(v) if v is not None and str(v).isdigit() else v
-
-    return DeviceChoice(platform=sel(args.platform), device=sel(args.device))
+    return DeviceChoice.parse(args.platform, args.device)
 
 
 def _load(args, progress=True):

@@ -19,7 +19,7 @@ from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.plan import MemoryPlan
 from nextn.models import architecture, family
-from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
+from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
 from nextn.ops.matmul import MatmulOps
 from nextn.tokenizer import Tokenizer
 

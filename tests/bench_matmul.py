@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gguf import GGMLQuantizationType as T
 from nextn.cl.runtime import Runtime
 from nextn.ops.bandwidth import copy_bandwidths
-from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
+from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
 from nextn.ops.matmul import MatmulOps
 from nextn.ops.weights import SUPPORTED_TYPES, upload_weight
 from test_matmul import random_weight

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as T
 from nextn.cl.runtime import Runtime
 from nextn.ops.matmul import MatmulOps
 from nextn.ops.moe import MoeBuffers, moe_ffn, upload_experts, upload_gate_up_experts
-from nextn.ops.qkv import swiglu_fused
+from nextn.ops.elementwise import swiglu_fused
 from nextn.ops.weights import upload_weight
 from test_matmul import random_weight
 

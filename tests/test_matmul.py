@@ -14,7 +14,7 @@ import pytest
 from conftest import run_launches
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
-from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
+from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
 from nextn.ops.matmul import MatmulOps
 from nextn.ops.weights import SUPPORTED_TYPES, TILE_ROWS, device_bytes, repack, upload_weight
 

@@ -9,8 +9,9 @@ import pyopencl as cl
 import pytest
 
 from conftest import run_launches
+from nextn.ops import elementwise
 from nextn.ops.elementwise import add, gather_rows, swiglu
-from nextn.ops.launch import VAR_N_OUTPUTS
+from nextn.cl.launch import VAR_N_OUTPUTS
 
 
 def read(rt, buf, shape, dtype=np.float32):
@@ -78,3 +79,15 @@ def test_gather_rows_with_no_rows_reads_nothing(rt):
     by = rt.upload(np.zeros((1, 64), np.float32), "y")
     run_launches(rt, gather_rows(rt, bx, bi, by, 64, 1), [4, 0, 0, 0])
     assert (read(rt, by, (1, 64)) == 0).all()
+
+
+def test_swiglu_fused(rt):
+    rng = np.random.default_rng(0)
+    n, n_ff = 5, 48
+    gu = rng.standard_normal((n, 2 * n_ff)).astype(np.float32)
+    b, y = rt.upload(gu, "gu"), rt.alloc(4 * n * n_ff, "y")
+    run_launches(rt, elementwise.swiglu_fused(rt, b, y, n_ff), np.array([n, 0, 0, 0], np.int32))
+    out = np.empty((n, n_ff), np.float32)
+    cl.enqueue_copy(rt.queue, out, y)
+    g, u = gu[:, :n_ff].astype(np.float64), gu[:, n_ff:].astype(np.float64)
+    np.testing.assert_allclose(out, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 from conftest import run_launches
 from gguf import GGMLQuantizationType
 from nextn.gguf.quantize import dequantize, quantize
-from nextn.ops.launch import N_VARS, VAR_N_TOKENS
+from nextn.cl.launch import N_VARS, VAR_N_TOKENS
 from nextn.ops.matmul import MatmulOps
 from nextn.ops.moe import (
     MoeBuffers,

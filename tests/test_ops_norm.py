@@ -9,7 +9,7 @@ import pyopencl as cl
 import pytest
 
 from conftest import run_launches
-from nextn.ops.launch import VAR_N_OUTPUTS, VAR_N_TOKENS
+from nextn.cl.launch import VAR_N_OUTPUTS, VAR_N_TOKENS
 from nextn.ops.norm import rms_norm
 
 

@@ -11,7 +11,7 @@ from nextn import _launch
 from nextn.cl import plan as planmod
 from nextn.cl.plan import PyPlan, make_plan, measure_launch_overhead
 from nextn.errors import CLCallError
-from nextn.ops.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS, Launch
+from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS, Launch
 
 WG = 16  # work-group width of kernel_rowsum (a power of two: tree reduction)
 

@@ -26,7 +26,7 @@ import numpy as np
 import pyopencl as cl
 
 from nextn.errors import CLCallError
-from nextn.ops.launch import N_VARS, VAR_N_TOKENS, Launch
+from nextn.cl.launch import N_VARS, VAR_N_TOKENS, Launch
 
 DYN_UNSET = np.iinfo(np.int64).min  # same marker and attribute as pyx/_launch.pyx
 DYN_CACHE_ATTR = "_nextn_dyn_args"

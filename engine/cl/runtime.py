@@ -36,6 +36,18 @@ class DeviceChoice:
     platform: int | str | None = None
     device: int | str | None = None
 
+    @classmethod
+    def parse(cls, platform: str | None, device: str | None) -> "DeviceChoice":
+        """From flag or configuration text: digits are an index, other text a name substring; None or ""
+        is the default."""
+
+        def one(v):
+            if v is None or str(v) == "":
+                return None
+            return int(v) if str(v).isdigit() else str(v)
+
+        return cls(platform=one(platform), device=one(device))
+
 
 def _matches(obj, sel, index: int) -> bool:
     if sel is None:

@@ -61,3 +61,17 @@ __kernel void kernel_gather_rows_f1(__global const float *x, __global const int 
         y[(size_t)r * row_len + c] = x[(size_t)idx[r] * row_len + c];
     }
 }
+
+// swiglu over the fused gate|up projection: gu float32 [n_tokens, 2 * n_ff] (gate then up in each row),
+// y[t, i] = silu(gu[t, i]) * gu[t, n_ff + i]. NDRange 2-D (n_ff, n_tokens rows).
+// Reference: tests/test_ops_qkv.py (numpy), same formula as kernel_swiglu above.
+__kernel void kernel_swiglu_fused(__global const float *gu, __global float *y, const int n_ff, const int n_tokens) {
+    const int i = get_global_id(0);
+    const int t = get_global_id(1);
+    if (t >= n_tokens || i >= n_ff) {
+        return;
+    }
+    const float g = gu[(size_t)t * 2 * n_ff + i];
+    const float u = gu[(size_t)t * 2 * n_ff + n_ff + i];
+    y[(size_t)t * n_ff + i] = g / (1.0f + exp(-g)) * u;
+}

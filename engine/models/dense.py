@@ -16,7 +16,7 @@ from nextn.memory.kv_cache import KVCache
 from nextn.memory.plan import MemoryPlan
 from nextn.memory.prompt_cache import KVPrefixStore
 from nextn.ops import attention, elementwise, norm, qkv, select
-from nextn.ops.launch import VAR_N_OUTPUTS, Launch
+from nextn.cl.launch import VAR_N_OUTPUTS, Launch
 from nextn.ops.weights import SUPPORTED_TYPES, DeviceWeight, device_bytes, upload_weight
 
 F32 = frozenset({gguf.GGMLQuantizationType.F32})
@@ -284,7 +284,7 @@ def build_step(rt, mm, hp: DenseHParams, w: dict, buf: StepBuffers, cache, max_t
         else:
             for name, offset in (("ffn_gate", 0), ("ffn_up", hp.n_ff)):
                 L += mm.matmul(w[b + name + ".weight"], buf.cur, buf.gate_up, n, y_stride=2 * hp.n_ff, y_offset=offset)
-        L += qkv.swiglu_fused(rt, buf.gate_up, buf.act, hp.n_ff)  # ffn_swiglu [n_tokens, n_ff]
+        L += elementwise.swiglu_fused(rt, buf.gate_up, buf.act, hp.n_ff)  # ffn_swiglu [n_tokens, n_ff]
         L += mm.matmul(w[b + "ffn_down.weight"], buf.act, buf.x, n, accumulate=True)  # l_out = ffn_inp + ffn
     # output head, only on the rows whose logits are wanted
     m = min(max_outputs, n)

@@ -29,7 +29,7 @@ from nextn.memory.hybrid_cache import HybridCache, HybridPrefixStore
 from nextn.memory.plan import MemoryPlan
 from nextn.models import dense
 from nextn.ops import attention, delta_net, elementwise, moe, norm, qkv, select
-from nextn.ops.launch import VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS, Launch
 from nextn.ops.weights import SUPPORTED_TYPES, device_bytes, upload_weight
 
 F32 = frozenset({gguf.GGMLQuantizationType.F32})
@@ -559,7 +559,7 @@ def _ffn(rt, mm, hp, w, b, buf, n, x) -> list[Launch]:
             for name, offset in (("ffn_gate", 0), ("ffn_up", hp.n_ff)):
                 L += mm.matmul(w[b + name + ".weight"], buf.cur, buf.gate_up, n, y_stride=2 * hp.n_ff,
                                y_offset=offset)
-        L += qkv.swiglu_fused(rt, buf.gate_up, buf.act, hp.n_ff)
+        L += elementwise.swiglu_fused(rt, buf.gate_up, buf.act, hp.n_ff)
         L += mm.matmul(w[b + "ffn_down.weight"], buf.act, x, n, accumulate=True)
         return L
     L += moe.moe_ffn(rt, mm, buf.cur, x, w[b + "ffn_gate_inp.weight"], w[b + "ffn_gate_exps.weight"],
@@ -573,7 +573,7 @@ def _ffn(rt, mm, hp, w, b, buf, n, x) -> list[Launch]:
             for name, offset in (("ffn_gate_shexp", 0), ("ffn_up_shexp", fs)):
                 L += mm.matmul(w[b + name + ".weight"], buf.cur, buf.sh_gate_up, n, y_stride=2 * fs,
                                y_offset=offset)
-        L += qkv.swiglu_fused(rt, buf.sh_gate_up, buf.sh_act, fs)
+        L += elementwise.swiglu_fused(rt, buf.sh_gate_up, buf.sh_act, fs)
         L += mm.matmul(w[b + "ffn_down_shexp.weight"], buf.sh_act, buf.sh_y, n)
         L += mm.matmul(w[b + "ffn_gate_inp_shexp.weight"], buf.cur, buf.sh_logit, n)
         L += moe.shared_expert_add(rt, buf.sh_y, buf.sh_logit, x, hp.n_embd, n)

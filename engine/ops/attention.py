@@ -7,7 +7,7 @@ stored at (seqs[t], positions[t]) and attends to positions 0..positions[t] of it
 import numpy as np
 import pyopencl as cl
 
-from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer
 
 

@@ -19,7 +19,7 @@ State per sequence: conv [kernel_size - 1, conv_dim] and delta [n_v_heads, dk, d
 import numpy as np
 import pyopencl as cl
 
-from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer, work_group
 
 # On a GPU, steps built for at most this many tokens use the recurrent kernel (decode, drafts), longer

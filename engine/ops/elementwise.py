@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from nextn.ops.launch import VAR_N_OUTPUTS, VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_OUTPUTS, VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer
 
 LOCAL = 64
@@ -41,3 +41,12 @@ def gather_rows(rt, x, idx, y, row_len: int, max_rows: int, token_var: int = VAR
     k.set_args(x, idx, y, np.int32(row_len), np.int32(0))
     chunks = -(-(row_len // vec) // LOCAL) * LOCAL
     return [Launch(k, (chunks, 0), (0, 1), (LOCAL, 1), [(4, token_var)], token_var, name="gather_rows")]
+
+
+def swiglu_fused(rt, gate_up, y, n_ff: int) -> list[Launch]:
+    """y[t, i] = silu(gate_up[t, i]) * gate_up[t, n_ff + i]; gate_up float32 [n_tokens, 2 n_ff] (the gate|up
+    projections side by side)."""
+    k = rt.kernel(rt.build("elementwise.cl"), "kernel_swiglu_fused")
+    k.set_args(gate_up, y, np.int32(n_ff), np.int32(0))
+    # an explicit group: left to the driver, PoCL ran one work-item per group (0.13 ms for 3072 items)
+    return [Launch(k, (n_ff, 0), (0, 1), (LOCAL, 1), [(3, VAR_N_TOKENS)], VAR_N_TOKENS, name="ffn_swiglu")]

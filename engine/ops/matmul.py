@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pyopencl as cl
 from gguf import GGMLQuantizationType
-from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer
 from nextn.ops.weights import SUPPORTED_TYPES, DeviceWeight, block_shape
 

@@ -26,9 +26,9 @@ import numpy as np
 import pyopencl as cl
 from gguf import GGMLQuantizationType as T
 from nextn.ops.elementwise import gather_rows
-from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer
-from nextn.ops.qkv import swiglu_fused
+from nextn.ops.elementwise import swiglu_fused
 from nextn.ops.weights import TILE_ROWS, DeviceWeight, check_shape, device_bytes, repack, row_bytes
 
 SORT_WG_CPU = 16  # PoCL runs a work-group as a loop on one core: few work-items, each scanning the pairs

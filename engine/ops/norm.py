@@ -3,7 +3,7 @@
 import numpy as np
 import pyopencl as cl
 
-from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_TOKENS, Launch
 
 
 def work_group(rt) -> int:

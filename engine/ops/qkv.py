@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_TOKENS, Launch
 
 QKV_WG = 4  # heads per work-group of kernel_qkv_prep (see its header)
 ELEMENTWISE_WG = 64  # work-items per group of the one-element-per-item kernels
@@ -41,15 +41,6 @@ def qkv_prep(rt, qkv, q_out, k_cache, v_cache, positions, seqs, q_norm, k_norm, 
                np.float32(-2.0 * math.log2(freq_base) / n_rot), np.int32(n_ctx), np.int32(n_seq), np.int32(0))
     return [Launch(k, (n_head + 2 * n_head_kv, 0), (0, 1), (QKV_WG, 1), [(13, VAR_N_TOKENS)], VAR_N_TOKENS,
                    name="qkv_prep")]
-
-
-def swiglu_fused(rt, gate_up, y, n_ff: int) -> list[Launch]:
-    """y[t, i] = silu(gate_up[t, i]) * gate_up[t, n_ff + i]; gate_up float32 [n_tokens, 2 n_ff]."""
-    k = rt.kernel(rt.build("qkv_prep.cl", {"HD": 4, "N_HEAD": 1, "N_HEAD_KV": 1, "N_ROT": 2, "NEOX": 0, "QK_NORM": 0}),
-                  "kernel_swiglu_fused")
-    k.set_args(gate_up, y, np.int32(n_ff), np.int32(0))
-    # an explicit group: left to the driver, PoCL ran one work-item per group (0.13 ms for 3072 items)
-    return [Launch(k, (n_ff, 0), (0, 1), (ELEMENTWISE_WG, 1), [(3, VAR_N_TOKENS)], VAR_N_TOKENS, name="ffn_swiglu")]
 
 
 def attn_gate(rt, qkv, out, *, n_head: int, n_head_kv: int, head_dim: int, n_rot: int, neox: bool,

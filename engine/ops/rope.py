@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from nextn.ops.launch import VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer
 
 

@@ -4,7 +4,7 @@ verification read back 4 bytes per row instead of a row of n_vocab floats."""
 import numpy as np
 import pyopencl as cl
 
-from nextn.ops.launch import VAR_N_OUTPUTS, Launch
+from nextn.cl.launch import VAR_N_OUTPUTS, Launch
 from nextn.ops.norm import check_buffer
 
 MAX_K = 64

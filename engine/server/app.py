@@ -316,11 +316,8 @@ def _load_model(state: State) -> None:
     if not cfg.model.path:
         raise ConfigError("no model: set [model] path in the configuration or pass --model")
 
-    def sel(v):
-        return None if v == "" else (int(v) if v.isdigit() else v)
-
     spec = spec_from_config(cfg.speculative)
-    rt = Runtime(DeviceChoice(platform=sel(cfg.device.platform), device=sel(cfg.device.device)))
+    rt = Runtime(DeviceChoice.parse(cfg.device.platform, cfg.device.device))
     # the MTP block and the rollback state are counted in the memory check before anything is uploaded
     runner = ModelRunner(cfg.model.path, rt=rt, n_ctx=cfg.model.ctx_size or None, n_seq=cfg.server.parallel,
                          n_batch=cfg.model.batch_size, mtp=spec.uses_mtp, speculative=spec.enabled)
