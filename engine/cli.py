@@ -15,39 +15,45 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", default=None, help="OpenCL platform: index or name substring")
 
 
-def _device_choice(args):
-    from nextn.cl.runtime import DeviceChoice
+def _generate_config(args):
+    """`nextn generate`'s flags as a configuration (one slot; no system files: the command line says all)."""
+    from nextn import config
 
-    return DeviceChoice.parse(args.platform, args.device)
-
-
-def _load(args, progress=True):
-    from nextn.cl.runtime import Runtime
-    from nextn.runner import ModelRunner
-
-    rt = Runtime(_device_choice(args))
-    return ModelRunner(args.model, rt=rt, n_ctx=args.ctx_size, n_batch=args.batch_size, progress=progress)
+    flags = {"model.path": (str(args.model), "--model"), "model.batch_size": (args.batch_size, "--batch-size"),
+             "server.parallel": (1, "generate")}
+    if args.ctx_size is not None:
+        flags["model.ctx_size"] = (args.ctx_size, "--ctx-size")
+    for key in ("device", "platform"):
+        if getattr(args, key) is not None:
+            flags[f"device.{key}"] = (str(getattr(args, key)), f"--{key}")
+    return config.load(None, flags, system=False)
 
 
 def cmd_generate(args) -> int:
+    from nextn.build import build
     from nextn.generate import GenerationStats, generate
     from nextn.sampling import SamplingParams
 
-    runner = _load(args, progress=sys.stderr.isatty())
+    engine = build(_generate_config(args), progress=sys.stderr.isatty(), warm_up=False)
     params = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, seed=args.seed,
     )
-    tok = runner.tokenizer
+    tok = engine.runner.tokenizer
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         ids = tok.encode(text, add_special=False, parse_special=True)
     else:
         ids = tok.encode(args.prompt, add_special=True, parse_special=False)
     stats = GenerationStats()
-    for piece in generate(runner, ids, args.n_predict, params, stop=args.stop or (), stats=stats, ignore_eos=args.ignore_eos):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    engine.scheduler.start()
+    try:
+        for piece in generate(engine.scheduler, ids, args.n_predict, params, stop=args.stop or (),
+                              ignore_eos=args.ignore_eos, stats=stats):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        engine.scheduler.drain(0)
     sys.stdout.write("\n")
     print(
         f"prompt: {stats.n_prompt} tokens, {stats.prompt_tps:.1f} tok/s | decode: {stats.n_generated} tokens, "

@@ -5,7 +5,7 @@ import json
 from collections import Counter
 
 from nextn.gguf.model_file import ModelFile
-from nextn.models import architecture, family
+from nextn.models import architecture
 from nextn.runner import MAX_OUTPUTS
 
 
@@ -16,15 +16,14 @@ def _mib(n: int) -> str:
 def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
     mf = ModelFile(path)
     arch = architecture(mf.arch, mf.path)
-    fam = family(arch)
     hp = arch.hparams(mf)
-    has_mtp = bool(getattr(hp, "n_nextn", 0))
-    infos = fam.check_tensors(hp, mf, has_mtp)
+    has_mtp = arch.mtp_layers(hp) > 0
+    infos = arch.check_tensors(hp, mf, has_mtp)
     n_ctx = int(n_ctx or min(hp.n_ctx_train, 4096))
     n_out = min(MAX_OUTPUTS, n_batch)
     n_params = sum(int(i.n_rows * i.n_cols) for i in infos.values())
     # memory without the MTP block (what a plain load allocates), and what loading it adds
-    plan = fam.memory_plan(hp, infos, 1, n_ctx, n_batch, n_out, has_mtp)
+    plan = arch.memory_plan(hp, infos, 1, n_ctx, n_batch, n_out, has_mtp)
     mem = {name: v for name, v in plan.items() if not name.startswith("mtp_")}
     mem["total"] = sum(mem.values())
     summary = {
@@ -42,7 +41,7 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
         "mtp": None,
     }
     if has_mtp:
-        names = fam.mtp_tensor_names(hp, infos)
+        names = arch.mtp_tensor_names(hp, infos)
         summary["mtp"] = {
             "layer": hp.n_layer,
             "tensors": len(names),

@@ -5,6 +5,11 @@ and type, and whether weights + KV cache + activations fit on the device. Then i
 builds the kernels and compiles one plan per batch-size bucket (decode: 1 token; verify: a few; prompt:
 n_batch). Evaluating a batch is: write token ids / positions / sequences / wanted rows (a few bytes),
 run the plan from Cython, read back argmax ids (and full logits only when a sampler needs them).
+
+The runner owns each sequence's state: how many positions it holds (a step advances it, `rollback` and
+`truncate` cut it back), its recurrent state and snapshots (`snapshot`, `save_for_rollback`), the MTP
+block's positions, and the prefix reuse of the prompt cache (`reuse`, `copy_prefix`). Others read
+`seq_length`; nobody else writes it.
 """
 
 import time
@@ -18,8 +23,8 @@ from nextn.cl.runtime import Runtime
 from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.plan import MemoryPlan
-from nextn.models import architecture, family
 from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
+from nextn.models import architecture
 from nextn.ops.matmul import MatmulOps
 from nextn.tokenizer import Tokenizer
 
@@ -43,10 +48,9 @@ class ModelRunner:
     ):
         t0 = time.perf_counter()
         self.file = mf = ModelFile(path)
-        self.arch = architecture(mf.arch, mf.path)
-        self.hp = hp = self.arch.hparams(mf)
-        self.family = fam = family(self.arch)  # dense (qwen3, llama) or qwen35 (hybrid): tensors, cache, step
-        infos = fam.check_tensors(hp, mf, mtp)
+        self.arch = arch = architecture(mf.arch, mf.path)
+        self.hp = hp = arch.hparams(mf)
+        infos = arch.check_tensors(hp, mf, mtp)
         self.tokenizer = Tokenizer.from_metadata(mf.meta)
         self.n_ctx = int(n_ctx or min(hp.n_ctx_train, 4096))
         self.n_seq = n_seq
@@ -56,7 +60,7 @@ class ModelRunner:
         # speculation verifies drafts among the first max_outputs rows of a step; recurrent layers keep what
         # rolling back to any of them takes
         self.rollback_rows = self.max_outputs if speculative else 0
-        self.memory: MemoryPlan = fam.memory_plan(hp, infos, n_seq, self.n_ctx, self.n_batch, self.max_outputs, mtp,
+        self.memory: MemoryPlan = arch.memory_plan(hp, infos, n_seq, self.n_ctx, self.n_batch, self.max_outputs, mtp,
                                                   self.rollback_rows)
         self.rt = rt or Runtime()
         parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
@@ -67,32 +71,33 @@ class ModelRunner:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(i.nbytes for i in infos.values()), unit="B", unit_scale=True, desc="loading")
-        self.weights = fam.upload(self.rt, hp, mf, infos, progress=bar.update if bar else None, mtp=mtp)
+        self.weights = arch.upload(self.rt, hp, mf, infos, progress=bar.update if bar else None, mtp=mtp)
         if bar:
             bar.close()
-        self.cache = fam.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows)
-        self.buffers = fam.StepBuffers.allocate(self.rt, hp, self.n_batch, self.max_outputs)
+        self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows)
+        self._prefixes = self.cache.prefix_store()
+        self.buffers = arch.step_buffers(self.rt, hp, self.n_batch, self.max_outputs)
         self.mm = MatmulOps(self.rt)
         buckets = sorted({1, min(VERIFY_TOKENS, self.n_batch), self.n_batch})
         self.plans = []  # (max_tokens, plan), smallest first
         self.launches = {}  # max_tokens -> the plan's Launch list (bench swaps plan kinds over the same launches)
         for max_tokens in buckets:
-            launches = fam.build_step(
+            launches = arch.build_step(
                 self.rt, self.mm, hp, self.weights, self.buffers, self.cache, max_tokens, self.max_outputs
             )
             self.plans.append((max_tokens, planmod.make_plan(self.rt.queue, launches, native=native_plan)))
             self.launches[max_tokens] = launches
         self.replay_plan = None
-        if self.rollback_rows and hasattr(fam, "build_replay"):
-            self.replay_plan = planmod.make_plan(
-                self.rt.queue, fam.build_replay(self.rt, hp, self.weights, self.buffers, self.cache),
-                native=native_plan)
+        replay = arch.build_replay(self.rt, hp, self.weights, self.buffers, self.cache) if self.rollback_rows \
+            else None
+        if replay:
+            self.replay_plan = planmod.make_plan(self.rt.queue, replay, native=native_plan)
         self.mtp_plans = {}  # (max_tokens, hidden source) -> plan of the MTP block
         if mtp:
-            self.mtp_buffers = fam.MtpBuffers(self.rt, hp, self.n_batch, self.max_outputs)
+            self.mtp_buffers = arch.mtp_buffers(self.rt, hp, self.n_batch)
             for max_tokens in buckets:
-                for source, hidden in (("trunk", self.buffers.x), ("mtp", self.mtp_buffers.h)):
-                    launches = fam.build_mtp_step(self.rt, self.mm, hp, self.weights, self.buffers,
+                for source, hidden in (("trunk", self.buffers.hidden), ("mtp", self.mtp_buffers.h)):
+                    launches = arch.build_mtp_step(self.rt, self.mm, hp, self.weights, self.buffers,
                                                   self.mtp_buffers, self.cache, max_tokens, self.max_outputs,
                                                   hidden)
                     self.mtp_plans[max_tokens, source] = planmod.make_plan(self.rt.queue, launches,
@@ -120,33 +125,75 @@ class ModelRunner:
                 return plan
         raise ValueError(f"batch of {n_tokens} tokens exceeds n_batch={self.n_batch}")
 
+    @property
+    def holds_recurrent_state(self) -> bool:
+        """Whether a sequence can only go back to a snapshot or to 0 (recurrent layers)."""
+        return self.cache.holds_recurrent_state
+
     def step(self, ids, pos, seq, out_rows, want_logits: bool = False):
-        """One forward pass over a batch (at most n_batch tokens). Returns (argmax ids, logits or None) of the
-        rows listed in `out_rows`."""
+        """One forward pass over a batch (at most n_batch tokens; each sequence's tokens in position order).
+        Returns (argmax ids, logits or None) of the rows listed in `out_rows`. Each sequence in the batch then
+        holds the positions up to its last token's."""
         n = len(ids)
         b = self.buffers
         self._write_batch((b.ids, b.pos, b.seq, b.out_idx), ids, pos, seq, out_rows)
         self._plan(n).run(self._vars)
+        for s, last in self._last_positions(n):
+            self.cache.set_length(s, last + 1)
         return self._read_head(len(out_rows), want_logits)
 
     def mtp_step(self, ids, pos, seq, hidden_rows, out_rows, source: str = "trunk", want_logits: bool = False):
         """The MTP block over (token, hidden) pairs: ids[i] at pos[i] of sequence seq[i], paired with row
-        hidden_rows[i] of the last trunk step's output_norm'd hidden states (source "trunk") or of the last
-        MTP step's own output (source "mtp"); a row of n_batch gives a zero hidden state (position 0).
+        hidden_rows[i] of the last trunk step's final hidden states (source "trunk") or of the last MTP step's
+        own output (source "mtp"); a row of -1 gives the zero hidden state (what position 0 is paired with).
         Returns (argmax, logits or None) of the draft for the token after each out row."""
         if not self.has_mtp:
             raise ValueError("the MTP block is not loaded (load with mtp=True)")
         n = len(ids)
         m = self.mtp_buffers
         self._hid[:n] = hidden_rows
+        self._hid[:n][self._hid[:n] < 0] = self.buffers.zero_row  # both hidden sources keep that row zero
         planmod.enqueue_write(self.rt.queue, m.hid_idx, self._hid[:n])
         self._write_batch((m.ids, m.pos, m.seq, m.out_idx), ids, pos, seq, out_rows)
         max_tokens = next(mt for mt, _ in self.plans if n <= mt)
         self.mtp_plans[max_tokens, source].run(self._vars)
-        seq_a, pos_a = np.asarray(seq), np.asarray(pos)
-        for s in np.unique(seq_a):  # the MTP block's KV now holds these positions (a loop per slot, not token)
-            self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], int(pos_a[seq_a == s].max()) + 1)
+        for s, last in self._last_positions(n):  # the MTP block's KV now holds these positions
+            self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], last + 1)
         return self._read_head(len(out_rows), want_logits)
+
+    def _last_positions(self, n: int):
+        """(sequence, its highest position) of each sequence in the batch just written (a loop per
+        sequence, not per token)."""
+        seq_a, pos_a = self._seq[:n], self._pos[:n]
+        if n == 1:
+            return [(int(seq_a[0]), int(pos_a[0]))]
+        return [(int(s), int(pos_a[seq_a == s].max())) for s in np.unique(seq_a)]
+
+    # -- sequence state -------------------------------------------------------------------------------
+
+    def seq_length(self, seq: int) -> int:
+        """Positions of seq whose state is held."""
+        return self.cache.lengths[seq]
+
+    def mtp_length(self, seq: int) -> int:
+        """Positions of seq held in the MTP block's own KV."""
+        return self.cache.mtp_lengths[seq]
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Forget positions >= length (a recurrent state goes back to its snapshot or to 0; see seek)."""
+        self.cache.truncate(seq, length)
+
+    def snapshot(self, seq: int) -> None:
+        """Keep seq's state at its current length, for a later prompt that shares that prefix."""
+        self.cache.snapshot(seq)
+
+    def reuse(self, seq: int, n: int) -> int:
+        """Prompt cache: keep the first n positions of seq (as far as the state allows); returns those kept."""
+        return self._prefixes.reuse(seq, n)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> int:
+        """Prompt cache: dst starts with the first n positions of src (device copies); returns those copied."""
+        return self._prefixes.copy_prefix(src, dst, n)
 
     # -- speculative rollback -------------------------------------------------------------------------
 
@@ -156,16 +203,19 @@ class ModelRunner:
             self.cache.save_for_rollback(seq)
 
     def rollback(self, seq: int, rows, n_keep: int) -> None:
-        """After such a step, keep only the first n_keep of seq's rows (batch rows `rows`, in order): KV
-        positions past them are forgotten, and recurrent layers are brought to the state after row
+        """After such a step, keep only the first n_keep of seq's rows (batch rows `rows`: all of seq's, in
+        order): KV positions past them are forgotten, and recurrent layers are brought to the state after row
         rows[n_keep - 1] by restoring the saved state and replaying those rows' saved inputs through the
         conv and delta rule (no matmuls)."""
         if n_keep > len(rows) or n_keep < 1:
             raise ValueError(f"rollback: keep {n_keep} of {len(rows)} rows")
-        if self.replay_plan is None or n_keep == len(rows):
+        if n_keep == len(rows):
             return
-        if max(rows) >= self.rollback_rows:
+        if self.replay_plan is not None and max(rows) >= self.rollback_rows:
             raise ValueError(f"rollback: row {max(rows)} was not saved (only the first {self.rollback_rows})")
+        self.cache.set_length(seq, self.cache.lengths[seq] - (len(rows) - n_keep))
+        if self.replay_plan is None:
+            return
         self.cache.restore_for_rollback(seq)
         q, b = self.rt.queue, self.buffers
         # fresh host arrays: the writes are non-blocking and the staging arrays belong to the next step
@@ -214,9 +264,7 @@ class ModelRunner:
             raise RequestError(
                 f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx} tokens (--ctx-size)"
             )
-        seek = getattr(self.cache, "seek", None)
-        if seek is not None:  # a recurrent state continues only from where it is (or its snapshot, or 0)
-            seek(seq, start_pos)
+        self.cache.seek(seq, start_pos)  # a recurrent state continues only from where it is, its snapshot or 0
         tops, logits = [], []
         chunk_size = self.max_outputs if all_logits else self.n_batch
         for i in range(0, len(tokens), chunk_size):
@@ -229,6 +277,5 @@ class ModelRunner:
             tops.append(t)
             if lg is not None:
                 logits.append(lg)
-        self.cache.lengths[seq] = start_pos + len(tokens)
         top = np.concatenate(tops)
         return top, (np.concatenate(logits) if logits else None)

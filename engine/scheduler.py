@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nextn.errors import ConfigError, NextnError, Overloaded, RequestError
-from nextn.generate import StopMatcher
 from nextn.memory.prompt_cache import PromptCache
 from nextn.sampling import Sampler, SamplingParams
 from nextn.spec.adaptive import StepCost
 from nextn.spec.draft_model import DraftModel
+from nextn.spec.drafter import Advance
+from nextn.spec.mtp import MtpDrafter
 from nextn.spec.ngram import NgramShared
 from nextn.spec.speculator import SlotSpec, SpecConfig
+from nextn.stops import StopMatcher
 
 log = logging.getLogger("nextn.scheduler")
 _ids = itertools.count(1)
@@ -113,65 +115,34 @@ class _Slot:
         return self.prompt_pos < len(self.req.prompt)
 
 
-@dataclass
-class _Drafting:
-    """One slot's MTP drafts being made: tokens, their draft distributions (None: point proposals), its row
-    in the last MTP batch (whose hidden output feeds the next draft), and whether it stopped."""
-
-    row: int
-    tokens: list = field(default_factory=list)
-    probs: list = field(default_factory=list)
-    done: bool = False
-
-    def take(self, s: _Slot, top: int, logits) -> None:
-        """Append a draft: the argmax for greedy requests (a point proposal), else a draw from the request's
-        sampler chain over the draft logits, kept with its distribution for rejection sampling. A draft less
-        likely than the slot's p_min is dropped and ends its drafting."""
-        if logits is None:
-            self.tokens.append(top)
-            self.probs.append(None)
-            return
-        if s.req.params.greedy:
-            z = logits.astype(np.float64)
-            e = np.exp(z - z.max())
-            token, q, conf = top, None, float(e[top] / e.sum())
-        else:
-            q = s.sampler.probs(logits, [*s.history, *self.tokens])
-            token = int(s.sampler.rng.choice(len(q), p=q))
-            conf = float(q[token])
-        if conf < s.spec.p_min:
-            self.done = True
-            return
-        self.tokens.append(token)
-        self.probs.append(q)
-
-
 class Scheduler:
     def __init__(self, runner, n_slots: int | None = None, max_queue: int = 64, spec: SpecConfig | None = None,
                  draft_runner=None):
         self.runner = runner
         self.spec = (spec or SpecConfig()).check()
-        self.draft_model = None
+        self.step_cost = StepCost()  # measured step times by batch size, shared by the slots' controllers
+        self.batch_drafters = []  # the device drafters: they draft for all slots at once
         if self.spec.uses_draft_model:
             if draft_runner is None:
                 raise ConfigError("draft-simple: the draft model is not loaded (--spec-draft-model)")
-            self.draft_model = DraftModel(draft_runner, runner)
-        if self.spec.uses_mtp and not getattr(runner, "has_mtp", False):
-            raise ConfigError(f"{runner.file.path.name}: --spec-type draft-mtp needs the model's MTP block loaded "
-                              f"(architecture {runner.file.arch}; see `nextn inspect`)")
-        if self.spec.enabled and getattr(runner.cache, "holds_recurrent_state", False) and not runner.rollback_rows:
+            self.batch_drafters.append(DraftModel(draft_runner, runner, self.step_cost))
+        if self.spec.uses_mtp:
+            if not runner.has_mtp:
+                raise ConfigError(f"{runner.file.path.name}: --spec-type draft-mtp needs the model's MTP block "
+                                  f"loaded (architecture {runner.file.arch}; see `nextn inspect`)")
+            self.batch_drafters.append(MtpDrafter(runner, self.step_cost))
+        if self.spec.enabled and runner.holds_recurrent_state and not runner.rollback_rows:
             raise ConfigError("speculation on a model with recurrent layers needs the runner built with "
                               "speculative=True (rollback state)")
-        self.step_cost = StepCost()  # measured step times by batch size, shared by the slots' controllers
         self.ngram_shared = NgramShared(self.spec.ngram)  # ngram-mod / ngram-cache tables, shared by slots
         self.n_slots = min(n_slots or runner.n_seq, runner.n_seq, runner.max_outputs)
         self.max_queue = max_queue
         self.slots = [_Slot(i) for i in range(self.n_slots)]
-        self.cache = PromptCache(runner.family.prefix_store(runner.cache), self.n_slots)
+        self.cache = PromptCache(runner, self.n_slots)
         # A recurrent state cannot be cut back to an earlier position, so a hybrid model's slot saves a
         # snapshot just before its last prompt token: the same prompt again (a regenerate) or one sharing all
         # but its tail then reuses everything up to there instead of recomputing from 0.
-        self._snapshot_before_last = getattr(runner.cache, "holds_recurrent_state", False)
+        self._snapshot_before_last = runner.holds_recurrent_state
         self.counters = Counters()
         self._pending: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -334,15 +305,8 @@ class Scheduler:
         gen = [s for s in self.slots if s.req is not None and not s.prefilling]
         n_busy = self._busy_count()
         token_cap = r.n_batch - (r.n_batch // 2 if n_busy > len(gen) else 0)
-        if self.draft_model is not None:
-            wants = {s.index: (s.history, s.spec.k_next) for s in gen
-                     if s.spec is not None and s.spec.cfg.uses_draft_model and s.spec.k_next > 0}
-            t0 = time.perf_counter()
-            made = self.draft_model.draft(wants)
-            # what drafting costs counts against speculating (the adaptive controllers read it)
-            self.step_cost.observe_draft(sum(map(len, made.values())), time.perf_counter() - t0)
-            for idx, drafts in made.items():
-                self.slots[idx].spec.model_drafts = drafts
+        for d in self.batch_drafters:
+            d.before_step(gen)
         for i, s in enumerate(gen):  # decode tokens (and their drafts) first, within the first out rows
             drafts, probs = [], None
             if s.spec is not None:
@@ -392,11 +356,11 @@ class Scheduler:
         self.counters.step_tokens_total += len(ids)
         for s, row, chunk in fed:  # prompt chunks
             s.n_past += len(chunk)
-            r.cache.lengths[s.index] = s.n_past
             self.cache.append(s.index, chunk)
             if self._snapshot_before_last and s.prompt_pos == len(s.req.prompt) - 1:
-                r.cache.snapshot(s.index)
+                r.snapshot(s.index)
         emitted = {}
+        advanced = []  # (slot, first row, tokens the trunk took, token emitted after them) of generating slots
         for s, row in prompt_out:  # the first generated token of a finished prompt
             lg = None if logits is None else logits[row]
             token = int(top[row]) if lg is None or s.req.params.greedy and not s.req.params.penalizes \
@@ -422,10 +386,10 @@ class Scheduler:
                     r.rollback(s.index, list(range(row, row + k + 1)), a + 1)
             fed_toks = [s.last_token, *drafts[:a]]
             s.n_past += len(fed_toks)
-            r.cache.lengths[s.index] = s.n_past
             self.cache.append(s.index, fed_toks)
             out = [*drafts[:a], token]
             emitted[s.index] = (s, out, None)
+            advanced.append((s, row, fed_toks, token))
             for i, t in enumerate(out):
                 lg = None if rows_lg is None else rows_lg[i]
                 if not self._emit(s, t, lg):
@@ -434,77 +398,26 @@ class Scheduler:
             if s.req is not None and s.spec is not None:
                 s.spec.extend(toks)
                 s.spec.choose(len(emitted) - 1)
-        if r.has_mtp and self.spec.uses_mtp:
-            self._mtp_drafts(fed, verify, emitted)
+        if self.batch_drafters:
+            self._after_step(fed, advanced, emitted)
 
-    def _mtp_drafts(self, fed, verify, emitted) -> None:
-        """Keep the MTP block's KV in step with every token the trunk just took (prompt chunks too), and draft
-        for the next step. The block pairs the token at position p with the trunk's hidden state of p - 1
-        (zeros at p = 0): for the tokens of this step that is their own batch rows, shifted by one token,
-        so the last entry of a generating slot is its new token, whose draft logits give d1. d2.. come from
-        feeding each draft back with the block's own hidden output."""
-        r = self.runner
-        t0 = time.perf_counter()
-        entries = []  # (slot, token, position, hidden row of the trunk batch)
+    def _after_step(self, fed, advanced, emitted) -> None:
+        """What each slot's sequence took in this step, for the device drafters (prompt chunks first, then
+        the generating slots whose request goes on)."""
+        advances = []
         for s, row, chunk in fed:
-            start = s.n_past - len(chunk)
-            if start == 0:
-                entries.append((s, chunk[0], 0, r.n_batch))  # row n_batch of the hidden buffer is zero
-            nxt = []
+            nxt = None
             if s.req is not None:
                 if s.prefilling:
-                    nxt = [s.req.prompt[s.prompt_pos]]
+                    nxt = s.req.prompt[s.prompt_pos]
                 elif s.index in emitted:
-                    nxt = emitted[s.index][1][:1]
-            for i, t in enumerate([*chunk[1:], *nxt]):
-                entries.append((s, t, start + i + 1, row + i))
-        for s, row, _, _ in verify:
-            if s.req is None:
-                continue
-            out = emitted[s.index][1]
-            p0 = s.n_past - len(out)  # position of the step's first token (the previous last token)
-            for i, t in enumerate(out):
-                entries.append((s, t, p0 + i + 1, row + i))
-        drafting = {s.index: s for s, _, _, _ in entries
-                    if s.req is not None and not s.prefilling and s.spec is not None
-                    and "draft-mtp" in s.spec.cfg.types and s.spec.k_next > 0}
-        for s in drafting.values():
-            s.spec.set_mtp_drafts([], [])
-        last_row = {}
-        for i, (s, _, _, _) in enumerate(entries):
-            last_row[s.index] = i
-        # catch-up, in chunks of the batch size; d1 of each drafting slot from its last entry
-        state: dict[int, _Drafting] = {}
-        for c0 in range(0, len(entries), r.n_batch):
-            part = entries[c0 : c0 + r.n_batch]
-            want = [i for i, (s, _, _, _) in enumerate(part) if s.index in drafting and last_row[s.index] == c0 + i]
-            top, lg = r.mtp_step([e[1] for e in part], np.asarray([e[2] for e in part], np.int32),
-                                 [e[0].index for e in part], [e[3] for e in part], want,
-                                 want_logits=self._mtp_logits(drafting.values()))
-            for j, i in enumerate(want):
-                s = part[i][0]
-                state[s.index] = _Drafting(row=i)
-                state[s.index].take(s, int(top[j]), None if lg is None else lg[j])
-        # further drafts: each slot's last draft with the block's own hidden output of its row
-        for _ in range(1, max((s.spec.k_next for s in drafting.values()), default=0)):
-            go = [s for s in drafting.values() if not state[s.index].done and len(state[s.index].tokens) < s.spec.k_next]
-            if not go:
-                break
-            pos = np.asarray([s.n_past + len(state[s.index].tokens) for s in go], np.int32)
-            top, lg = r.mtp_step([state[s.index].tokens[-1] for s in go], pos, [s.index for s in go],
-                                 [state[s.index].row for s in go], list(range(len(go))), source="mtp",
-                                 want_logits=self._mtp_logits(go))
-            for j, s in enumerate(go):
-                state[s.index].row = j
-                state[s.index].take(s, int(top[j]), None if lg is None else lg[j])
-        for idx, st in state.items():
-            drafting[idx].spec.set_mtp_drafts(st.tokens, st.probs)
-        # the whole pass counts as drafting cost (its catch-up part runs at k = 0 too: conservative)
-        self.step_cost.observe_draft(sum(len(st.tokens) for st in state.values()), time.perf_counter() - t0)
-
-    @staticmethod
-    def _mtp_logits(slots) -> bool:
-        return any(not s.req.params.greedy or s.spec.p_min > 0 for s in slots)
+                    nxt = emitted[s.index][1][0]
+            advances.append(Advance(s, s.n_past - len(chunk), row, list(chunk), nxt))
+        for s, row, fed_toks, token in advanced:
+            if s.req is not None:
+                advances.append(Advance(s, s.n_past - len(fed_toks), row, fed_toks, token))
+        for d in self.batch_drafters:
+            d.after_step(advances, self.slots)
 
     def _eog(self, s: _Slot) -> Collection[int]:
         return () if s.req.ignore_eos else self.runner.tokenizer.eot_ids

@@ -94,7 +94,7 @@ def test_snapshot_run_restore_rerun_is_identical(rt, models):
     path = models("qwen35", "Q8_0")
     runner = ModelRunner(path, rt=rt, n_ctx=160, n_batch=32)
     runner.eval(0, PROMPT, 0, want_logits=False)
-    runner.cache.snapshot(0)
+    runner.snapshot(0)
 
     def five():
         out, pos, token = [], len(PROMPT), 9
@@ -105,8 +105,8 @@ def test_snapshot_run_restore_rerun_is_identical(rt, models):
         return np.concatenate(out)
 
     first = five()
-    runner.cache.restore(0)
-    assert runner.cache.lengths[0] == len(PROMPT)
+    runner.truncate(0, len(PROMPT))  # back to the snapshot
+    assert runner.seq_length(0) == len(PROMPT)
     np.testing.assert_array_equal(five(), first)
     # continuing from an arbitrary earlier position is refused (a recurrent state cannot be cut back)
     with pytest.raises(ValueError, match="cannot continue from position 3"):
@@ -148,11 +148,11 @@ def test_mtp_block_matches_reference(rt, models, arch, own_head):
     ref.forward(PROMPT, 0)
     hidden = np.vstack([np.zeros((1, ref.n_embd)), ref.h_nextn[:-1]])
     want = ref.mtp_forward(hidden, PROMPT, 0)
-    top, got = runner.mtp_step(PROMPT, np.arange(n, dtype=np.int32), [0] * n, [runner.n_batch] + list(range(n - 1)),
+    top, got = runner.mtp_step(PROMPT, np.arange(n, dtype=np.int32), [0] * n, [-1] + list(range(n - 1)),
                                list(range(n)), want_logits=True)
     assert spread_error(got, want) < tolerance("Q8_0")
     assert (top == want.argmax(axis=1)).all()
-    assert runner.cache.mtp_lengths[0] == n
+    assert runner.mtp_length(0) == n
 
     draft = int(top[-1])
     want2 = ref.mtp_forward(ref.mtp_h_nextn[-1], [draft], n)
@@ -225,7 +225,7 @@ def test_rollback_after_partial_accept_equals_plain_run(rt, models, arch):
         runner.save_for_rollback(0)
         runner.step(ids, np.arange(n, n + len(ids), dtype=np.int32), [0] * len(ids), list(range(len(ids))))
         runner.rollback(0, list(range(len(ids))), keep)
-        runner.cache.lengths[0] = n + keep
+        assert runner.seq_length(0) == n + keep
         _, got = runner.eval(0, [123], n + keep)
         _, want = ModelRunner(path, rt=rt, n_ctx=128, n_batch=32).eval(0, PROMPT + ids[:keep] + [123], 0)
         np.testing.assert_allclose(got, want, atol=1e-4 * float(want.std()), err_msg=f"keep {keep}")

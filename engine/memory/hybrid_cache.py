@@ -15,12 +15,16 @@ import numpy as np
 import pyopencl as cl
 
 from nextn.memory.kv_cache import KVCache
+from nextn.memory.sequence import SequenceCache
 from nextn.ops import delta_net as dn
 
 
-class HybridCache:
+class HybridCache(SequenceCache):
+    holds_recurrent_state = True
+
     def __init__(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0):
-        self.rt, self.n_seq, self.n_ctx = rt, n_seq, n_ctx
+        super().__init__(n_seq, n_ctx)
+        self.rt = rt
         self.attn_layers = hp.attention_layers(mtp)
         self.kv = KVCache(rt, len(self.attn_layers), n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
         self._kv_index = {il: i for i, il in enumerate(self.attn_layers)}
@@ -32,6 +36,7 @@ class HybridCache:
             self.delta[il] = rt.alloc(n_seq * delta_seq, f"state.{il}.delta")
             per_seq += [(self.conv[il], conv_seq), (self.delta[il], delta_seq)]
         self._per_seq = per_seq  # (state buffer, bytes per sequence) in snapshot order
+        self._state_bytes = conv_seq + delta_seq
         snap_bytes = dn.snapshot_bytes(per_seq)
         self._snaps = [rt.alloc(max(snap_bytes, 4), f"state.snapshot.{s}") for s in range(n_seq)]
         self.snapshot_pos: list[int | None] = [None] * n_seq
@@ -48,8 +53,6 @@ class HybridCache:
                 self.saved[il] = tuple(rt.alloc(4 * rollback_rows * width, f"state.{il}.saved_{name}")
                                        for name, width in (("qkv", hp.conv_dim), ("alpha", hp.n_v_heads),
                                                            ("beta", hp.n_v_heads)))
-        self.mtp_lengths = [0] * n_seq  # positions held in the MTP block's KV cache
-        self.holds_recurrent_state = True
         for s in range(n_seq):
             self.reset(s)
 
@@ -72,9 +75,22 @@ class HybridCache:
         """Positions of each sequence held by the trunk (KV and recurrent state agree on it)."""
         return self.kv.lengths
 
+    @property
+    def n_kv_layers(self) -> int:
+        return len(self.attn_layers)
+
+    def recurrent_bytes_per_seq(self) -> int:
+        return len(self.conv) * self._state_bytes
+
     def layer(self, il: int):
         """(K, V) buffers of full-attention layer il (il = n_layer: the MTP block)."""
         return self.kv.layer(self._kv_index[il])
+
+    def set_length(self, seq: int, n: int) -> None:
+        self.kv.set_length(seq, n)
+
+    def prefix_store(self) -> "HybridPrefixStore":
+        return HybridPrefixStore(self)
 
     # -- positions --------------------------------------------------------------------------------------
 
@@ -83,7 +99,7 @@ class HybridCache:
         zero = np.zeros(1, np.float32)
         for buf, per_seq in self._per_seq:
             cl.enqueue_fill_buffer(self.rt.queue, buf, zero, seq * per_seq, per_seq)
-        self.kv.lengths[seq] = 0
+        self.kv.set_length(seq, 0)
         self.mtp_lengths[seq] = 0
         self.snapshot_pos[seq] = None  # it held a prefix of what the sequence is about to forget
 

@@ -1,32 +1,27 @@
 """Architectures nextn runs, by `general.architecture`. An explicit table: a name read from an untrusted
-file never chooses a module to import."""
+file never chooses a module to import. Adding one: docs/architecture.md's checklist."""
 
 from nextn.errors import UnsupportedArchitecture
 from nextn.models import llama, qwen3, qwen35
+from nextn.models.base import Architecture
 
-ARCHITECTURES = {
-    "qwen3": qwen3,
-    "llama": llama,
-    "qwen35": qwen35,
-    "qwen35moe": qwen35,
+ARCHITECTURES: dict[str, Architecture] = {
+    "qwen3": qwen3.ARCH,
+    "llama": llama.ARCH,
+    "qwen35": qwen35.ARCH,
+    "qwen35moe": qwen35.ARCH_MOE,
 }
 
 # Names other converters or older files use for an architecture nextn runs with the same math.
 ALIASES: dict[str, str] = {}
 
 
-def architecture(name: str, path=None):
-    """The module of architecture `name`, or UnsupportedArchitecture naming the file and what is supported."""
-    mod = ARCHITECTURES.get(ALIASES.get(name, name))
-    if mod is None:
+def architecture(name: str, path=None) -> Architecture:
+    """The architecture `name`, or UnsupportedArchitecture naming the file and what is supported."""
+    arch = ARCHITECTURES.get(ALIASES.get(name, name))
+    if arch is None:
         where = f"{path}: " if path else ""
         raise UnsupportedArchitecture(
             f"{where}architecture '{name}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
         )
-    return mod
-
-
-def family(mod):
-    """The module holding an architecture's tensors, cache and step: its FAMILY (the dense decoder shared by
-    qwen3 and llama), or the architecture module itself (qwen35)."""
-    return getattr(mod, "FAMILY", mod)
+    return arch

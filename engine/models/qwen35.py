@@ -11,29 +11,26 @@ Per trunk layer: x += mixer(attn_norm(x)); x += ffn(post_attention_norm(x)), whe
   over rope.dimension_count dims), causal GQA attention, times sigmoid(gate), attn_output;
 and the FFN is SwiGLU (qwen35) or routed experts plus a sigmoid-gated shared expert (qwen35moe).
 
-The MTP block (blk.{n_layer}.nextn.*) drafts the token after next: eh_proj(enorm(embed(token)) ++
-hnorm(hidden)), one full-attention layer with the arch's FFN, shared_head_norm, the head. `hidden` is the
-trunk's output_norm'd final state of the previous position (llama.cpp's t_h_nextn), which the trunk step
+The MTP block (blk.{n_layer}.nextn.*, models/blocks.py) has one full-attention layer with the arch's FFN;
+its `hidden` input is the trunk's output_norm'd final state (llama.cpp's t_h_nextn), which the trunk step
 leaves on the device in buf.x for every token of the batch.
 """
 
 from dataclasses import dataclass
 
-import gguf
 import numpy as np
 import pyopencl as cl
 
+from nextn.cl.launch import VAR_N_SAVED, VAR_N_TOKENS, Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.hybrid_cache import HybridCache, HybridPrefixStore
+from nextn.memory.hybrid_cache import HybridCache
 from nextn.memory.plan import MemoryPlan
-from nextn.models import dense
-from nextn.ops import attention, delta_net, elementwise, moe, norm, qkv, select
-from nextn.cl.launch import VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS, Launch
-from nextn.ops.weights import SUPPORTED_TYPES, device_bytes, upload_weight
-
-F32 = frozenset({gguf.GGMLQuantizationType.F32})
-ANY = SUPPORTED_TYPES
+from nextn.models import blocks
+from nextn.models.base import Architecture, upload_group
+from nextn.models.blocks import ANY, F32, AttentionShape, MtpBuffers
+from nextn.ops import delta_net, elementwise, moe, norm
+from nextn.ops.weights import device_bytes, upload_weight
 
 
 @dataclass(frozen=True)
@@ -170,22 +167,12 @@ def _check_text_rope(mf: ModelFile, n_rot: int, sections: list[int]) -> None:
                                  f"extra M-RoPE section, which nextn does not support")
 
 
-def hparams(mf: ModelFile) -> HybridHParams:
-    return HybridHParams.from_file(mf)
-
-
 # -- tensors -----------------------------------------------------------------------------------------------
 
-def _attention_tensors(hp: HybridHParams, b: str) -> dict:
-    e, q, kv, hd = hp.n_embd, hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.head_dim
-    return {
-        b + "attn_q.weight": ((e, 2 * q), ANY),
-        b + "attn_k.weight": ((e, kv), ANY),
-        b + "attn_v.weight": ((e, kv), ANY),
-        b + "attn_output.weight": ((q, e), ANY),
-        b + "attn_q_norm.weight": ((hd,), F32),
-        b + "attn_k_norm.weight": ((hd,), F32),
-    }
+def _attention(hp: HybridHParams) -> AttentionShape:
+    """Gated full attention: M-RoPE at text positions is NeoX RoPE over n_rot dims."""
+    return AttentionShape(hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_rot, True, hp.rope_freq_base,
+                          hp.rope_freq_scale, hp.rms_eps, gated=True)
 
 
 def _linear_tensors(hp: HybridHParams, b: str) -> dict:
@@ -206,11 +193,7 @@ def _linear_tensors(hp: HybridHParams, b: str) -> dict:
 def _ffn_tensors(hp: HybridHParams, mf: ModelFile, b: str) -> dict:
     e = hp.n_embd
     if not hp.moe:
-        return {
-            b + "ffn_gate.weight": ((e, hp.n_ff), ANY),
-            b + "ffn_up.weight": ((e, hp.n_ff), ANY),
-            b + "ffn_down.weight": ((hp.n_ff, e), ANY),
-        }
+        return blocks.swiglu_tensors(e, hp.n_ff, b)
     ne, fe, fs = hp.n_expert, hp.n_ff_exp, hp.n_ff_shexp
     t = {
         b + "ffn_gate_inp.weight": ((e, ne), F32),
@@ -219,87 +202,26 @@ def _ffn_tensors(hp: HybridHParams, mf: ModelFile, b: str) -> dict:
         b + "ffn_down_exps.weight": ((fe, e, ne), ANY),
     }
     if fs and mf.has(b + "ffn_up_shexp.weight"):
-        t.update({
-            b + "ffn_gate_inp_shexp.weight": ((e,), F32),
-            b + "ffn_gate_shexp.weight": ((e, fs), ANY),
-            b + "ffn_up_shexp.weight": ((e, fs), ANY),
-            b + "ffn_down_shexp.weight": ((fs, e), ANY),
-        })
+        t[b + "ffn_gate_inp_shexp.weight"] = ((e,), F32)
+        t.update(blocks.swiglu_tensors(e, fs, b, "_shexp"))
     return t
 
 
-def trunk_table(hp: HybridHParams, mf: ModelFile) -> dict:
-    e = hp.n_embd
-    t = {"token_embd.weight": ((e, hp.n_vocab), ANY), "output_norm.weight": ((e,), F32)}
-    if mf.has("output.weight"):
-        t["output.weight"] = ((e, hp.n_vocab), ANY)
-    for il in range(hp.n_layer):
-        b = f"blk.{il}."
-        t[b + "attn_norm.weight"] = ((e,), F32)
-        t.update(_linear_tensors(hp, b) if hp.recurrent[il] else _attention_tensors(hp, b))
-        t[b + "post_attention_norm.weight"] = ((e,), F32)
-        t.update(_ffn_tensors(hp, mf, b))
-    return t
-
-
-def mtp_table(hp: HybridHParams, mf: ModelFile) -> dict:
-    e, b = hp.n_embd, f"blk.{hp.n_layer}."
-    t = {
-        b + "nextn.eh_proj.weight": ((2 * e, e), ANY),
-        b + "nextn.enorm.weight": ((e,), F32),
-        b + "nextn.hnorm.weight": ((e,), F32),
+def _layer_tensors(hp: HybridHParams, mf: ModelFile, il: int) -> dict:
+    e, b = hp.n_embd, f"blk.{il}."
+    linear = il < hp.n_layer and hp.recurrent[il]
+    return {
         b + "attn_norm.weight": ((e,), F32),
-        **_attention_tensors(hp, b),
+        **(_linear_tensors(hp, b) if linear else blocks.attention_tensors(_attention(hp), e, b, qk_norm=True)),
         b + "post_attention_norm.weight": ((e,), F32),
         **_ffn_tensors(hp, mf, b),
     }
-    for name in ("nextn.shared_head_norm.weight",):
-        if mf.has(b + name):
-            t[b + name] = ((e,), F32)
-    for name in ("nextn.embed_tokens.weight", "nextn.shared_head_head.weight"):
-        if mf.has(b + name):
-            t[b + name] = ((e, hp.n_vocab), ANY)
-    return t
-
-
-def check_tensors(hp: HybridHParams, mf: ModelFile, mtp: bool = False) -> dict:
-    """Validate the trunk's tensors (and the MTP block's when mtp) before anything is uploaded."""
-    table = trunk_table(hp, mf)
-    if mtp:
-        if not hp.n_nextn:
-            raise ModelLoadError(
-                f"{mf.path}: MTP drafting was asked for, but this {mf.arch} file has no MTP block "
-                f"({mf.arch}.nextn_predict_layers is 0 and there are no blk.{hp.n_layer}.nextn.* tensors); "
-                f"use a GGUF converted with its MTP layers (e.g. a '-MTP' file) or another draft type")
-        table.update(mtp_table(hp, mf))
-    return {name: mf.tensor(name, ne, types) for name, (ne, types) in table.items()}
-
-
-def mtp_tensor_names(hp: HybridHParams, infos: dict) -> list[str]:
-    prefix = f"blk.{hp.n_layer}."
-    return [n for n in infos if n.startswith(prefix)]
 
 
 # -- device weights ------------------------------------------------------------------------------------------
 
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 PLAIN_F32 = ("ssm_conv1d.weight",)  # read by kernels as plain float32 arrays, not as matmul weights
-
-
-def _layer_prefixes(hp: HybridHParams, mtp: bool) -> list[str]:
-    return [f"blk.{il}." for il in range(hp.n_layer + (1 if mtp else 0))]
-
-
-def fusion_candidates(hp: HybridHParams, mtp: bool) -> list:
-    out = []
-    for il, b in enumerate(_layer_prefixes(hp, mtp)):
-        if il == hp.n_layer or not hp.recurrent[il]:
-            out.append((b + "attn_qgkv.weight", [b + p + ".weight" for p in ("attn_q", "attn_k", "attn_v")]))
-        if hp.moe:
-            out.append((b + "ffn_gate_up_shexp.weight", [b + "ffn_gate_shexp.weight", b + "ffn_up_shexp.weight"]))
-        else:
-            out.append((b + "ffn_gate_up.weight", [b + "ffn_gate.weight", b + "ffn_up.weight"]))
-    return out
 
 
 def _kind(name: str) -> str:
@@ -310,7 +232,7 @@ def _kind(name: str) -> str:
         return "shexp_gate"
     if any(f".{t}." in name for t in EXPERT_TENSORS):
         return "experts"
-    if name.endswith("nextn.eh_proj.weight"):
+    if blocks.is_eh_proj(name):
         return "eh_proj"
     return "default"
 
@@ -325,77 +247,8 @@ def _group_bytes(infos: dict, members: list[str]) -> int:
     if kind == "experts":
         return moe.experts_bytes(first.qtype, first.ne[2], first.ne[1], first.ne[0])
     if kind == "eh_proj":
-        return 2 * device_bytes(first.qtype, first.n_rows, first.n_cols // 2)
+        return blocks.eh_proj_bytes(first)
     return device_bytes(first.qtype, sum(infos[m].n_rows for m in members), first.n_cols)
-
-
-def weights_bytes(hp: HybridHParams, infos: dict, mtp: bool = False) -> tuple[int, int]:
-    """(trunk bytes, MTP block bytes) on the device."""
-    mtp_names = set(mtp_tensor_names(hp, infos)) if mtp else set()
-    trunk = extra = 0
-    for members in dense.fused_groups(infos, fusion_candidates(hp, mtp)).values():
-        n = _group_bytes(infos, members)
-        if members[0] in mtp_names:
-            extra += n
-        else:
-            trunk += n
-    return trunk, extra
-
-
-def upload(rt, hp: HybridHParams, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
-    out = {}
-    for name, members in dense.fused_groups(infos, fusion_candidates(hp, mtp)).items():
-        first, kind = infos[members[0]], _kind(name)
-        if kind == "plain":
-            out[name] = rt.upload(np.array(mf.array_f32(first)), name)
-        elif kind == "shexp_gate":  # [n_embd] used as a 1-row matmul weight: one logit per token
-            out[name] = upload_weight(rt, mf.raw(first).reshape(1, -1), first.qtype, 1, first.ne[0], name)
-        elif kind == "experts":
-            out[name] = moe.upload_experts(rt, np.asarray(mf.raw(first)).reshape(-1), first.qtype, first.ne[2],
-                                           first.ne[1], first.ne[0], name)
-        elif kind == "eh_proj":
-            # columns [0, n_embd) multiply the embedding, [n_embd, 2 n_embd) the hidden state: two weights,
-            # so the step needs no concatenated input (each half is whole GGUF blocks: n_embd is a row length)
-            raw = np.asarray(mf.raw(first))
-            half = raw.shape[1] // 2
-            for part, cols in (("e", slice(0, half)), ("h", slice(half, None))):
-                out[f"{name}.{part}"] = upload_weight(rt, np.ascontiguousarray(raw[:, cols]), first.qtype,
-                                                      first.n_rows, first.n_cols // 2, f"{name}.{part}")
-        else:
-            out[name] = dense.upload_group(rt, mf, infos, members, name)
-        if progress is not None:
-            progress(sum(infos[m].nbytes for m in members))
-    if "output.weight" not in out:
-        out["output.weight"] = out["token_embd.weight"]
-    return out
-
-
-# -- memory --------------------------------------------------------------------------------------------------
-
-def memory_plan(hp: HybridHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
-                mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan:
-    trunk, mtp_w = weights_bytes(hp, infos, mtp)
-    cache = HybridCache.bytes_needed(hp, n_seq, n_ctx, mtp, rollback_rows)
-    return MemoryPlan(
-        weights=trunk,
-        kv_cache=cache["kv_cache"],
-        activations=StepBuffers.bytes_needed(hp, n_batch, max_outputs),
-        recurrent_state=cache["recurrent_state"],
-        snapshots=cache["snapshots"],
-        rollback=cache["rollback"] + (4 * rollback_rows if rollback_rows else 0),
-        mtp_weights=mtp_w,
-        mtp_kv_cache=cache["mtp_kv_cache"],
-        mtp_activations=MtpBuffers.bytes_needed(hp, n_batch, max_outputs) if mtp else 0,
-    )
-
-
-def make_cache(rt, hp: HybridHParams, n_seq: int, n_ctx: int, mtp: bool = False,
-               rollback_rows: int = 0) -> HybridCache:
-    return HybridCache(rt, hp, n_seq, n_ctx, mtp, rollback_rows)
-
-
-def prefix_store(cache: HybridCache) -> HybridPrefixStore:
-    return HybridPrefixStore(cache)
 
 
 # -- step buffers --------------------------------------------------------------------------------------------
@@ -439,6 +292,7 @@ class StepBuffers:
         self.x_out = rt.alloc(4 * max_outputs * hp.n_embd, "act.x_out")
         self.logits = rt.alloc(4 * max_outputs * hp.n_vocab, "act.logits")
         self.argmax = rt.alloc(4 * max_outputs, "act.argmax")
+        self.hidden = self.x  # the MTP block's input: output_norm'd final state of each row
         self.zero_row = max_tokens  # row of x that stays zero
         # zero the whole residual buffer once: rows past a batch are never read, the extra row must be 0
         cl.enqueue_fill_buffer(rt.queue, self.x, np.zeros(1, np.float32), 0, self.x.size)
@@ -456,48 +310,7 @@ class StepBuffers:
         return total + 4 * max_outputs * (hp.n_embd + hp.n_vocab + 1)
 
 
-class MtpBuffers:
-    """The MTP step's own inputs and residual stream; its scratch (cur, proj, q, ...) is the trunk's, which is
-    free once the trunk step is done. hid_idx: per MTP token, the row of the hidden source to use."""
-
-    def __init__(self, rt, hp: HybridHParams, max_tokens: int, max_outputs: int):
-        n = max_tokens
-        for name in ("ids", "pos", "seq", "out_idx", "hid_idx"):
-            setattr(self, name, rt.alloc(4 * n, f"mtp.{name}"))
-        self.x = rt.alloc(4 * n * hp.n_embd, "mtp.x")
-        self.h = rt.alloc(4 * (n + 1) * hp.n_embd, "mtp.h")  # its own output hidden; row n stays zero
-        self.hn = rt.alloc(4 * n * hp.n_embd, "mtp.hn")
-        cl.enqueue_fill_buffer(rt.queue, self.h, np.zeros(1, np.float32), 0, self.h.size)
-
-    @staticmethod
-    def bytes_needed(hp: HybridHParams, max_tokens: int, max_outputs: int) -> int:
-        return 4 * 5 * max_tokens + 4 * hp.n_embd * (3 * max_tokens + 1)
-
-
 # -- the step -------------------------------------------------------------------------------------------------
-
-def _gated_attention(rt, mm, hp, w, b, buf, cache, il, n, x) -> list[Launch]:
-    """x += attn_output(attention(rope(norm(q)), rope(norm(k)), v) * sigmoid(gate)), from buf.cur."""
-    hd, q_dim, kv_dim = hp.head_dim, hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-    row = 2 * q_dim + 2 * kv_dim
-    L = []
-    if b + "attn_qgkv.weight" in w:
-        L += mm.matmul(w[b + "attn_qgkv.weight"], buf.cur, buf.proj, n)
-    else:
-        for name, offset in (("attn_q", 0), ("attn_k", 2 * q_dim), ("attn_v", 2 * q_dim + kv_dim)):
-            L += mm.matmul(w[b + name + ".weight"], buf.cur, buf.proj, n, y_stride=row, y_offset=offset)
-    k_cache, v_cache = cache.layer(il)
-    shape = dict(n_head=hp.n_head, n_head_kv=hp.n_head_kv, head_dim=hd, n_rot=hp.n_rot, neox=True)
-    L += qkv.qkv_prep(rt, buf.proj, buf.q, k_cache, v_cache, buf.pos, buf.seq, w[b + "attn_q_norm.weight"],
-                      w[b + "attn_k_norm.weight"], **shape, freq_base=hp.rope_freq_base,
-                      freq_scale=hp.rope_freq_scale, eps=hp.rms_eps, n_ctx=cache.n_ctx, n_seq=cache.n_seq,
-                      q_gate=True)
-    L += attention.attention(rt, buf.q, k_cache, v_cache, buf.pos, buf.seq, buf.kqv_out, hp.n_head,
-                             hp.n_head_kv, hd, cache.n_ctx, 1.0 / np.sqrt(hd), n)
-    L += qkv.attn_gate(rt, buf.proj, buf.kqv_out, **shape, qk_norm=True)
-    L += mm.matmul(w[b + "attn_output.weight"], buf.kqv_out, x, n, accumulate=True)
-    return L
-
 
 def _linear_attention(rt, mm, hp, w, b, buf, cache, il, n, x) -> list[Launch]:
     """x += ssm_out(gated_rms_norm(delta_rule(conv(qkv)), z)), from buf.cur; state carried per sequence."""
@@ -531,118 +344,164 @@ def _copy_saved(rt, hp, src, dst, idx, rows: int, token_var: int) -> list[Launch
     return L
 
 
-def build_replay(rt, hp: HybridHParams, w: dict, buf: "StepBuffers", cache: HybridCache) -> list[Launch]:
-    """Rollback replay: the saved rows buf.replay_idx[:n] of the last step, all of sequence buf.replay_seq,
-    through each linear layer's conv and delta rule only, from the state restored before it."""
-    n, hk, hv, dk, dv = cache.rollback_rows, hp.n_k_heads, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim
-    L = []
-    for il in hp.linear_layers():
-        b = f"blk.{il}."
-        L += _copy_saved(rt, hp, cache.saved[il], (buf.proj, buf.lin_alpha, buf.lin_beta), buf.replay_idx, n,
-                         VAR_N_TOKENS)
-        L += delta_net.ssm_conv(rt, buf.proj, buf.proj, w[b + "ssm_conv1d.weight"], cache.conv[il],
-                                buf.replay_seq, hp.conv_dim, hp.d_conv, n)
-        L += delta_net.gdn_prep(rt, buf.proj, buf.lin_alpha, buf.lin_beta, w[b + "ssm_dt.bias"], w[b + "ssm_a"],
-                                hk, hv, dk, dv, hp.rms_eps, n)
-        L += delta_net.delta_net(rt, buf.proj, buf.lin_alpha, buf.lin_beta, cache.delta[il], buf.kqv_out,
-                                 buf.replay_seq, hk, hv, dk, dv, n)
-    return L
+class Qwen35(Architecture):
+    """qwen35 (SwiGLU FFN) and qwen35moe (routed + shared experts): the same layers, the FFN from hparams."""
 
+    has_mtp_head = True
 
-def _ffn(rt, mm, hp, w, b, buf, n, x) -> list[Launch]:
-    """x += ffn(buf.cur): SwiGLU, or routed experts + sigmoid-gated shared expert."""
-    L = []
-    if not hp.moe:
-        if b + "ffn_gate_up.weight" in w:
-            L += mm.matmul(w[b + "ffn_gate_up.weight"], buf.cur, buf.gate_up, n)
-        else:
-            for name, offset in (("ffn_gate", 0), ("ffn_up", hp.n_ff)):
-                L += mm.matmul(w[b + name + ".weight"], buf.cur, buf.gate_up, n, y_stride=2 * hp.n_ff,
-                               y_offset=offset)
-        L += elementwise.swiglu_fused(rt, buf.gate_up, buf.act, hp.n_ff)
-        L += mm.matmul(w[b + "ffn_down.weight"], buf.act, x, n, accumulate=True)
+    def hparams(self, mf: ModelFile) -> HybridHParams:
+        return HybridHParams.from_file(mf)
+
+    def mtp_layers(self, hp: HybridHParams) -> int:
+        return hp.n_nextn
+
+    def tensor_table(self, hp: HybridHParams, mf: ModelFile, mtp: bool = False) -> dict:
+        e = hp.n_embd
+        t = {"token_embd.weight": ((e, hp.n_vocab), ANY), "output_norm.weight": ((e,), F32)}
+        if mf.has("output.weight"):
+            t["output.weight"] = ((e, hp.n_vocab), ANY)
+        for il in range(hp.n_layer):
+            t.update(_layer_tensors(hp, mf, il))
+        if mtp:
+            b = f"blk.{hp.n_layer}."
+            mtp_own = blocks.mtp_tensors(e, hp.n_vocab, b, mf)
+            t.update({k: mtp_own[k] for k in list(mtp_own)[:3]})  # eh_proj, enorm, hnorm first, as the file
+            t.update(_layer_tensors(hp, mf, hp.n_layer))
+            t.update({k: v for k, v in mtp_own.items() if k not in t})
+        return t
+
+    def fusion_candidates(self, hp: HybridHParams, mtp: bool = False) -> list:
+        out = []
+        for il in range(hp.n_layer + (1 if mtp else 0)):
+            b = f"blk.{il}."
+            if il == hp.n_layer or not hp.recurrent[il]:
+                out.append(blocks.qkv_fusion(b, "attn_qgkv"))
+            out.append(blocks.gate_up_fusion(b, "_shexp" if hp.moe else ""))
+        return out
+
+    def weights_bytes(self, hp: HybridHParams, infos: dict, mtp: bool = False) -> tuple[int, int]:
+        """(trunk bytes, MTP block bytes) on the device."""
+        mtp_names = set(self.mtp_tensor_names(hp, infos)) if mtp else set()
+        trunk = extra = 0
+        for members in self.fused_groups(hp, infos, mtp).values():
+            n = _group_bytes(infos, members)
+            if members[0] in mtp_names:
+                extra += n
+            else:
+                trunk += n
+        return trunk, extra
+
+    def upload(self, rt, hp: HybridHParams, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
+        out = {}
+        for name, members in self.fused_groups(hp, infos, mtp).items():
+            first, kind = infos[members[0]], _kind(name)
+            if kind == "plain":
+                out[name] = rt.upload(np.array(mf.array_f32(first)), name)
+            elif kind == "shexp_gate":  # [n_embd] used as a 1-row matmul weight: one logit per token
+                out[name] = upload_weight(rt, mf.raw(first).reshape(1, -1), first.qtype, 1, first.ne[0], name)
+            elif kind == "experts":
+                out[name] = moe.upload_experts(rt, np.asarray(mf.raw(first)).reshape(-1), first.qtype,
+                                               first.ne[2], first.ne[1], first.ne[0], name)
+            elif kind == "eh_proj":
+                blocks.upload_eh_proj(rt, mf, first, name, out)
+            else:
+                out[name] = upload_group(rt, mf, infos, members, name)
+            if progress is not None:
+                progress(sum(infos[m].nbytes for m in members))
+        if "output.weight" not in out:
+            out["output.weight"] = out["token_embd.weight"]
+        return out
+
+    def memory_plan(self, hp: HybridHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int,
+                    max_outputs: int, mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan:
+        trunk, mtp_w = self.weights_bytes(hp, infos, mtp)
+        cache = HybridCache.bytes_needed(hp, n_seq, n_ctx, mtp, rollback_rows)
+        return MemoryPlan(
+            weights=trunk,
+            kv_cache=cache["kv_cache"],
+            activations=StepBuffers.bytes_needed(hp, n_batch, max_outputs),
+            recurrent_state=cache["recurrent_state"],
+            snapshots=cache["snapshots"],
+            rollback=cache["rollback"] + (4 * rollback_rows if rollback_rows else 0),
+            mtp_weights=mtp_w,
+            mtp_kv_cache=cache["mtp_kv_cache"],
+            mtp_activations=MtpBuffers.bytes_needed(hp.n_embd, n_batch) if mtp else 0,
+        )
+
+    def make_cache(self, rt, hp: HybridHParams, n_seq: int, n_ctx: int, mtp: bool = False,
+                   rollback_rows: int = 0) -> HybridCache:
+        return HybridCache(rt, hp, n_seq, n_ctx, mtp, rollback_rows)
+
+    def step_buffers(self, rt, hp: HybridHParams, max_tokens: int, max_outputs: int) -> StepBuffers:
+        return StepBuffers(rt, hp, max_tokens, max_outputs)
+
+    def mtp_buffers(self, rt, hp: HybridHParams, max_tokens: int) -> MtpBuffers:
+        return MtpBuffers(rt, hp.n_embd, max_tokens)
+
+    # -- the step -----------------------------------------------------------------------------------------
+
+    def _ffn(self, rt, mm, hp, w, b, buf, n, x) -> list[Launch]:
+        """x += ffn(buf.cur): SwiGLU, or routed experts + sigmoid-gated shared expert."""
+        if not hp.moe:
+            return blocks.swiglu_ffn(rt, mm, w, b, buf.cur, buf.gate_up, buf.act, x, hp.n_ff, n)
+        L = blocks.moe_ffn(rt, mm, w, b, buf.cur, x, hp.n_expert, hp.n_expert_used, hp.expert_weights_scale,
+                           buf.moe, n)
+        if b + "ffn_down_shexp.weight" in w:
+            L += blocks.swiglu_ffn(rt, mm, w, b, buf.cur, buf.sh_gate_up, buf.sh_act, buf.sh_y, hp.n_ff_shexp, n,
+                                   "_shexp", accumulate=False)
+            L += mm.matmul(w[b + "ffn_gate_inp_shexp.weight"], buf.cur, buf.sh_logit, n)
+            L += moe.shared_expert_add(rt, buf.sh_y, buf.sh_logit, x, hp.n_embd, n)
         return L
-    L += moe.moe_ffn(rt, mm, buf.cur, x, w[b + "ffn_gate_inp.weight"], w[b + "ffn_gate_exps.weight"],
-                     w[b + "ffn_up_exps.weight"], w[b + "ffn_down_exps.weight"], hp.n_expert, hp.n_expert_used,
-                     hp.expert_weights_scale, buf.moe, n)
-    if b + "ffn_down_shexp.weight" in w:
-        fs = hp.n_ff_shexp
-        if b + "ffn_gate_up_shexp.weight" in w:
-            L += mm.matmul(w[b + "ffn_gate_up_shexp.weight"], buf.cur, buf.sh_gate_up, n)
+
+    def _layer(self, rt, mm, hp, w, il, buf, cache, n, x) -> list[Launch]:
+        """One block over residual stream x (buf.x for the trunk, the MTP buffers' x for the MTP block)."""
+        b = f"blk.{il}."
+        L = norm.rms_norm(rt, x, buf.cur, w[b + "attn_norm.weight"], hp.n_embd, 1, hp.rms_eps, n)
+        if il < hp.n_layer and hp.recurrent[il]:
+            L += _linear_attention(rt, mm, hp, w, b, buf, cache, il, n, x)
         else:
-            for name, offset in (("ffn_gate_shexp", 0), ("ffn_up_shexp", fs)):
-                L += mm.matmul(w[b + name + ".weight"], buf.cur, buf.sh_gate_up, n, y_stride=2 * fs,
-                               y_offset=offset)
-        L += elementwise.swiglu_fused(rt, buf.sh_gate_up, buf.sh_act, fs)
-        L += mm.matmul(w[b + "ffn_down_shexp.weight"], buf.sh_act, buf.sh_y, n)
-        L += mm.matmul(w[b + "ffn_gate_inp_shexp.weight"], buf.cur, buf.sh_logit, n)
-        L += moe.shared_expert_add(rt, buf.sh_y, buf.sh_logit, x, hp.n_embd, n)
-    return L
+            L += blocks.attention(rt, mm, _attention(hp), w, b, buf.cur, buf.proj, buf.q, buf.kqv_out, x, cache,
+                                  il, buf.pos, buf.seq, n, fused="attn_qgkv")
+        L += norm.rms_norm(rt, x, buf.cur, w[b + "post_attention_norm.weight"], hp.n_embd, 1, hp.rms_eps, n)
+        L += self._ffn(rt, mm, hp, w, b, buf, n, x)
+        return L
+
+    def build_step(self, rt, mm, hp: HybridHParams, w: dict, buf: StepBuffers, cache: HybridCache,
+                   max_tokens: int, max_outputs: int) -> list[Launch]:
+        """Leaves the output_norm'd hidden state of every token in buf.x (the MTP block's input)."""
+        n = max_tokens
+        L = mm.get_rows(w["token_embd.weight"], buf.ids, buf.x, n)
+        for il in range(hp.n_layer):
+            L += self._layer(rt, mm, hp, w, il, buf, cache, n, buf.x)
+        L += norm.rms_norm(rt, buf.x, buf.x, w["output_norm.weight"], hp.n_embd, 1, hp.rms_eps, n)  # h_nextn
+        L += blocks.output_head(rt, mm, w["output.weight"], buf.x, buf.out_idx, buf.x_out, buf.logits, buf.argmax,
+                                hp.n_embd, hp.n_vocab, max_outputs, n)
+        return L
+
+    def build_mtp_step(self, rt, mm, hp: HybridHParams, w: dict, buf: StepBuffers, mbuf: MtpBuffers,
+                       cache: HybridCache, max_tokens: int, max_outputs: int, hidden_src) -> list[Launch]:
+        il = hp.n_layer
+        return blocks.mtp_step(rt, mm, w, f"blk.{il}.", hp.n_embd, hp.n_vocab, hp.rms_eps, buf, mbuf, hidden_src,
+                               max_tokens, max_outputs,
+                               lambda view, x: self._layer(rt, mm, hp, w, il, view, cache, max_tokens, x))
+
+    def build_replay(self, rt, hp: HybridHParams, w: dict, buf: StepBuffers, cache: HybridCache) -> list[Launch]:
+        """Rollback replay: the saved rows buf.replay_idx[:n] of the last step, all of sequence buf.replay_seq,
+        through each linear layer's conv and delta rule only, from the state restored before it."""
+        n, hk, hv, dk, dv = cache.rollback_rows, hp.n_k_heads, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim
+        L = []
+        for il in hp.linear_layers():
+            b = f"blk.{il}."
+            L += _copy_saved(rt, hp, cache.saved[il], (buf.proj, buf.lin_alpha, buf.lin_beta), buf.replay_idx, n,
+                             VAR_N_TOKENS)
+            L += delta_net.ssm_conv(rt, buf.proj, buf.proj, w[b + "ssm_conv1d.weight"], cache.conv[il],
+                                    buf.replay_seq, hp.conv_dim, hp.d_conv, n)
+            L += delta_net.gdn_prep(rt, buf.proj, buf.lin_alpha, buf.lin_beta, w[b + "ssm_dt.bias"],
+                                    w[b + "ssm_a"], hk, hv, dk, dv, hp.rms_eps, n)
+            L += delta_net.delta_net(rt, buf.proj, buf.lin_alpha, buf.lin_beta, cache.delta[il], buf.kqv_out,
+                                     buf.replay_seq, hk, hv, dk, dv, n)
+        return L
 
 
-def _layer(rt, mm, hp, w, il, buf, cache, n, x) -> list[Launch]:
-    """One block over residual stream x (buf.x for the trunk, the MTP buffers' x for the MTP block)."""
-    b = f"blk.{il}."
-    L = norm.rms_norm(rt, x, buf.cur, w[b + "attn_norm.weight"], hp.n_embd, 1, hp.rms_eps, n)
-    if il < hp.n_layer and hp.recurrent[il]:
-        L += _linear_attention(rt, mm, hp, w, b, buf, cache, il, n, x)
-    else:
-        L += _gated_attention(rt, mm, hp, w, b, buf, cache, il, n, x)
-    L += norm.rms_norm(rt, x, buf.cur, w[b + "post_attention_norm.weight"], hp.n_embd, 1, hp.rms_eps, n)
-    L += _ffn(rt, mm, hp, w, b, buf, n, x)
-    return L
-
-
-def _head(rt, mm, hp, head_w, h, out_idx, buf, max_outputs, n) -> list[Launch]:
-    """Logits and argmax of the rows out_idx of the normed hidden states h."""
-    m = min(max_outputs, n)
-    L = elementwise.gather_rows(rt, h, out_idx, buf.x_out, hp.n_embd, m)
-    L += mm.matmul(head_w, buf.x_out, buf.logits, m, token_var=VAR_N_OUTPUTS)
-    L += select.argmax(rt, buf.logits, buf.argmax, hp.n_vocab, m)
-    return L
-
-
-def build_step(rt, mm, hp: HybridHParams, w: dict, buf: StepBuffers, cache: HybridCache, max_tokens: int,
-               max_outputs: int) -> list[Launch]:
-    """The trunk over up to max_tokens tokens (any mix of sequences, each in position order). Leaves the
-    output_norm'd hidden state of every token in buf.x (the MTP block's input) and logits of the out rows."""
-    n = max_tokens
-    L = mm.get_rows(w["token_embd.weight"], buf.ids, buf.x, n)
-    for il in range(hp.n_layer):
-        L += _layer(rt, mm, hp, w, il, buf, cache, n, buf.x)
-    L += norm.rms_norm(rt, buf.x, buf.x, w["output_norm.weight"], hp.n_embd, 1, hp.rms_eps, n)  # h_nextn
-    L += _head(rt, mm, hp, w["output.weight"], buf.x, buf.out_idx, buf, max_outputs, n)
-    return L
-
-
-def build_mtp_step(rt, mm, hp: HybridHParams, w: dict, buf: StepBuffers, mbuf: MtpBuffers, cache: HybridCache,
-                   max_tokens: int, max_outputs: int, hidden_src) -> list[Launch]:
-    """The MTP block over up to max_tokens (token, hidden) pairs: token mbuf.ids[i] at position mbuf.pos[i]
-    of sequence mbuf.seq[i], hidden = row mbuf.hid_idx[i] of hidden_src (buf.x: the trunk's h_nextn; or
-    mbuf.h: the MTP block's own output, for drafting further). Leaves its own normed output in mbuf.h and
-    draft logits / argmax of the rows mbuf.out_idx in buf.logits / buf.argmax. Reuses the trunk's scratch."""
-    n, e, il = max_tokens, hp.n_embd, hp.n_layer
-    b = f"blk.{il}."
-    # the layer's kernels read ids / pos / seq from buf: point the scratch record at the MTP batch
-    view = _MtpView(buf, mbuf)
-    embd = w.get(b + "nextn.embed_tokens.weight", w["token_embd.weight"])
-    L = mm.get_rows(embd, mbuf.ids, view.cur, n)
-    L += norm.rms_norm(rt, view.cur, view.cur, w[b + "nextn.enorm.weight"], e, 1, hp.rms_eps, n)
-    L += mm.matmul(w[b + "nextn.eh_proj.weight.e"], view.cur, mbuf.x, n)
-    L += elementwise.gather_rows(rt, hidden_src, mbuf.hid_idx, mbuf.hn, e, n, token_var=VAR_N_TOKENS)
-    L += norm.rms_norm(rt, mbuf.hn, mbuf.hn, w[b + "nextn.hnorm.weight"], e, 1, hp.rms_eps, n)
-    L += mm.matmul(w[b + "nextn.eh_proj.weight.h"], mbuf.hn, mbuf.x, n, accumulate=True)
-    L += _layer(rt, mm, hp, w, il, view, cache, n, mbuf.x)
-    head_norm = w.get(b + "nextn.shared_head_norm.weight", w["output_norm.weight"])
-    L += norm.rms_norm(rt, mbuf.x, mbuf.h, head_norm, e, 1, hp.rms_eps, n)
-    L += _head(rt, mm, hp, w.get(b + "nextn.shared_head_head.weight", w["output.weight"]), mbuf.h,
-               mbuf.out_idx, view, max_outputs, n)
-    return L
-
-
-class _MtpView:
-    """The trunk's StepBuffers with the batch inputs (ids, pos, seq, out_idx) of the MTP batch."""
-
-    def __init__(self, buf: StepBuffers, mbuf: MtpBuffers):
-        self.__dict__.update(buf.__dict__)
-        self.ids, self.pos, self.seq, self.out_idx = mbuf.ids, mbuf.pos, mbuf.seq, mbuf.out_idx
+ARCH = Qwen35("qwen35")
+ARCH_MOE = Qwen35("qwen35moe")

@@ -9,10 +9,15 @@ the accepted ones and overwrites the rest.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from nextn.errors import ConfigError
 from nextn.memory.prompt_cache import common_prefix
+from nextn.spec.drafter import BatchDrafter
+
+TYPE = "draft-simple"
 
 MAX_VOCAB_DIFF = 128  # as llama.cpp's common_speculative_are_compatible
 
@@ -30,21 +35,22 @@ def check_compatible(target, draft) -> None:
                               f"{tt[i]!r}: the vocabularies differ")
 
 
-class DraftModel:
-    def __init__(self, runner, target=None):
+class DraftModel(BatchDrafter):
+    def __init__(self, runner, target=None, step_cost=None):
         if target is not None:
             check_compatible(target, runner)
-        if getattr(runner.cache, "holds_recurrent_state", False):
+        if runner.holds_recurrent_state:
             raise ConfigError(f"draft model {runner.file.path.name}: a model with recurrent layers cannot be a "
                               f"draft model yet (its state cannot be cut back to the accepted tokens)")
         self.runner = runner
+        self.step_cost = step_cost  # what drafting costs counts against speculating (adaptive controllers)
         self.tokens: list[list[int]] = [[] for _ in range(runner.n_seq)]  # what each sequence holds
 
     def _sync(self, slot: int, seq_tokens: list[int]) -> int:
         """Make the draft sequence hold seq_tokens; returns the draft model's argmax after the last one."""
         held = self.tokens[slot]
         keep = min(common_prefix(held, seq_tokens), len(seq_tokens) - 1)  # recompute at least the last
-        self.runner.cache.truncate(slot, keep)
+        self.runner.truncate(slot, keep)
         top, _ = self.runner.eval(slot, seq_tokens[keep:], keep, want_logits=False)
         self.tokens[slot] = list(seq_tokens)
         return int(top[-1])
@@ -62,6 +68,16 @@ class DraftModel:
             top, _ = self.runner.step(ids, pos, go, list(range(len(go))))
             for j, s in enumerate(go):
                 self.tokens[s].append(ids[j])
-                self.runner.cache.lengths[s] = len(self.tokens[s])
                 out[s].append(int(top[j]))
         return out
+
+    def before_step(self, slots) -> None:
+        """Drafts for every generating slot whose chain has draft-simple, into its held drafts."""
+        by_index = {s.index: s for s in slots
+                    if s.spec is not None and TYPE in s.spec.held and s.spec.k_next > 0}
+        t0 = time.perf_counter()
+        made = self.draft({i: (s.history, s.spec.k_next) for i, s in by_index.items()})
+        if self.step_cost is not None:
+            self.step_cost.observe_draft(sum(map(len, made.values())), time.perf_counter() - t0)
+        for i, drafts in made.items():
+            by_index[i].spec.held[TYPE].hold(drafts)

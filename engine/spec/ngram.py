@@ -198,6 +198,10 @@ class NgramDrafter(abc.ABC):
     def draft(self, n_max: int) -> list[int]:
         """Up to n_max proposed continuations of the sequence ([] = nothing to propose)."""
 
+    def propose(self, k: int):
+        """spec.drafter.Drafter's interface: the drafts, point proposals."""
+        return self.draft(k), None
+
     def feedback(self, n_drafted: int, n_accepted: int) -> None:
         """How many of the last draft's n_drafted tokens the verifier accepted."""
         _check_feedback(n_drafted, n_accepted)

@@ -2,10 +2,10 @@
 
 The scheduler asks each generating slot for a draft before a step (`SlotSpec.propose`), puts
 [last token, d1..dk] in the batch with logits for every row, and after the step calls `SlotSpec.verify`
-for (n_accepted, next token). Drafters chain in the order of --spec-type: the first that proposes at least
-max(1, n_min) tokens wins (e.g. `ngram-mod,draft-mtp`: a long n-gram match wins, the MTP head fills the gaps).
-The MTP head's drafts are made by the scheduler after each step (they need the device) and handed in with
-`set_mtp_drafts`.
+for (n_accepted, next token). A slot's drafters (spec/drafter.py) chain in the order of --spec-type: the
+first that proposes at least max(1, n_min) tokens wins (e.g. `ngram-mod,draft-mtp`: a long n-gram match
+wins, the MTP head fills the gaps). The device drafters (the MTP head, the draft model) draft for all slots
+at once and leave each slot's drafts in its `held[type]`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from nextn.errors import ConfigError, RequestError
 from nextn.sampling import Sampler
 from nextn.spec import ngram
 from nextn.spec.adaptive import AdaptiveDraft, StepCost
+from nextn.spec.drafter import Drafter, HeldDrafts
 from nextn.spec.verify import SynthAcceptance, synth_rates, verify_greedy, verify_sampled
 
 MODEL_TYPES = ("draft-mtp", "draft-simple")
@@ -135,26 +136,26 @@ class SlotSpec:
         self.cfg = cfg
         if shared is not None and shared.params != cfg.ngram:
             shared = None  # a request with its own n-gram parameters gets its own tables
-        self.drafters = {t: ngram.make_ngram_drafter(t, cfg.ngram, shared) for t in cfg.types
-                         if t in ngram.NGRAM_TYPES}
+        # device drafters' drafts, by type; with the n-gram drafters, the chain in --spec-type order
+        self.held = {t: HeldDrafts() for t in cfg.types if t in MODEL_TYPES}
+        self.drafters: list[tuple[str, Drafter]] = [
+            (t, self.held[t] if t in MODEL_TYPES else ngram.make_ngram_drafter(t, cfg.ngram, shared))
+            for t in cfg.types]
         self.adaptive = AdaptiveDraft(cfg.n_max, cfg.n_min, cfg.p_min, cost) if cfg.adaptive else None
         self.synth = SynthAcceptance(cfg.n_max, cfg.synth_rates or None,
                                      cfg.synth_len if cfg.synth_len != -1.0 else None, seed) if cfg.synthetic else None
-        self.model_drafts: list[int] = []
-        self.mtp_drafts: list[int] = []
-        self.mtp_probs: list[np.ndarray | None] = []
         self.k_next = 0  # draft length chosen for the next step
-        self.source = ""  # the drafter of the current draft
+        self.source: Drafter | None = None  # the drafter of the current draft
         self.n_drafted = 0
         self.n_accepted = 0
 
     def start(self, prompt: Sequence[int]) -> None:
-        for d in self.drafters.values():
+        for _, d in self.drafters:
             d.reset(prompt)
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Tokens appended to the slot's sequence (emitted ones)."""
-        for d in self.drafters.values():
+        for _, d in self.drafters:
             d.extend(tokens)
 
     def choose(self, n_other_tokens: int) -> int:
@@ -165,25 +166,17 @@ class SlotSpec:
     def p_min(self) -> float:
         return self.adaptive.p_min if self.adaptive else self.cfg.p_min
 
-    def set_mtp_drafts(self, drafts: list[int], probs: list[np.ndarray | None]) -> None:
-        self.mtp_drafts, self.mtp_probs = drafts, probs
-
     def propose(self, k: int) -> tuple[list[int], list[np.ndarray | None] | None]:
         """Up to k drafts and their draft distributions (None entries: point proposals)."""
-        self.source = ""
+        self.source = None
         if k <= 0:
             return [], None
         need = max(1, self.cfg.n_min)
-        for t in self.cfg.types:
-            if t == "draft-mtp":
-                d, q = self.mtp_drafts[:k], self.mtp_probs[:k]
-            elif t == "draft-simple":
-                d, q = self.model_drafts[:k], None
-            else:
-                d, q = self.drafters[t].draft(k), None
+        for t, drafter in self.drafters:
+            d, q = drafter.propose(k)
             if len(d) >= need:
-                self.source = t
-                return list(d), (q if q and any(p is not None for p in q) else None)
+                self.source = drafter
+                return list(d), q
         return [], None
 
     def verify(self, drafts, draft_probs, top, logits, sampler: Sampler, history: Sequence[int],
@@ -205,8 +198,8 @@ class SlotSpec:
         self.n_accepted += n_accepted
         if self.adaptive is not None:
             self.adaptive.update(n_drafted, n_accepted)
-        if self.source in self.drafters:
-            self.drafters[self.source].feedback(n_drafted, n_accepted)
+        if self.source is not None:
+            self.source.feedback(n_drafted, n_accepted)
 
     def timings(self) -> dict:
         out = {"draft_n": self.n_drafted, "draft_n_accepted": self.n_accepted}

@@ -1,0 +1,161 @@
+"""The architecture contract: everything the runner needs from an architecture, as one typed interface.
+
+An architecture (one file in engine/models/, one line in models/__init__.py's registry) subclasses
+`Architecture` and provides, from a GGUF file's metadata and tensors:
+
+- `hparams(mf)`: its hyperparameters, validated (a bad or missing key raises ModelLoadError naming it);
+- `tensor_table(hp, mf, mtp)`: name -> (GGUF shape, allowed types) of every tensor it reads (the MTP
+  block's too when mtp); the loader checks them all before uploading anything;
+- `fusion_candidates(hp, mtp)`: weights read by one mat-vec when their types agree (Q|K|V, gate|up);
+- `memory_plan(...)`: the device bytes of weights, caches and activations, checked before allocating;
+- `upload(...)`: the device weights;
+- `make_cache(...)`: its SequenceCache (engine/memory): KV, recurrent state, snapshots;
+- `step_buffers(...)` and `build_step(...)`: the launches of one forward step over a batch.
+
+Optional parts have defaults, never probes: an MTP (NextN) head (`mtp_layers(hp)` > 0 in files that ship
+one, `build_mtp_step`), and a replay for rolling back recurrent layers (`build_replay`, None when the
+cache rolls back by its lengths alone).
+
+Step buffers: every architecture's buffers have the batch inputs `ids`, `pos`, `seq`, `out_idx` (int32 per
+row) and the outputs `logits` / `argmax` of the out rows; an architecture with an MTP head also has `hidden`
+(the trunk's final hidden state of every row, the MTP block's input) and `zero_row` (a row of it that stays
+zero: the hidden state paired with position 0).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from nextn.cl.launch import Launch
+from nextn.errors import ModelLoadError
+from nextn.gguf.model_file import ModelFile
+from nextn.memory.plan import MemoryPlan
+from nextn.memory.sequence import SequenceCache
+from nextn.ops.weights import upload_weight
+
+TensorTable = dict  # name -> (GGUF shape ne, frozenset of allowed GGMLQuantizationType)
+
+
+class Architecture(ABC):
+    """One architecture (or a family sharing its math, parameterized). Instances are stateless."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    # -- the file -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def hparams(self, mf: ModelFile):
+        """Hyperparameters from the file's metadata (a frozen dataclass with at least n_vocab, n_embd,
+        n_layer, n_head_kv, head_dim, n_ctx_train)."""
+
+    @abstractmethod
+    def tensor_table(self, hp, mf: ModelFile, mtp: bool) -> TensorTable:
+        """Every tensor the step reads; the MTP block's as well when mtp."""
+
+    def mtp_layers(self, hp) -> int:
+        """MTP (NextN) blocks the file declares (0: none, or the architecture has none)."""
+        return 0
+
+    def check_tensors(self, hp, mf: ModelFile, mtp: bool = False) -> dict:
+        """Validate every tensor (shape and type) before anything is uploaded; returns name -> TensorInfo."""
+        if mtp and not self.mtp_layers(hp):
+            if not self.has_mtp_head:
+                raise ModelLoadError(
+                    f"{mf.path}: MTP drafting was asked for, but architecture {mf.arch} has no MTP (nextn) block; "
+                    f"use a model that has one ({', '.join(mtp_architectures())}) or another draft type")
+            raise ModelLoadError(
+                f"{mf.path}: MTP drafting was asked for, but this {mf.arch} file has no MTP block "
+                f"({mf.arch}.nextn_predict_layers is 0 and there are no blk.{hp.n_layer}.nextn.* tensors); "
+                f"use a GGUF converted with its MTP layers (e.g. a '-MTP' file) or another draft type")
+        return {name: mf.tensor(name, ne, types) for name, (ne, types) in self.tensor_table(hp, mf, mtp).items()}
+
+    def mtp_tensor_names(self, hp, infos: dict) -> list[str]:
+        """The loaded tensors that belong to the MTP block (counted apart in memory and `nextn inspect`)."""
+        prefix = f"blk.{hp.n_layer}."
+        return [n for n in infos if n.startswith(prefix)] if self.mtp_layers(hp) else []
+
+    # -- the device -----------------------------------------------------------------------------------------
+
+    def fusion_candidates(self, hp, mtp: bool) -> list[tuple[str, list[str]]]:
+        """(device name, file tensors) that the step reads as one row-concatenated weight when their types
+        agree. Default: none."""
+        return []
+
+    def fused_groups(self, hp, infos: dict, mtp: bool) -> dict[str, list[str]]:
+        return fused_groups(infos, self.fusion_candidates(hp, mtp))
+
+    @abstractmethod
+    def memory_plan(self, hp, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
+                    mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan: ...
+
+    @abstractmethod
+    def upload(self, rt, hp, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
+        """Device weights by name (fused groups under their device name; a tied head shares the embedding)."""
+
+    @abstractmethod
+    def make_cache(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False,
+                   rollback_rows: int = 0) -> SequenceCache: ...
+
+    @abstractmethod
+    def step_buffers(self, rt, hp, max_tokens: int, max_outputs: int):
+        """Device buffers of one batch (see the module docstring for what every one has)."""
+
+    @abstractmethod
+    def build_step(self, rt, mm, hp, w: dict, buf, cache: SequenceCache, max_tokens: int,
+                   max_outputs: int) -> list[Launch]:
+        """The launches of one forward step over up to max_tokens tokens (any mix of sequences, each in
+        position order), ending in logits and argmax of up to max_outputs rows (buf.out_idx)."""
+
+    # -- optional parts -------------------------------------------------------------------------------------
+
+    has_mtp_head = False  # files of this architecture may ship an MTP (NextN) block
+
+    def mtp_buffers(self, rt, hp, max_tokens: int):
+        raise NotImplementedError(f"{self.name} has no MTP block")
+
+    def build_mtp_step(self, rt, mm, hp, w: dict, buf, mbuf, cache: SequenceCache, max_tokens: int,
+                       max_outputs: int, hidden_src) -> list[Launch]:
+        """The MTP block over (token, hidden row of hidden_src) pairs (models/blocks.py: mtp_step)."""
+        raise NotImplementedError(f"{self.name} has no MTP block")
+
+    def build_replay(self, rt, hp, w: dict, buf, cache: SequenceCache) -> list[Launch] | None:
+        """Launches that bring recurrent layers to the state after a kept prefix of a verify step's rows
+        (see runner.rollback), or None: the cache rolls back by its lengths alone."""
+        return None
+
+
+def mtp_architectures() -> list[str]:
+    from nextn.models import ARCHITECTURES
+
+    return sorted(name for name, a in ARCHITECTURES.items() if a.has_mtp_head)
+
+
+# -- loading helpers shared by the architectures ---------------------------------------------------------------
+
+def fused_groups(infos: dict, candidates) -> dict[str, list[str]]:
+    """Device weight name -> the file tensors concatenated (by rows) into it. A candidate group (Q|K|V,
+    gate|up) is fused when its members' types agree (one mat-vec instead of three or two); otherwise each
+    member stays itself and the step writes them side by side into the same activation row."""
+    groups: dict[str, list[str]] = {}
+    fused = set()
+    for name, members in candidates:
+        if all(m in infos for m in members) and len({infos[m].qtype for m in members}) == 1:
+            groups[name] = members
+            fused.update(members)
+    for name in infos:
+        if name not in fused:
+            groups[name] = [name]
+    return groups
+
+
+def upload_group(rt, mf: ModelFile, infos: dict, members: list[str], name: str):
+    """One device weight: a 1-D tensor as float32, a matrix (or row-concatenated matrices) as DeviceWeight."""
+    first = infos[members[0]]
+    if len(first.ne) == 1:
+        return rt.upload(np.array(mf.array_f32(first)), name)
+    raw = mf.raw(first) if len(members) == 1 else np.concatenate([mf.raw(infos[m]) for m in members])
+    n_rows = sum(infos[m].n_rows for m in members)
+    return upload_weight(rt, raw, first.qtype, n_rows, first.n_cols, name)
