@@ -47,21 +47,27 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from nextn.gguf.quantize import SUPPORTED, block_size, parse_qtype, quantize, row_bytes
+from nextn.models import ARCHITECTURES
 from nextn.tokenizer import BYTE_TO_UNICODE
 
-ARCHS = ("qwen3", "llama", "qwen35", "qwen35moe")
-HYBRID = ("qwen35", "qwen35moe")  # Gated DeltaNet + gated full attention (see _hybrid_tensors)
+ARCHS = ("qwen3", "llama", "qwen35", "qwen35moe", "glm4moe")
+HYBRID = ("qwen35", "qwen35moe")  # Gated DeltaNet + gated full attention
+MTP_ARCHS = ("qwen35", "qwen35moe", "glm4moe")
+F32_ONLY = frozenset({QT.F32})
+KEEP_F32 = ("ffn_gate_inp.weight", "ssm_conv1d.weight")  # the converter (and llama-quantize) keep these F32
 TYPES = tuple(t.name for t in SUPPORTED)
 
 BRANCH_RMS = 0.2  # RMS each attention / FFN branch adds to the unit-RMS residual stream (all layers together)
 OUTPUT_GAIN = 4.0  # logit spread of the non-winning tokens; the winner leads by ~0.9*sqrt(n_embd)*OUTPUT_GAIN
 
 # defaults of the real models these stand in for (Qwen3's config.json, Llama 3's)
-_ROPE_BASE = {"qwen3": 1_000_000.0, "llama": 500_000.0, "qwen35": 10_000_000.0, "qwen35moe": 10_000_000.0}
-_RMS_EPS = {"qwen3": 1e-6, "llama": 1e-5, "qwen35": 1e-6, "qwen35moe": 1e-6}
-# Qwen3 0.6B-4B tie the head to the embedding; Llama 3 8B, Qwen3.5/3.6 27B and 35B-A3B do not
-_TIED = {"qwen3": True, "llama": False, "qwen35": False, "qwen35moe": False}
-_N_LAYER = {"qwen3": 2, "llama": 2, "qwen35": 4, "qwen35moe": 4}  # hybrids: 3 linear layers, then 1 full
+_ROPE_BASE = {"qwen3": 1_000_000.0, "llama": 500_000.0, "qwen35": 10_000_000.0, "qwen35moe": 10_000_000.0,
+              "glm4moe": 1_000_000.0}
+_RMS_EPS = {"qwen3": 1e-6, "llama": 1e-5, "qwen35": 1e-6, "qwen35moe": 1e-6, "glm4moe": 1e-5}
+# Qwen3 0.6B-4B tie the head to the embedding; Llama 3 8B, Qwen3.5/3.6 27B and 35B-A3B, GLM-4.5 do not
+_TIED = {"qwen3": True, "llama": False, "qwen35": False, "qwen35moe": False, "glm4moe": False}
+# hybrids: 3 linear layers, then 1 full; glm4moe: 1 dense layer (leading_dense_block_count), then 2 MoE
+_N_LAYER = {"qwen3": 2, "llama": 2, "qwen35": 4, "qwen35moe": 4, "glm4moe": 3}
 
 # general.file_type (llama.cpp's LlamaFileType) of a file whose matrices are all of one type
 _FILE_TYPE = {
@@ -233,18 +239,23 @@ def make_tiny(
     full_attention_interval: int = 4, recurrent_layers_key: bool = True, n_rot: int | None = None,
     rope_sections: "list[int] | None" = None, ssm_d_conv: int = 4, ssm_d_state: int = 16, ssm_n_group: int = 2,
     ssm_dt_rank: int = 4, n_expert: int = 8, n_expert_used: int = 2, n_ff_exp: int = 32, n_ff_shexp: int = 32,
+    n_expert_shared: int = 1, n_dense_lead: int = 1, qk_norm: bool = False, qkv_bias: bool = True,
+    expert_weights_scale: float = 1.5,
 ) -> Path:
     """Writes a random model to `path` and returns it as a Path.
 
     vocab: "bytes" (a small byte-level BPE with ChatML specials) or the path of a GGUF file whose
     tokenizer.* keys are copied (n_vocab = its token count). tied: None = the arch's usual choice
-    (qwen3 tied, the others not). n_layer: None = 2 (qwen3, llama) or 4 (qwen35, qwen35moe: with
-    full_attention_interval 4, layers 0-2 are linear attention and layer 3 full attention).
+    (qwen3 tied, the others not). n_layer: None = 2 (qwen3, llama), 4 (qwen35, qwen35moe: with
+    full_attention_interval 4, layers 0-2 are linear attention and layer 3 full attention) or 3 (glm4moe:
+    one dense layer, then two MoE layers). The tensors are the architecture's own table
+    (engine/models/<arch>.py: tensor_table), so they are what the loader reads.
 
-    qwen35 / qwen35moe only (see _hybrid_tensors for the layout):
+    qwen35 / qwen35moe / glm4moe:
       mtp: append the MTP block as layer n_layer (block_count = n_layer + 1, nextn_predict_layers = 1).
       mtp_own_head: also write the optional nextn.embed_tokens / nextn.shared_head_head (the converter does
         not for Qwen3.5/3.6, whose MTP block shares the trunk's; these stand in for files that do).
+    qwen35 / qwen35moe:
       recurrent_layers_key: write {arch}.attention.recurrent_layers (the converter does when config.json has
         layer_types, as Qwen3.5 has); False leaves only {arch}.full_attention_interval for the loader.
       n_rot: rotated dims (default head_dim / 2; real Qwen3.5 rotates 64 of 256); rope_sections: M-RoPE
@@ -252,6 +263,9 @@ def make_tiny(
       ssm_*: Gated DeltaNet sizes as llama.cpp names them: d_conv kernel, d_state = head_k_dim = head_v_dim,
         n_group = key heads, dt_rank = value heads (inner size = d_state * dt_rank).
       n_expert, n_expert_used, n_ff_exp, n_ff_shexp: qwen35moe's routed and shared experts.
+    glm4moe: n_expert, n_expert_used, n_ff_exp (also qwen35moe's), n_expert_shared (shared experts of
+      n_ff_exp each), n_dense_lead (leading_dense_block_count), qk_norm (GLM-4.5 355B has q/k norms, Air not),
+      qkv_bias, expert_weights_scale (routed_scaling_factor); n_rot as for qwen35 (partial_rotary_factor 0.5).
     Raises ValueError on a bad shape, type or architecture.
     """
     if arch not in ARCHS:
@@ -260,8 +274,8 @@ def make_tiny(
     tied = _TIED[arch] if tied is None else bool(tied)
     n_layer = _N_LAYER[arch] if n_layer is None else int(n_layer)
     hybrid = arch in HYBRID
-    if (mtp or mtp_own_head) and not hybrid:
-        raise ValueError(f"make-tiny: an MTP block exists for qwen35 / qwen35moe only, not {arch}")
+    if (mtp or mtp_own_head) and arch not in MTP_ARCHS:
+        raise ValueError(f"make-tiny: an MTP block exists for {', '.join(MTP_ARCHS)} only, not {arch}")
     if n_head % n_head_kv:
         raise ValueError(f"make-tiny: n_head {n_head} must be a multiple of n_head_kv {n_head_kv}")
     if min(n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, n_ctx) < 1 or head_dim % 2:
@@ -288,6 +302,15 @@ def make_tiny(
             if not 1 <= n_expert_used <= n_expert or min(n_ff_exp, n_ff_shexp) < 1:
                 raise ValueError("make-tiny: need 1 <= n_expert_used <= n_expert and positive expert sizes")
             row_lengths += [("n_ff_exp", n_ff_exp), ("n_ff_shexp", n_ff_shexp)]
+    if arch == "glm4moe":
+        n_rot = head_dim // 2 if n_rot is None else int(n_rot)
+        if n_rot < 2 or n_rot % 2 or n_rot > head_dim:
+            raise ValueError(f"make-tiny: n_rot {n_rot} must be even and in 2..head_dim")
+        if not 1 <= n_expert_used <= n_expert or n_ff_exp < 1 or n_expert_shared < 0:
+            raise ValueError("make-tiny: need 1 <= n_expert_used <= n_expert and positive expert sizes")
+        if not 0 <= n_dense_lead <= n_layer:
+            raise ValueError(f"make-tiny: n_dense_lead {n_dense_lead} must be in 0..n_layer")
+        row_lengths += [("n_ff_exp", n_ff_exp), ("2*n_embd", 2 * n_embd)]
     for what, n_cols in row_lengths:
         if n_cols % block_size(gq):
             have = ", ".join(name for name, _ in row_lengths)
@@ -312,7 +335,7 @@ def make_tiny(
         w.add_rope_dimension_sections(rope_sections)
     w.add_rope_freq_base(_ROPE_BASE[arch] if rope_freq_base is None else float(rope_freq_base))
     w.add_layer_norm_rms_eps(_RMS_EPS[arch])
-    if arch == "qwen35moe":
+    if arch in ("qwen35moe", "glm4moe"):
         w.add_expert_count(n_expert)
         w.add_expert_used_count(n_expert_used)
     if arch in ("qwen3", *HYBRID) or head_dim != n_embd // n_head:
@@ -338,84 +361,36 @@ def make_tiny(
             w.add_array(f"{arch}.attention.recurrent_layers", recurrent)
         w.add_full_attention_interval(full_attention_interval)
         w.add_rope_dimension_count(n_rot)
+    if arch == "glm4moe":
+        # the keys Glm4MoeModel.set_gguf_parameters adds, in its order
+        w.add_rope_dimension_count(n_rot)
+        w.add_expert_feed_forward_length(n_ff_exp)
+        w.add_expert_shared_count(n_expert_shared)
+        w.add_leading_dense_block_count(n_dense_lead)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_scale(expert_weights_scale)
+        w.add_expert_weights_norm(True)
+        if mtp:
+            w.add_nextn_predict_layers(1)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     n_vocab = _write_bytes_vocab(w) if vocab == "bytes" else _copy_vocab(w, str(vocab))
     if arch == "llama":
         w.add_vocab_size(n_vocab)
         w.add_rope_dimension_count(head_dim)
 
-    # ---- the tensors: (name, numpy shape, maker) in llama.cpp's order; makers yield float32 row chunks
-    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
-    branch = BRANCH_RMS / np.sqrt(2 * n_layer)  # each of the 2*n_layer branches; they add up to BRANCH_RMS
-    embd_cache: dict[str, np.ndarray] = {}
-
-    def gaussian(name, n_rows, n_cols, rms):
-        """Entries N(0, rms^2 / n_cols): x @ W.T of a unit-RMS x has entries of RMS `rms`."""
-        g = rng(name)
-        std = np.float32(rms / np.sqrt(n_cols))
-        step = max(1, (1 << 23) // n_cols)
-        for r0 in range(0, n_rows, step):
-            yield g.standard_normal((min(step, n_rows - r0), n_cols), dtype=np.float32) * std
-
-    def norm_weight(name, n, center=1.0):
-        g = rng(name)
-        yield (center * (1.0 + 0.1 * g.standard_normal(n, dtype=np.float32))).astype(np.float32)[None, :]
-
-    def embedding(name):
-        # unit-RMS rows, the scale RMSNorm gives the residual stream; kept when the untied head needs it
-        chunks = []
-        for c in gaussian(name, n_vocab, n_embd, np.sqrt(n_embd)):
-            if not tied:
-                chunks.append(c)
-            yield c
-        if not tied:
-            embd_cache["e"] = np.concatenate(chunks)
-
-    def head(name):
-        # row v = embedding of token follow[v], scaled: after token t comes the v with follow[v] == t
-        e = embd_cache.pop("e")
-        follow = rng(name).permutation(n_vocab)
-        scale = np.float32(output_gain / np.sqrt(n_embd))
-        step = max(1, (1 << 23) // n_embd)
-        for r0 in range(0, n_vocab, step):
-            yield e[follow[r0 : r0 + step]] * scale
-
-    # the tied head is token_embd itself (self-prediction, logit ~ |e|^2): output_norm sets its scale instead
-    out_norm_center = output_gain / np.sqrt(n_embd) if tied else 1.0
-    tensors = [("token_embd.weight", (n_vocab, n_embd), gq, lambda n: embedding(n))]
-    if hybrid:
-        tensors += _hybrid_tensors(
-            arch, gq, n_layer, mtp, mtp_own_head, n_embd, n_vocab, n_head, n_head_kv, head_dim, n_ff,
-            full_attention_interval, ssm_d_conv, ssm_d_state, ssm_n_group, ssm_dt_rank, n_expert, n_ff_exp,
-            n_ff_shexp, branch, out_norm_center, tied, output_gain, rng, gaussian, norm_weight,
-        )
-    for il in range(0 if hybrid else n_layer):
-        b = f"blk.{il}."
-        tensors += [
-            (b + "attn_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
-            (b + "attn_q.weight", (q_dim, n_embd), gq, lambda n: gaussian(n, q_dim, n_embd, 1.0)),
-            (b + "attn_k.weight", (kv_dim, n_embd), gq, lambda n: gaussian(n, kv_dim, n_embd, 1.0)),
-            (b + "attn_v.weight", (kv_dim, n_embd), gq, lambda n: gaussian(n, kv_dim, n_embd, 1.0)),
-            # attention output averages v rows (RMS shrinks ~1/sqrt of the positions mixed): 2x makes up part
-            (b + "attn_output.weight", (n_embd, q_dim), gq, lambda n: gaussian(n, n_embd, q_dim, 2 * branch)),
-        ]
-        if arch == "qwen3":
-            tensors += [
-                (b + "attn_q_norm.weight", (head_dim,), QT.F32, lambda n: norm_weight(n, head_dim)),
-                (b + "attn_k_norm.weight", (head_dim,), QT.F32, lambda n: norm_weight(n, head_dim)),
-            ]
-        tensors += [
-            (b + "ffn_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
-            (b + "ffn_gate.weight", (n_ff, n_embd), gq, lambda n: gaussian(n, n_ff, n_embd, 1.0)),
-            (b + "ffn_up.weight", (n_ff, n_embd), gq, lambda n: gaussian(n, n_ff, n_embd, 1.0)),
-            # silu(g) * u of unit-RMS g, u has RMS ~0.6
-            (b + "ffn_down.weight", (n_embd, n_ff), gq, lambda n: gaussian(n, n_embd, n_ff, branch / 0.6)),
-        ]
-    tensors.append(
-        ("output_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd, out_norm_center))
-    )
-    if not tied:
-        tensors.append(("output.weight", (n_vocab, n_embd), gq, lambda n: head(n)))
+    # ---- the tensors: the architecture's own table (what the loader reads), each made by _Makers' rule for
+    # its name; makers yield float32 row chunks
+    glm = arch == "glm4moe"
+    view = _WrittenFile(w, arch, path, tied=tied, mtp=mtp, mtp_own_head=mtp_own_head, qk_norm=glm and qk_norm,
+                        qkv_bias=glm and qkv_bias,
+                        shared_expert=bool(n_ff_shexp) if arch == "qwen35moe" else glm and n_expert_shared > 0)
+    a = ARCHITECTURES[arch]
+    hp = a.hparams(view)
+    makers = _Makers(arch, hp, n_layer, tied, output_gain, rng)
+    tensors = []
+    for name, (ne, types) in a.tensor_table(hp, view, mtp).items():
+        qt = QT.F32 if types == F32_ONLY or name.endswith(KEEP_F32) else gq
+        tensors.append((name, tuple(reversed(ne)), qt, makers.maker(name, tuple(reversed(ne)))))
 
     for name, shape, qt, _ in tensors:
         nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes(shape[-1], qt)
@@ -428,7 +403,7 @@ def make_tiny(
     w.write_padding(fout, fout.tell())  # tensor data starts aligned
     for name, shape, qt, maker in tensors:
         written = 0
-        for chunk in maker(name):
+        for chunk in maker():
             data = quantize(chunk, qt)
             data.tofile(fout)
             written += data.nbytes
@@ -437,142 +412,163 @@ def make_tiny(
     return path
 
 
-def _hybrid_tensors(arch, gq, n_layer, mtp, mtp_own_head, n_embd, n_vocab, n_head, n_head_kv, head_dim, n_ff,
-                    interval, d_conv, d_state, n_group, dt_rank, n_expert, n_ff_exp, n_ff_shexp, branch,
-                    out_norm_center, tied, output_gain, rng, gaussian, norm_weight):
-    """The blk.* tensors of qwen35 / qwen35moe (and the MTP block), as llama_model_qwen35{,moe}::
-    load_arch_tensors asks for them and Qwen3NextModel.modify_tensors names them (numpy shapes):
+class _WrittenFile:
+    """The metadata make_tiny has written, read back the way the loader reads a file (ModelFile's key, has,
+    arch, path), and which optional tensors it will write: the architecture's tensor table for this view is
+    then exactly the list of tensors to write."""
 
-      every layer      attn_norm, post_attention_norm [n_embd] (pre-attention / pre-FFN RMSNorms)
-      linear layers    attn_qkv [2*d_state*n_group + d_state*dt_rank, n_embd]   (q | k | v rows)
-                       attn_gate [d_inner, n_embd] (z), ssm_beta / ssm_alpha [dt_rank, n_embd],
-                       ssm_conv1d [conv_dim, d_conv] F32, ssm_dt.bias, ssm_a [dt_rank] F32 (ssm_a = -exp(A_log)),
-                       ssm_norm [d_state] F32, ssm_out [n_embd, d_inner]
-      full layers      attn_q [2*n_head*head_dim, n_embd] (per head: head_dim q rows then head_dim gate rows),
-                       attn_k / attn_v [n_head_kv*head_dim, n_embd], attn_output [n_embd, n_head*head_dim],
-                       attn_q_norm / attn_k_norm [head_dim]
-      qwen35 FFN       ffn_gate / ffn_up [n_ff, n_embd], ffn_down [n_embd, n_ff]
-      qwen35moe FFN    ffn_gate_inp [n_expert, n_embd] F32, ffn_gate_exps / ffn_up_exps [n_expert, n_ff_exp,
-                       n_embd], ffn_down_exps [n_expert, n_embd, n_ff_exp], ffn_gate_inp_shexp [n_embd] F32,
-                       ffn_gate_shexp / ffn_up_shexp [n_ff_shexp, n_embd], ffn_down_shexp [n_embd, n_ff_shexp]
-      MTP (blk.{n_layer}) a full-attention layer's tensors and FFN, plus nextn.eh_proj [n_embd, 2*n_embd],
-                       nextn.enorm / nextn.hnorm / nextn.shared_head_norm [n_embd] F32, and with mtp_own_head
-                       nextn.embed_tokens / nextn.shared_head_head [n_vocab, n_embd]
+    def __init__(self, writer, arch: str, path, *, tied: bool, mtp: bool, mtp_own_head: bool, qk_norm: bool,
+                 qkv_bias: bool, shared_expert: bool):
+        self.arch, self.path = arch, Path(path)
+        self.meta = {k: v.value for k, v in writer.kv_data[0].items()}
+        self._tied, self._mtp, self._own_head = tied, mtp, mtp_own_head
+        self._qk_norm, self._qkv_bias, self._shared_expert = qk_norm, qkv_bias, shared_expert
 
-    Types follow the converter: norms, 1-D tensors, ssm_conv1d and ffn_gate_inp stay F32, the rest gq.
-    Scales keep every branch at about `branch` RMS (the peaky-logit scheme of the module docstring): the
-    gated RMSNorm output (unit RMS times silu(z), RMS ~0.6) feeds ssm_out; sigmoid(gate) (RMS ~0.55) times
-    the attention average feeds attn_output. Decays exp(-softplus(alpha + dt) * A) with A in [0.05, 1] stay
-    in ~[0.5, 0.97], so the delta-rule state remembers several tokens and chained calls must carry it.
+    def key(self, name: str, default=...):
+        full = name.replace("{arch}", self.arch)
+        if full in self.meta:
+            return self.meta[full]
+        if default is ...:
+            raise ValueError(f"make-tiny: metadata key {full} was not written")
+        return default
+
+    def has(self, name: str) -> bool:
+        if name == "output.weight":
+            return not self._tied
+        if name.endswith(("nextn.embed_tokens.weight", "nextn.shared_head_head.weight")):
+            return self._mtp and self._own_head
+        if ".nextn." in name:
+            return self._mtp
+        if name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")):
+            return self._qk_norm
+        if name.endswith((".attn_q.bias", ".attn_k.bias", ".attn_v.bias")):
+            return self._qkv_bias
+        if name.endswith("ffn_up_shexp.weight"):
+            return self._shared_expert
+        return False
+
+
+class _Makers:
+    """The values of every tensor, by its name (see the module docstring for the peaky-logit scheme). Scales
+    keep every branch at about `branch` RMS: attention output averages v rows (its RMS shrinks with the
+    positions mixed; 2x makes up part), times sigmoid(gate) (RMS ~0.55) in gated attention; silu(g) * u of
+    unit-RMS g, u and the gated RMSNorm output have RMS ~0.6; a routed mix and a shared expert share the
+    branch. Router logits have RMS 3, so top-k choices are far from ties and float noise does not flip them.
+
+    Gated DeltaNet: decays exp(-softplus(alpha + dt) * A) with A in [0.05, 1] stay in ~[0.5, 0.97], so the
+    delta-rule state remembers several tokens and chained calls must carry it.
 
     The MTP block: eh_proj = [identity | 0] + noise of RMS 0.3, so its residual stream starts as the enormed
     embedding of the token it is given, and the shared head then drafts that token's successor as the trunk
     would (peaky draft logits), while the trunk's hidden state, the MTP attention and FFN move them by ~1.
-    """
-    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
-    k_dim, v_dim = d_state * n_group, d_state * dt_rank
-    conv_dim = 2 * k_dim + v_dim
+    Its own embed_tokens / shared_head_head (mtp_own_head) are the trunk's plus noise / 1.25x the trunk's
+    head: led by the same tokens, but told apart from them."""
 
-    def uniform(name, n, lo, hi):
-        yield rng(name).uniform(lo, hi, n).astype(np.float32)[None, :]
+    def __init__(self, arch: str, hp, n_layer: int, tied: bool, output_gain: float, rng):
+        self.arch, self.hp, self.tied, self.gain, self.rng = arch, hp, tied, output_gain, rng
+        self.n_embd, self.n_vocab = hp.n_embd, hp.n_vocab
+        self.branch = BRANCH_RMS / np.sqrt(2 * n_layer)  # each of the 2*n_layer branches; they add up
+        self.gated = arch in HYBRID
+        # the tied head is token_embd itself (self-prediction, logit ~ |e|^2): output_norm sets its scale
+        self.out_norm_center = output_gain / np.sqrt(hp.n_embd) if tied else 1.0
+        self._embd = None  # token_embd, kept for an untied head
 
-    def eh_proj(name):
+    def gaussian(self, name, n_rows, n_cols, rms):
+        """Entries N(0, rms^2 / n_cols): x @ W.T of a unit-RMS x has entries of RMS `rms`."""
+        g = self.rng(name)
+        std = np.float32(rms / np.sqrt(n_cols))
+        step = max(1, (1 << 23) // n_cols)
+        for r0 in range(0, n_rows, step):
+            yield g.standard_normal((min(step, n_rows - r0), n_cols), dtype=np.float32) * std
+
+    def norm_weight(self, name, n, center=1.0):
+        g = self.rng(name)
+        yield (center * (1.0 + 0.1 * g.standard_normal(n, dtype=np.float32))).astype(np.float32)[None, :]
+
+    def uniform(self, name, n, lo, hi):
+        yield self.rng(name).uniform(lo, hi, n).astype(np.float32)[None, :]
+
+    def embedding(self, name):
+        # unit-RMS rows, the scale RMSNorm gives the residual stream; kept when the untied head needs it
+        chunks = []
+        for c in self.gaussian(name, self.n_vocab, self.n_embd, np.sqrt(self.n_embd)):
+            if not self.tied:
+                chunks.append(c)
+            yield c
+        if not self.tied:
+            self._embd = np.concatenate(chunks)
+
+    def head(self, name):
+        # row v = embedding of token follow[v], scaled: after token t comes the v with follow[v] == t
+        e = self._embd if self._embd is not None else self.trunk_embedding()
+        self._embd = None
+        follow = self.rng(name).permutation(self.n_vocab)
+        scale = np.float32(self.gain / np.sqrt(self.n_embd))
+        step = max(1, (1 << 23) // self.n_embd)
+        for r0 in range(0, self.n_vocab, step):
+            yield e[follow[r0 : r0 + step]] * scale
+
+    def trunk_embedding(self):
+        return np.concatenate(list(self.gaussian("token_embd.weight", self.n_vocab, self.n_embd, np.sqrt(self.n_embd))))
+
+    def eh_proj(self, name):
         row0 = 0
-        for c in gaussian(name, n_embd, 2 * n_embd, 0.3):
+        for c in self.gaussian(name, self.n_embd, 2 * self.n_embd, 0.3):
             r = np.arange(c.shape[0])
             c[r, row0 + r] += 1.0
             row0 += c.shape[0]
             yield c
 
-    def trunk_embedding():
-        return np.concatenate(list(gaussian("token_embd.weight", n_vocab, n_embd, np.sqrt(n_embd))))
+    def own_embed(self, name):
+        noise = self.gaussian(name, self.n_vocab, self.n_embd, 0.3 * np.sqrt(self.n_embd))
+        yield self.trunk_embedding() + np.concatenate(list(noise))
 
-    def own_embed(name):
-        # the trunk's embedding plus RMS-0.3 noise: still led by the same token, but told apart from it
-        yield trunk_embedding() + np.concatenate(list(gaussian(name, n_vocab, n_embd, 0.3 * np.sqrt(n_embd))))
-
-    def own_head(name):
-        # the trunk's head, 1.25x: drafts the same tokens with logits that show which head was used
-        e = trunk_embedding()
-        if tied:
+    def own_head(self, name):
+        e = self.trunk_embedding()
+        if self.tied:
             yield e * np.float32(1.25)
         else:
-            follow = rng("output.weight").permutation(n_vocab)
-            yield e[follow] * np.float32(1.25 * output_gain / np.sqrt(n_embd))
+            follow = self.rng("output.weight").permutation(self.n_vocab)
+            yield e[follow] * np.float32(1.25 * self.gain / np.sqrt(self.n_embd))
 
-    def attention(b):
-        return [
-            (b + "attn_q.weight", (2 * q_dim, n_embd), gq, lambda n: gaussian(n, 2 * q_dim, n_embd, 1.0)),
-            (b + "attn_k.weight", (kv_dim, n_embd), gq, lambda n: gaussian(n, kv_dim, n_embd, 1.0)),
-            (b + "attn_v.weight", (kv_dim, n_embd), gq, lambda n: gaussian(n, kv_dim, n_embd, 1.0)),
-            (b + "attn_output.weight", (n_embd, q_dim), gq,
-             lambda n: gaussian(n, n_embd, q_dim, 2 * branch / 0.55)),
-            (b + "attn_q_norm.weight", (head_dim,), QT.F32, lambda n: norm_weight(n, head_dim)),
-            (b + "attn_k_norm.weight", (head_dim,), QT.F32, lambda n: norm_weight(n, head_dim)),
-        ]
+    def _down_exps_rms(self) -> float:
+        scale = float(getattr(self.hp, "expert_weights_scale", 0.0))
+        return self.branch / 0.6 / np.sqrt(2) / (1.0 if scale in (0.0, 1.0) else scale)
 
-    def linear_attention(b):
-        return [
-            (b + "attn_qkv.weight", (conv_dim, n_embd), gq, lambda n: gaussian(n, conv_dim, n_embd, 1.0)),
-            (b + "attn_gate.weight", (v_dim, n_embd), gq, lambda n: gaussian(n, v_dim, n_embd, 1.0)),
-            (b + "ssm_conv1d.weight", (conv_dim, d_conv), QT.F32, lambda n: gaussian(n, conv_dim, d_conv, 1.0)),
-            (b + "ssm_dt.bias", (dt_rank,), QT.F32, lambda n: uniform(n, dt_rank, -0.5, 0.5)),
-            (b + "ssm_a", (dt_rank,), QT.F32, lambda n: uniform(n, dt_rank, -1.0, -0.05)),
-            (b + "ssm_beta.weight", (dt_rank, n_embd), gq, lambda n: gaussian(n, dt_rank, n_embd, 1.0)),
-            (b + "ssm_alpha.weight", (dt_rank, n_embd), gq, lambda n: gaussian(n, dt_rank, n_embd, 1.0)),
-            (b + "ssm_norm.weight", (d_state,), QT.F32, lambda n: norm_weight(n, d_state)),
-            (b + "ssm_out.weight", (n_embd, v_dim), gq, lambda n: gaussian(n, n_embd, v_dim, branch / 0.6)),
-        ]
-
-    def ffn(b):
-        if arch == "qwen35":
-            return [
-                (b + "ffn_gate.weight", (n_ff, n_embd), gq, lambda n: gaussian(n, n_ff, n_embd, 1.0)),
-                (b + "ffn_up.weight", (n_ff, n_embd), gq, lambda n: gaussian(n, n_ff, n_embd, 1.0)),
-                (b + "ffn_down.weight", (n_embd, n_ff), gq, lambda n: gaussian(n, n_embd, n_ff, branch / 0.6)),
-            ]
-        ne, fe, fs = n_expert, n_ff_exp, n_ff_shexp
-        return [
-            # router logits of RMS 3: top-k choices are far from ties, so float noise does not flip them
-            (b + "ffn_gate_inp.weight", (ne, n_embd), QT.F32, lambda n: gaussian(n, ne, n_embd, 3.0)),
-            (b + "ffn_gate_exps.weight", (ne, fe, n_embd), gq, lambda n: gaussian(n, ne * fe, n_embd, 1.0)),
-            (b + "ffn_up_exps.weight", (ne, fe, n_embd), gq, lambda n: gaussian(n, ne * fe, n_embd, 1.0)),
-            # the routed mix (weights sum to 1) and the sigmoid-gated shared expert share the branch
-            (b + "ffn_down_exps.weight", (ne, n_embd, fe), gq,
-             lambda n: gaussian(n, ne * n_embd, fe, branch / 0.6 / np.sqrt(2))),
-            (b + "ffn_gate_inp_shexp.weight", (n_embd,), QT.F32,
-             lambda n: gaussian(n, 1, n_embd, 1.0)),
-            (b + "ffn_gate_shexp.weight", (fs, n_embd), gq, lambda n: gaussian(n, fs, n_embd, 1.0)),
-            (b + "ffn_up_shexp.weight", (fs, n_embd), gq, lambda n: gaussian(n, fs, n_embd, 1.0)),
-            (b + "ffn_down_shexp.weight", (n_embd, fs), gq, lambda n: gaussian(n, n_embd, fs, branch / 0.6)),
-        ]
-
-    tensors = []
-    for il in range(n_layer):
-        b = f"blk.{il}."
-        tensors.append((b + "attn_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)))
-        tensors += linear_attention(b) if (il + 1) % interval else attention(b)
-        tensors.append((b + "post_attention_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)))
-        tensors += ffn(b)
-    if mtp:
-        b = f"blk.{n_layer}."
-        tensors += [
-            (b + "nextn.eh_proj.weight", (n_embd, 2 * n_embd), gq, eh_proj),
-            (b + "nextn.enorm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
-            (b + "nextn.hnorm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
-            (b + "attn_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
-            *attention(b),
-            (b + "post_attention_norm.weight", (n_embd,), QT.F32, lambda n: norm_weight(n, n_embd)),
-            *ffn(b),
-            (b + "nextn.shared_head_norm.weight", (n_embd,), QT.F32,
-             lambda n: norm_weight(n, n_embd, out_norm_center)),
-        ]
-        if mtp_own_head:
-            tensors += [
-                (b + "nextn.embed_tokens.weight", (n_vocab, n_embd), gq, own_embed),
-                (b + "nextn.shared_head_head.weight", (n_vocab, n_embd), gq, own_head),
-            ]
-    return tensors
+    def maker(self, name: str, shape: tuple[int, ...]):
+        """A no-argument callable yielding the float32 row chunks of tensor `name` (numpy shape `shape`)."""
+        rows, cols = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+        if name == "token_embd.weight":
+            return lambda: self.embedding(name)
+        if name == "output.weight":
+            return lambda: self.head(name)
+        special = {
+            "nextn.eh_proj.weight": self.eh_proj,
+            "nextn.embed_tokens.weight": self.own_embed,
+            "nextn.shared_head_head.weight": self.own_head,
+        }
+        for suffix, fn in special.items():
+            if name.endswith(suffix):
+                return lambda: fn(name)
+        if name in ("output_norm.weight",) or name.endswith("nextn.shared_head_norm.weight"):
+            return lambda: self.norm_weight(name, cols, self.out_norm_center)
+        if name.endswith(("norm.weight", "nextn.enorm.weight", "nextn.hnorm.weight")):
+            return lambda: self.norm_weight(name, cols)
+        uniform = {"ssm_dt.bias": (-0.5, 0.5), "ssm_a": (-1.0, -0.05), "exp_probs_b.bias": (-0.05, 0.05),
+                   "attn_q.bias": (-0.1, 0.1), "attn_k.bias": (-0.1, 0.1), "attn_v.bias": (-0.1, 0.1)}
+        for suffix, (lo, hi) in uniform.items():
+            if name.endswith(suffix):
+                return lambda: self.uniform(name, cols, lo, hi)
+        rms = 1.0
+        if name.endswith("attn_output.weight"):
+            rms = 2 * self.branch / (0.55 if self.gated else 1.0)
+        elif name.endswith(("ffn_down.weight", "ffn_down_shexp.weight", "ssm_out.weight")):
+            rms = self.branch / 0.6
+        elif name.endswith("ffn_down_exps.weight"):
+            rms = self._down_exps_rms()
+        elif name.endswith("ffn_gate_inp.weight"):
+            rms = 3.0
+        return lambda: self.gaussian(name, rows, cols, rms)
 
 
 def main(argv=None) -> int:
