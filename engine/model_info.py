@@ -17,7 +17,7 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
     mf = ModelFile(path)
     arch = architecture(mf.arch, mf.path)
     hp = arch.hparams(mf)
-    has_mtp = arch.mtp_layers(hp) > 0
+    has_mtp = arch.mtp_in_file(hp, mf)
     infos = arch.check_tensors(hp, mf, has_mtp)
     n_ctx = int(n_ctx or min(hp.n_ctx_train, 4096))
     n_out = min(MAX_OUTPUTS, n_batch)
@@ -39,6 +39,7 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
         "n_ctx": n_ctx,
         "memory_bytes": mem,
         "mtp": None,
+        "mtp_declared": arch.mtp_layers(hp) > 0,  # the metadata's nextn_predict_layers (tensors may be absent)
     }
     if has_mtp:
         names = arch.mtp_tensor_names(hp, infos)
@@ -73,7 +74,10 @@ def describe(path, n_ctx: int | None = None, as_json: bool = False) -> str:
     for k, v in s["memory_bytes"].items():
         lines.append(f"  {k:<16}{_mib(v):>14}")
     m = s["mtp"]
-    if m is None:
+    if m is None and s["mtp_declared"]:
+        lines.append("MTP block:    declared in the metadata, but its tensors are not in the file (a trunk-only "
+                     "conversion): draft-mtp is unavailable")
+    elif m is None:
         lines.append("MTP block:    none (speculation can use the n-gram drafters or a draft model)")
     else:
         shared = [part for part, own in (("embedding", m["own_embedding"]), ("head", m["own_head"])) if not own]

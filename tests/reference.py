@@ -49,6 +49,8 @@ ARCHS = {
     # hybrids: interleaved M-RoPE (rope_multi), run by HybridReferenceModel
     "qwen35": ArchSpec(rope="imrope", qk_norm=True),
     "qwen35moe": ArchSpec(rope="imrope", qk_norm=True),
+    # q/k norms when the file has them; run by Glm4MoeReferenceModel
+    "glm4moe": ArchSpec(rope="neox", qk_norm=False),
 }
 
 
@@ -174,8 +176,11 @@ class ReferenceModel:
         if cls is ReferenceModel:
             from nextn.gguf.metadata import read_metadata
 
-            if read_metadata(str(path)).get("general.architecture") in HYBRID_ARCHS:
+            arch = read_metadata(str(path)).get("general.architecture")
+            if arch in HYBRID_ARCHS:
                 cls = HybridReferenceModel
+            elif arch == "glm4moe":
+                cls = Glm4MoeReferenceModel
         return super().__new__(cls)
 
     def _init_arch(self) -> None:
@@ -357,7 +362,67 @@ def moe_ffn(x: np.ndarray, gate_inp: np.ndarray, gate_exps: np.ndarray, up_exps:
     return out
 
 
-class HybridReferenceModel(ReferenceModel):
+class MtpMixin:
+    """The MTP (NextN) block of Qwen3.5/3.6 and GLM-4.5 (their graph_mtp are the same but for the decoder
+    layer, which is the model's own `_layer` at il = n_layer). Needs k_cache / v_cache with an entry at
+    n_layer, n_nextn, and the trunk's h_nextn from forward()."""
+
+    @property
+    def mtp_n_past(self) -> int:
+        """Positions held in the MTP block's KV cache."""
+        return self.k_cache[self.n_layer].shape[0] if self.n_nextn else 0
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        tokens = np.asarray(list(np.atleast_1d(tokens)), dtype=np.int64)
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError("forward needs a non-empty list of token ids")
+        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
+            raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
+        return tokens
+
+    def mtp_forward(self, hidden, next_token, pos: int) -> np.ndarray:
+        """Draft logits [n, n_vocab] of the MTP block (llama_model_qwen35{,moe}::graph_mtp).
+
+        hidden [n, n_embd] (or [n_embd]): trunk h_nextn rows of positions pos-1 .. pos+n-2 (output_norm'd
+        final hidden states; zeros for position 0); next_token: the n tokens at positions pos .. pos+n-1.
+        Row i drafts the token at position pos+i+1. The MTP block keeps its own KV cache: positions before
+        pos must be cached (by earlier calls), cached positions from pos on are dropped first.
+
+        concat(enorm(embed(token)), hnorm(hidden)) @ eh_proj, then a full-attention Qwen3.5 block (gated
+        attention (GLM: its attention layer), post-attention norm, the arch's FFN), shared_head_norm (else output_norm), and
+        shared_head_head (else the trunk's head). nextn.embed_tokens, when present, replaces token_embd."""
+        if not self.n_nextn:
+            raise ValueError(f"{self.path}: no MTP block (nextn_predict_layers is 0)")
+        tokens = self._check_tokens(next_token)
+        hidden = np.atleast_2d(np.asarray(hidden, dtype=np.float64))
+        if hidden.shape != (len(tokens), self.n_embd):
+            raise ValueError(f"hidden must be [{len(tokens)}, {self.n_embd}], got {list(hidden.shape)}")
+        il, w = self.n_layer, self.w
+        b = f"blk.{il}."
+        if not 0 <= pos <= self.mtp_n_past:
+            raise ValueError(f"MTP pos {pos} but only {self.mtp_n_past} MTP positions are cached")
+        self.k_cache[il] = self.k_cache[il][:pos]
+        self.v_cache[il] = self.v_cache[il][:pos]
+        positions = np.arange(pos, pos + len(tokens))
+
+        embd = w.get(b + "nextn.embed_tokens.weight", self.tok_embd)
+        e_norm = rms_norm(embd[tokens].astype(np.float64), w[b + "nextn.enorm.weight"], self.eps)
+        h_norm = rms_norm(hidden, w[b + "nextn.hnorm.weight"], self.eps)
+        self._cb("mtp_enorm", il, e_norm)
+        self._cb("mtp_hnorm", il, h_norm)
+        x = np.concatenate([e_norm, h_norm], axis=1) @ w[b + "nextn.eh_proj.weight"].T  # [n, n_embd]
+        self._cb("mtp_eh_proj", il, x)
+        x = self._layer(il, x, positions)
+        head_norm = w.get(b + "nextn.shared_head_norm.weight", w["output_norm.weight"])
+        x = rms_norm(x, head_norm, self.eps)
+        self.mtp_h_nextn = x
+        self._cb("mtp_shared_head_norm", il, x)
+        logits = x @ w.get(b + "nextn.shared_head_head.weight", self.output).T
+        self._cb("mtp_result_output", il, logits)
+        return logits
+
+
+class HybridReferenceModel(MtpMixin, ReferenceModel):
     """qwen35 / qwen35moe: Gated DeltaNet and gated full-attention layers, dense or MoE FFNs, and the MTP block.
 
     ReferenceModel(path) returns one for such a file. Per-model state, chained across calls like the KV cache:
@@ -432,11 +497,6 @@ class HybridReferenceModel(ReferenceModel):
         """Positions the trunk has processed."""
         return self._n_past
 
-    @property
-    def mtp_n_past(self) -> int:
-        """Positions held in the MTP block's KV cache."""
-        return self.k_cache[self.n_layer].shape[0] if self.n_nextn else 0
-
     def conv_state(self, il: int) -> np.ndarray:
         return self.conv_hist[il][-1]
 
@@ -467,14 +527,6 @@ class HybridReferenceModel(ReferenceModel):
         logits = x @ self.output.T
         self._cb("result_output", -1, logits)
         return logits
-
-    def _check_tokens(self, tokens) -> np.ndarray:
-        tokens = np.asarray(list(np.atleast_1d(tokens)), dtype=np.int64)
-        if tokens.ndim != 1 or len(tokens) == 0:
-            raise ValueError("forward needs a non-empty list of token ids")
-        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
-            raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
-        return tokens
 
     def _layer(self, il: int, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """attn_norm -> linear or full attention -> residual; attn_post_norm -> FFN -> residual."""
@@ -570,45 +622,105 @@ class HybridReferenceModel(ReferenceModel):
         self._cb("linear_attn_out", il, out)
         return out
 
-    # ------------------------------------------------------------------------------------------- MTP
 
-    def mtp_forward(self, hidden, next_token, pos: int) -> np.ndarray:
-        """Draft logits [n, n_vocab] of the MTP block (llama_model_qwen35{,moe}::graph_mtp).
+# ------------------------------------------------------------------------------------------------ glm4moe
+#
+# llama.cpp's src/models/glm4-moe.cpp (graph, graph_mtp) and load_arch_hparams: the converter's block_count
+# counts the MTP block; layers below leading_dense_block_count have a SwiGLU FFN, the others routed experts
+# (build_moe_ffn with sigmoid gating, the exp_probs_b selection bias, weights normalized when
+# expert_weights_norm, times expert_weights_scale) plus an ungated shared expert.
 
-        hidden [n, n_embd] (or [n_embd]): trunk h_nextn rows of positions pos-1 .. pos+n-2 (output_norm'd
-        final hidden states; zeros for position 0); next_token: the n tokens at positions pos .. pos+n-1.
-        Row i drafts the token at position pos+i+1. The MTP block keeps its own KV cache: positions before
-        pos must be cached (by earlier calls), cached positions from pos on are dropped first.
 
-        concat(enorm(embed(token)), hnorm(hidden)) @ eh_proj, then a full-attention Qwen3.5 block (gated
-        attention, post-attention norm, the arch's FFN), shared_head_norm (else output_norm), and
-        shared_head_head (else the trunk's head). nextn.embed_tokens, when present, replaces token_embd."""
-        if not self.n_nextn:
-            raise ValueError(f"{self.path}: no MTP block (nextn_predict_layers is 0)")
-        tokens = self._check_tokens(next_token)
-        hidden = np.atleast_2d(np.asarray(hidden, dtype=np.float64))
-        if hidden.shape != (len(tokens), self.n_embd):
-            raise ValueError(f"hidden must be [{len(tokens)}, {self.n_embd}], got {list(hidden.shape)}")
-        il, w = self.n_layer, self.w
-        b = f"blk.{il}."
-        if not 0 <= pos <= self.mtp_n_past:
-            raise ValueError(f"MTP pos {pos} but only {self.mtp_n_past} MTP positions are cached")
-        self.k_cache[il] = self.k_cache[il][:pos]
-        self.v_cache[il] = self.v_cache[il][:pos]
-        positions = np.arange(pos, pos + len(tokens))
+def moe_ffn_sigmoid(x: np.ndarray, gate_inp: np.ndarray, bias: np.ndarray, gate_exps: np.ndarray,
+                    up_exps: np.ndarray, down_exps: np.ndarray, n_used: int, norm: bool,
+                    w_scale: float) -> np.ndarray:
+    """build_moe_ffn with LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID and exp_probs_b: p = sigmoid(logits); the top
+    n_used experts by p + bias (stable: ties to the lower index); weights p of those (without the bias),
+    divided by their sum (clamped at 6.103515625e-5) when norm, times w_scale unless it is 0 or 1."""
+    probs = sigmoid(x @ gate_inp.T)  # [n, n_expert]
+    out = np.zeros((len(x), down_exps.shape[1]))
+    for t in range(len(x)):
+        sel = np.argsort(-(probs[t] + bias), kind="stable")[:n_used]
+        wts = probs[t, sel]
+        if norm:
+            wts = wts / max(wts.sum(), 6.103515625e-5)
+        if w_scale not in (0.0, 1.0):
+            wts = wts * w_scale
+        for e, we in zip(sel, wts):
+            out[t] += we * swiglu_ffn(x[t : t + 1], gate_exps[e], up_exps[e], down_exps[e])[0]
+    return out
 
-        embd = w.get(b + "nextn.embed_tokens.weight", self.tok_embd)
-        e_norm = rms_norm(embd[tokens].astype(np.float64), w[b + "nextn.enorm.weight"], self.eps)
-        h_norm = rms_norm(hidden, w[b + "nextn.hnorm.weight"], self.eps)
-        self._cb("mtp_enorm", il, e_norm)
-        self._cb("mtp_hnorm", il, h_norm)
-        x = np.concatenate([e_norm, h_norm], axis=1) @ w[b + "nextn.eh_proj.weight"].T  # [n, n_embd]
-        self._cb("mtp_eh_proj", il, x)
-        x = self._layer(il, x, positions)
-        head_norm = w.get(b + "nextn.shared_head_norm.weight", w["output_norm.weight"])
-        x = rms_norm(x, head_norm, self.eps)
-        self.mtp_h_nextn = x
-        self._cb("mtp_shared_head_norm", il, x)
-        logits = x @ w.get(b + "nextn.shared_head_head.weight", self.output).T
-        self._cb("mtp_result_output", il, logits)
+
+class Glm4MoeReferenceModel(MtpMixin, ReferenceModel):
+    """glm4moe: attention with q/k/v biases and optional q/k norms, NeoX RoPE over rope.dimension_count dims,
+    dense then MoE FFNs, and the MTP block (mtp_forward, as HybridReferenceModel's)."""
+
+    def _init_arch(self) -> None:
+        meta, arch = self.meta, self.arch
+        self.n_layer_all = self.n_layer
+        self.n_nextn = int(meta.get(f"{arch}.nextn_predict_layers", 0))
+        if self.n_nextn > 1:
+            raise ValueError("reference forward: only one MTP block is implemented (as in llama.cpp)")
+        self.n_layer = self.n_layer_all - self.n_nextn
+        self.n_dense_lead = int(meta.get(f"{arch}.leading_dense_block_count", 0))
+        self.n_expert_used = int(meta[f"{arch}.expert_used_count"])
+        self.expert_weights_scale = float(meta.get(f"{arch}.expert_weights_scale", 0.0))
+        self.expert_weights_norm = bool(meta.get(f"{arch}.expert_weights_norm", False))
+        if int(meta.get(f"{arch}.expert_gating_func", 2)) != 2:
+            raise ValueError("reference forward: glm4moe with softmax gating is not implemented")
+        self.h_nextn: np.ndarray | None = None
+        self.mtp_h_nextn: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Empty the KV caches (trunk and MTP)."""
+        self.k_cache = [np.zeros((0, self.n_head_kv, self.n_embd_head_k)) for _ in range(self.n_layer_all)]
+        self.v_cache = [np.zeros((0, self.n_head_kv, self.n_embd_head_v)) for _ in range(self.n_layer_all)]
+
+    def forward(self, tokens, start_pos: int = 0) -> np.ndarray:
+        logits = super().forward(tokens, start_pos)
+        self.h_nextn = self._final_norm
         return logits
+
+    def _cb(self, name: str, il: int, value: np.ndarray) -> None:
+        if name == "result_norm":  # the trunk's output_norm'd hidden state: the MTP block's input
+            self._final_norm = value
+        super()._cb(name, il, value)
+
+    def _layer(self, il: int, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        w, b, n, d = self.w, f"blk.{il}.", len(x), self.n_embd_head_k
+        cur = rms_norm(x, w[b + "attn_norm.weight"], self.eps)
+        self._cb("attn_norm", il, cur)
+        q = cur @ w[b + "attn_q.weight"].T
+        k = cur @ w[b + "attn_k.weight"].T
+        v = cur @ w[b + "attn_v.weight"].T
+        if b + "attn_q.bias" in w:
+            q, k, v = q + w[b + "attn_q.bias"], k + w[b + "attn_k.bias"], v + w[b + "attn_v.bias"]
+        q, k = q.reshape(n, self.n_head, d), k.reshape(n, self.n_head_kv, d)
+        v = v.reshape(n, self.n_head_kv, self.n_embd_head_v)
+        if b + "attn_q_norm.weight" in w:
+            q = rms_norm(q, w[b + "attn_q_norm.weight"], self.eps)
+            k = rms_norm(k, w[b + "attn_k_norm.weight"], self.eps)
+        q = rope(q, pos, self.n_rot, "neox", self.freq_base, self.freq_scale)
+        k = rope(k, pos, self.n_rot, "neox", self.freq_base, self.freq_scale)
+        self._cb("Qcur", il, q)
+        self._cb("Kcur", il, k)
+        self.k_cache[il] = np.concatenate([self.k_cache[il], k])
+        self.v_cache[il] = np.concatenate([self.v_cache[il], v])
+        att = attention(q, self.k_cache[il], self.v_cache[il], pos, 1.0 / np.sqrt(d))
+        x = x + att.reshape(n, self.n_head * self.n_embd_head_v) @ w[b + "attn_output.weight"].T
+        self._cb("ffn_inp", il, x)
+        cur = rms_norm(x, w[b + "post_attention_norm.weight"], self.eps)
+        if il < self.n_dense_lead:
+            out = swiglu_ffn(cur, w[b + "ffn_gate.weight"], w[b + "ffn_up.weight"], w[b + "ffn_down.weight"])
+        else:
+            out = moe_ffn_sigmoid(cur, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"],
+                                  w[b + "ffn_gate_exps.weight"], w[b + "ffn_up_exps.weight"],
+                                  w[b + "ffn_down_exps.weight"], self.n_expert_used, self.expert_weights_norm,
+                                  self.expert_weights_scale)
+            if b + "ffn_up_shexp.weight" in w:
+                out = out + swiglu_ffn(cur, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
+                                       w[b + "ffn_down_shexp.weight"])
+        self._cb("ffn_out", il, out)
+        x = x + out
+        self._cb("l_out", il, x)
+        return x

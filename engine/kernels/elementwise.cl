@@ -3,6 +3,7 @@
 // kernel_add:     y[i] = a[i] + b[i]                      for i < n_tokens * n   (y may alias a or b)
 // kernel_swiglu:  y[i] = gate[i] / (1 + exp(-gate[i])) * up[i]   (silu(gate) * up; y may alias gate or up)
 // kernel_gather_rows_f4 / _f1:  y[i, :] = x[idx[i], :]    for i < n_rows        (idx int32)
+// kernel_add_bias: y[t, i] += bias[i] for i < width, t < n_tokens (rows of width floats: a projection's bias)
 //
 // NDRange:
 //   add, swiglu: 1-D, work-item g handles the float4 at 4g (a scalar tail when the total is not a multiple
@@ -74,4 +75,14 @@ __kernel void kernel_swiglu_fused(__global const float *gu, __global float *y, c
     const float g = gu[(size_t)t * 2 * n_ff + i];
     const float u = gu[(size_t)t * 2 * n_ff + n_ff + i];
     y[(size_t)t * n_ff + i] = g / (1.0f + exp(-g)) * u;
+}
+
+// y[t, i] += bias[i]: the biases of a Q|K|V projection row (qwen2, GLM). NDRange 2-D (width, n_tokens rows).
+__kernel void kernel_add_bias(__global float *y, __global const float *bias, const int width, const int n_tokens) {
+    const int i = get_global_id(0);
+    const int t = get_global_id(1);
+    if (t >= n_tokens || i >= width) {
+        return;
+    }
+    y[(size_t)t * width + i] += bias[i];
 }

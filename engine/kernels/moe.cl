@@ -1,5 +1,6 @@
 // moe.cl - routing, grouping and combining for a mixture-of-experts FFN (qwen35moe's build_moe_ffn with
-// softmax gating and normalized weights), plus the sigmoid-gated shared-expert add.
+// softmax gating and normalized weights; GLM-4.5's with sigmoid gating and a selection bias), plus the
+// sigmoid-gated shared-expert add.
 //
 // The expert products themselves are kernel_matmul_id_<type>_f32 (quants.h MM_KERNEL_ID) and the
 // activation is kernel_swiglu_fused; engine/ops/moe.py::moe_ffn chains, per step of n_tokens tokens:
@@ -72,6 +73,50 @@ __kernel void kernel_moe_route(__global const float *logits, __global int *ids, 
         wsum += p;
     }
     const float f = w_scale / fmax(wsum, MOE_MIN_WSUM);
+    for (int k = 0; k < n_used; k++) {
+        wts[(size_t)t * n_used + k] *= f;
+    }
+}
+
+// GLM-4.5's routing (build_moe_ffn with sigmoid gating and an expert-selection bias): p_e = sigmoid(logit_e);
+// the top n_used by p_e + bias_e (descending, ties to the lower index); weights p_k (without the bias),
+// divided by max(sum_k p_k, 2^-14) when norm, times w_scale. NDRange as kernel_moe_route. NaN logits: valid
+// ids with weight 0, as there.
+__kernel void kernel_moe_route_sigmoid(__global const float *logits, __global const float *bias,
+                                       __global int *ids, __global float *wts, const int n_expert,
+                                       const int n_used, const float w_scale, const int norm, const int n_tokens) {
+    const int t = get_global_id(0);
+    if (t >= n_tokens) {
+        return;
+    }
+    __global const float *l = logits + (size_t)t * n_expert;
+    float prev_s = INFINITY;
+    int prev_e = -1;
+    float wsum = 0.0f;
+    for (int k = 0; k < n_used; k++) {
+        int best = -1;
+        float best_s = -INFINITY;
+        for (int e = 0; e < n_expert; e++) {
+            const float v = 1.0f / (1.0f + exp(-l[e])) + bias[e];
+            const int after = v < prev_s || (v == prev_s && e > prev_e);
+            if (after && (best < 0 || v > best_s)) {
+                best = e;
+                best_s = v;
+            }
+        }
+        float p = 0.0f;
+        if (best < 0) {  // only NaN left: any valid id, weight 0
+            best = k % n_expert;
+        } else {
+            p = 1.0f / (1.0f + exp(-l[best]));
+            prev_s = best_s;
+            prev_e = best;
+        }
+        ids[(size_t)t * n_used + k] = best;
+        wts[(size_t)t * n_used + k] = p;
+        wsum += p;
+    }
+    const float f = norm ? w_scale / fmax(wsum, MOE_MIN_WSUM) : w_scale;
     for (int k = 0; k < n_used; k++) {
         wts[(size_t)t * n_used + k] *= f;
     }

@@ -2,7 +2,7 @@
 file never chooses a module to import. Adding one: docs/architecture.md's checklist."""
 
 from nextn.errors import UnsupportedArchitecture
-from nextn.models import llama, qwen3, qwen35
+from nextn.models import glm4moe, llama, qwen3, qwen35
 from nextn.models.base import Architecture
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -10,6 +10,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": llama.ARCH,
     "qwen35": qwen35.ARCH,
     "qwen35moe": qwen35.ARCH_MOE,
+    "glm4moe": glm4moe.ARCH,
 }
 
 # Names other converters or older files use for an architecture nextn runs with the same math.

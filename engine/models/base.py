@@ -70,7 +70,17 @@ class Architecture(ABC):
                 f"{mf.path}: MTP drafting was asked for, but this {mf.arch} file has no MTP block "
                 f"({mf.arch}.nextn_predict_layers is 0 and there are no blk.{hp.n_layer}.nextn.* tensors); "
                 f"use a GGUF converted with its MTP layers (e.g. a '-MTP' file) or another draft type")
+        if mtp and not self.mtp_in_file(hp, mf):
+            raise ModelLoadError(
+                f"{mf.path}: MTP drafting was asked for; {mf.arch}.nextn_predict_layers declares an MTP block but "
+                f"the file has no blk.{hp.n_layer}.nextn.* tensors (a trunk-only conversion); use a GGUF converted "
+                f"with its MTP layers or another draft type")
         return {name: mf.tensor(name, ne, types) for name, (ne, types) in self.tensor_table(hp, mf, mtp).items()}
+
+    def mtp_in_file(self, hp, mf: ModelFile) -> bool:
+        """Whether the file holds the MTP block's tensors (llama.cpp's converter can leave them out while the
+        metadata still declares the block)."""
+        return self.mtp_layers(hp) > 0 and mf.has(f"blk.{hp.n_layer}.nextn.eh_proj.weight")
 
     def mtp_tensor_names(self, hp, infos: dict) -> list[str]:
         """The loaded tensors that belong to the MTP block (counted apart in memory and `nextn inspect`)."""
@@ -154,8 +164,8 @@ def fused_groups(infos: dict, candidates) -> dict[str, list[str]]:
 def upload_group(rt, mf: ModelFile, infos: dict, members: list[str], name: str):
     """One device weight: a 1-D tensor as float32, a matrix (or row-concatenated matrices) as DeviceWeight."""
     first = infos[members[0]]
-    if len(first.ne) == 1:
-        return rt.upload(np.array(mf.array_f32(first)), name)
+    if len(first.ne) == 1:  # norms, biases (several: concatenated)
+        return rt.upload(np.concatenate([np.asarray(mf.array_f32(infos[m]), np.float32) for m in members]), name)
     raw = mf.raw(first) if len(members) == 1 else np.concatenate([mf.raw(infos[m]) for m in members])
     n_rows = sum(infos[m].n_rows for m in members)
     return upload_weight(rt, raw, first.qtype, n_rows, first.n_cols, name)

@@ -78,6 +78,8 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
     L = projection(mm, w, b + fused + ".weight",
                    [(b + "attn_q.weight", 0), (b + "attn_k.weight", a.q_width),
                     (b + "attn_v.weight", a.q_width + kv_dim)], x_in, proj, n, a.row)
+    if b + "attn_qkv.bias" in w:  # the q|k|v biases, concatenated at load (qkv_fusion)
+        L += elementwise.add_bias(rt, proj, w[b + "attn_qkv.bias"], a.row, n)
     k_cache, v_cache = cache.layer(il)
     shape = dict(n_head=a.n_head, n_head_kv=a.n_head_kv, head_dim=a.head_dim, n_rot=a.n_rot, neox=a.neox)
     # q/k norm + rope; Q to q, K and V into the cache at (seq, pos)
@@ -92,7 +94,8 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
     return L
 
 
-def attention_tensors(a: AttentionShape, n_embd: int, b: str, qk_norm: bool) -> dict:
+def attention_tensors(a: AttentionShape, n_embd: int, b: str, qk_norm: bool, biases: bool = False) -> dict:
+    """biases: q/k/v biases (qwen2, GLM), all three (a projection row gets them as one bias vector)."""
     q, kv = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
     t = {
         b + "attn_q.weight": ((n_embd, a.q_width), ANY),
@@ -100,14 +103,31 @@ def attention_tensors(a: AttentionShape, n_embd: int, b: str, qk_norm: bool) -> 
         b + "attn_v.weight": ((n_embd, kv), ANY),
         b + "attn_output.weight": ((q, n_embd), ANY),
     }
+    if biases:
+        if a.gated:
+            raise ValueError("q/k/v biases with a gated Q projection")
+        t.update({b + "attn_q.bias": ((q,), F32), b + "attn_k.bias": ((kv,), F32), b + "attn_v.bias": ((kv,), F32)})
     if qk_norm:
         t[b + "attn_q_norm.weight"] = ((a.head_dim,), F32)
         t[b + "attn_k_norm.weight"] = ((a.head_dim,), F32)
     return t
 
 
-def qkv_fusion(b: str, fused: str = "attn_qkv") -> tuple[str, list[str]]:
-    return b + fused + ".weight", [b + p + ".weight" for p in ("attn_q", "attn_k", "attn_v")]
+def has_qkv_biases(mf, b: str) -> bool:
+    """Whether layer b has q/k/v biases; refuses a file with only some of them."""
+    have = [mf.has(b + p + ".bias") for p in ("attn_q", "attn_k", "attn_v")]
+    if any(have) and not all(have):
+        from nextn.errors import ModelLoadError
+
+        raise ModelLoadError(f"{mf.path}: {b}attn_q/k/v biases must come together (the file has only some)")
+    return all(have)
+
+
+def qkv_fusion(b: str, fused: str = "attn_qkv") -> list[tuple[str, list[str]]]:
+    """Q|K|V weights as one device weight when their types agree; their biases (when the file has them) as
+    one float32 vector attn_qkv.bias, always."""
+    return [(b + fused + ".weight", [b + p + ".weight" for p in ("attn_q", "attn_k", "attn_v")]),
+            (b + "attn_qkv.bias", [b + p + ".bias" for p in ("attn_q", "attn_k", "attn_v")])]
 
 
 # -- feed-forward --------------------------------------------------------------------------------------------

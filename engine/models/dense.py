@@ -116,7 +116,7 @@ class Dense(Architecture):
         out = []
         for il in range(hp.n_layer):
             b = f"blk.{il}."
-            out += [blocks.qkv_fusion(b), blocks.gate_up_fusion(b)]
+            out += [*blocks.qkv_fusion(b), blocks.gate_up_fusion(b)]
         return out
 
     def weights_bytes(self, hp: DenseHParams, infos: dict) -> int:
@@ -125,7 +125,7 @@ class Dense(Architecture):
         for members in self.fused_groups(hp, infos, False).values():
             first = infos[members[0]]
             if len(first.ne) == 1:
-                total += 4 * first.ne[0]
+                total += 4 * sum(infos[m].ne[0] for m in members)
             else:
                 total += device_bytes(first.qtype, sum(infos[m].n_rows for m in members), first.n_cols)
         return total

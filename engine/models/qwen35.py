@@ -375,7 +375,7 @@ class Qwen35(Architecture):
         for il in range(hp.n_layer + (1 if mtp else 0)):
             b = f"blk.{il}."
             if il == hp.n_layer or not hp.recurrent[il]:
-                out.append(blocks.qkv_fusion(b, "attn_qgkv"))
+                out += blocks.qkv_fusion(b, "attn_qgkv")
             out.append(blocks.gate_up_fusion(b, "_shexp" if hp.moe else ""))
         return out
 

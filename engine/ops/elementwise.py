@@ -50,3 +50,14 @@ def swiglu_fused(rt, gate_up, y, n_ff: int) -> list[Launch]:
     k.set_args(gate_up, y, np.int32(n_ff), np.int32(0))
     # an explicit group: left to the driver, PoCL ran one work-item per group (0.13 ms for 3072 items)
     return [Launch(k, (n_ff, 0), (0, 1), (LOCAL, 1), [(3, VAR_N_TOKENS)], VAR_N_TOKENS, name="ffn_swiglu")]
+
+
+def add_bias(rt, y, bias, width: int, max_tokens: int) -> list[Launch]:
+    """y[t, i] += bias[i] for t < n_tokens; y float32 [max_tokens, width], bias float32 [width]."""
+    if width <= 0:
+        raise ValueError(f"add_bias: width={width}")
+    check_buffer(y, 4 * max_tokens * width, "add_bias y")
+    check_buffer(bias, 4 * width, "add_bias bias")
+    k = rt.kernel(rt.build("elementwise.cl"), "kernel_add_bias")
+    k.set_args(y, bias, np.int32(width), np.int32(0))
+    return [Launch(k, (width, 0), (0, 1), (LOCAL, 1), [(3, VAR_N_TOKENS)], VAR_N_TOKENS, name="qkv_bias")]

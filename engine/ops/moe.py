@@ -209,6 +209,10 @@ def moe_ffn(
     w_scale: float,
     buf: MoeBuffers,
     max_tokens: int,
+    *,
+    gating: str = "softmax",
+    selection_bias=None,
+    norm: bool = True,
 ) -> list[Launch]:
     """x[t] += sum_k w[t, k] * down_e(silu(gate_e(cur[t])) * up_e(cur[t])), e = the k-th routed expert of t.
 
@@ -217,7 +221,9 @@ def moe_ffn(
     per expert, down_exps [n_embd, n_ff_exp] per expert, from upload_experts; up_exps None means gate_exps is
     a fused gate|up weight (2 n_ff_exp rows per expert, gate rows first: a file's ffn_gate_up_exps, or
     upload_gate_up_experts, the faster choice when gate and up have one type). w_scale: the model's
-    expert_weights_scale (applied unless 0 or 1). Token count: the step variable VAR_N_TOKENS. The caller
+    expert_weights_scale (applied unless 0 or 1). gating "softmax" (qwen35moe: weights always normalized) or
+    "sigmoid" (GLM-4.5: experts chosen by sigmoid + selection_bias float32 [n_expert], weights normalized
+    when norm). Token count: the step variable VAR_N_TOKENS. The caller
     keeps buf, cur, x and the weights alive as long as the launches (a kernel argument does not hold its
     buffer).
     """
@@ -253,12 +259,25 @@ def moe_ffn(
     prg = rt.build("moe.cl")
     launches = mm.matmul(gate_inp, cur, buf.logits, max_tokens)
 
-    route = rt.kernel(prg, "kernel_moe_route")
     scale = 1.0 if w_scale in (0.0, 1.0) else float(w_scale)
-    route.set_args(
-        buf.logits, buf.ids, buf.wts, np.int32(n_expert), np.int32(n_used), np.float32(scale), np.int32(0)
-    )
-    launches.append(Launch(route, (0,), (1,), None, [(6, VAR_N_TOKENS)], VAR_N_TOKENS, name="ffn_moe_topk"))
+    if gating == "softmax":
+        route = rt.kernel(prg, "kernel_moe_route")
+        route.set_args(
+            buf.logits, buf.ids, buf.wts, np.int32(n_expert), np.int32(n_used), np.float32(scale), np.int32(0)
+        )
+        n_tokens_arg = 6
+    elif gating == "sigmoid":
+        if selection_bias is None:
+            raise ValueError("moe_ffn: sigmoid gating needs the expert-selection bias (exp_probs_b)")
+        check_buffer(selection_bias, 4 * n_expert, "moe_ffn selection_bias")
+        route = rt.kernel(prg, "kernel_moe_route_sigmoid")
+        route.set_args(buf.logits, selection_bias, buf.ids, buf.wts, np.int32(n_expert), np.int32(n_used),
+                       np.float32(scale), np.int32(1 if norm else 0), np.int32(0))
+        n_tokens_arg = 8
+    else:
+        raise ValueError(f"moe_ffn: gating {gating!r} (softmax or sigmoid)")
+    launches.append(Launch(route, (0,), (1,), None, [(n_tokens_arg, VAR_N_TOKENS)], VAR_N_TOKENS,
+                           name="ffn_moe_topk"))
 
     sort = rt.kernel(prg, "kernel_moe_sort")
     sort_wg = SORT_WG_CPU if mm.is_cpu else SORT_WG_GPU
