@@ -580,7 +580,7 @@ def main(argv=None) -> int:
     p.add_argument("--type", default="F32", type=str.upper, choices=TYPES, help="type of every 2-D weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=None, help="default: 2, or 4 for qwen35 / qwen35moe")
+    p.add_argument("--n-layer", type=int, default=None, help="default: 2, 4 for qwen35 / qwen35moe, 3 for glm4moe")
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-head-kv", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=16)
@@ -597,7 +597,7 @@ def main(argv=None) -> int:
                      help="write output.weight (default for llama)")
     p.add_argument("--rope-freq-base", type=float, default=None,
                    help="default: the arch's (qwen3 1e6, llama 5e5, qwen35 1e7)")
-    p.add_argument("--mtp", action="store_true", help="qwen35 / qwen35moe: append the MTP (nextn) block")
+    p.add_argument("--mtp", action="store_true", help="qwen35, qwen35moe, glm4moe: append the MTP (nextn) block")
     a = p.parse_args(argv)
     try:
         out = make_tiny(a.out, a.arch, a.type, a.seed, a.n_embd, a.n_layer, a.n_head, a.n_head_kv, a.head_dim,

@@ -1,5 +1,5 @@
-"""`nextn serve` with speculative decoding on a hybrid model with an MTP block: 4 slots, MTP drafts, the prompt
-cache on, requests arriving while others are mid-prompt, a client that disconnects mid-stream; nothing
+"""`nextn serve` with speculative decoding on models with an MTP block (qwen35: hybrid, glm4moe: MoE): 4 slots,
+MTP drafts, the prompt cache on, requests arriving while others are mid-prompt, a client that disconnects mid-stream; nothing
 crashes and every output equals the same request served alone without speculation."""
 
 import concurrent.futures
@@ -13,9 +13,10 @@ from nextn.tiny import make_tiny
 from test_server import _short_dir, http, start, stop
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("srvspec") / "m.gguf", arch="qwen35", qtype="Q8_0", seed=2, mtp=True)
+@pytest.fixture(scope="module", params=["qwen35", "glm4moe"])
+def model(request, tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("srvspec") / "m.gguf", arch=request.param, qtype="Q8_0", seed=2,
+                     mtp=True)
 
 
 def complete(sock, prompt, n=24, **extra):

@@ -1,5 +1,5 @@
-"""Speculative decoding in the scheduler: every drafter and a chain, on every architecture (MTP on the hybrid
-models with the block), greedy output token-identical to plain decoding at n-max 1, 2, 3 and 8."""
+"""Speculative decoding in the scheduler: every drafter and a chain, on every architecture (MTP on those with
+the block), greedy output token-identical to plain decoding at n-max 1, 2, 3 and 8."""
 
 import queue
 from pathlib import Path
@@ -19,7 +19,8 @@ NGRAM = NgramParams(ngram_simple_size_n=2, ngram_simple_size_m=8, ngram_map_k_si
                     ngram_map_k4v_size_n=2, ngram_map_k4v_size_m=8, ngram_mod_n_match=3, ngram_mod_n_min=1,
                     ngram_mod_n_max=8)
 NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
-ARCHS = ("qwen3", "llama", "qwen35", "qwen35moe")
+ARCHS = ("qwen3", "llama", "qwen35", "qwen35moe", "glm4moe")
+MTP_ARCHS = ("qwen35", "qwen35moe", "glm4moe")
 
 
 def run_request(sched, req):
@@ -32,7 +33,7 @@ def run_request(sched, req):
 @pytest.fixture(scope="module", params=ARCHS)
 def runner(request, tmp_path_factory):
     arch = request.param
-    mtp = arch.startswith("qwen35")
+    mtp = arch in MTP_ARCHS
     path = make_tiny(tmp_path_factory.mktemp("spec") / f"{arch}.gguf", arch=arch, qtype="Q8_0", seed=5, mtp=mtp)
     return ModelRunner(path, n_ctx=256, n_seq=2, n_batch=32, mtp=mtp, speculative=True)
 
@@ -98,14 +99,15 @@ def test_draft_model_must_share_the_vocabulary(tmp_path):
         DraftModel(hybrid, target)
 
 
-def test_sampled_output_distribution_unchanged_by_speculation(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen35", "glm4moe"])
+def test_sampled_output_distribution_unchanged_by_speculation(tmp_path, arch):
     """Temperature > 0: the second generated token (the first one verified against MTP drafts sampled with
     their probabilities, by rejection sampling) follows the model's exact joint distribution of the first
     two tokens, computed from the plain model. Chi-square at significance 0.001 over 1500 seeded requests."""
     from nextn.sampling import Sampler, SamplingParams
     from test_spec_verify import chi_square
 
-    path = make_tiny(tmp_path / "m.gguf", arch="qwen35", qtype="Q8_0", seed=5, mtp=True)
+    path = make_tiny(tmp_path / "m.gguf", arch=arch, qtype="Q8_0", seed=5, mtp=True)
     runner = ModelRunner(path, n_ctx=128, n_seq=2, n_batch=32, mtp=True, speculative=True)
     params = dict(temperature=6.0, top_k=4, top_p=1.0, min_p=0.0)
     prompt = runner.tokenizer.encode("one two three", True, False)
