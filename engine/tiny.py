@@ -50,7 +50,7 @@ from nextn.gguf.quantize import SUPPORTED, block_size, parse_qtype, quantize, ro
 from nextn.models import ARCHITECTURES
 from nextn.tokenizer import BYTE_TO_UNICODE
 
-ARCHS = ("qwen3", "llama", "qwen35", "qwen35moe", "glm4moe")
+ARCHS = ("qwen3", "qwen2", "llama", "qwen35", "qwen35moe", "glm4moe")
 HYBRID = ("qwen35", "qwen35moe")  # Gated DeltaNet + gated full attention
 MTP_ARCHS = ("qwen35", "qwen35moe", "glm4moe")
 F32_ONLY = frozenset({QT.F32})
@@ -61,13 +61,14 @@ BRANCH_RMS = 0.2  # RMS each attention / FFN branch adds to the unit-RMS residua
 OUTPUT_GAIN = 4.0  # logit spread of the non-winning tokens; the winner leads by ~0.9*sqrt(n_embd)*OUTPUT_GAIN
 
 # defaults of the real models these stand in for (Qwen3's config.json, Llama 3's)
-_ROPE_BASE = {"qwen3": 1_000_000.0, "llama": 500_000.0, "qwen35": 10_000_000.0, "qwen35moe": 10_000_000.0,
+_ROPE_BASE = {"qwen3": 1_000_000.0, "qwen2": 1_000_000.0, "llama": 500_000.0, "qwen35": 10_000_000.0, "qwen35moe": 10_000_000.0,
               "glm4moe": 1_000_000.0}
-_RMS_EPS = {"qwen3": 1e-6, "llama": 1e-5, "qwen35": 1e-6, "qwen35moe": 1e-6, "glm4moe": 1e-5}
-# Qwen3 0.6B-4B tie the head to the embedding; Llama 3 8B, Qwen3.5/3.6 27B and 35B-A3B, GLM-4.5 do not
-_TIED = {"qwen3": True, "llama": False, "qwen35": False, "qwen35moe": False, "glm4moe": False}
+_RMS_EPS = {"qwen3": 1e-6, "qwen2": 1e-6, "llama": 1e-5, "qwen35": 1e-6, "qwen35moe": 1e-6, "glm4moe": 1e-5}
+# Qwen3 0.6B-4B and Qwen2.5 up to 3B tie the head to the embedding; Llama 3 8B, Qwen3.5/3.6 27B and 35B-A3B,
+# GLM-4.5 do not
+_TIED = {"qwen3": True, "qwen2": True, "llama": False, "qwen35": False, "qwen35moe": False, "glm4moe": False}
 # hybrids: 3 linear layers, then 1 full; glm4moe: 1 dense layer (leading_dense_block_count), then 2 MoE
-_N_LAYER = {"qwen3": 2, "llama": 2, "qwen35": 4, "qwen35moe": 4, "glm4moe": 3}
+_N_LAYER = {"qwen3": 2, "qwen2": 2, "llama": 2, "qwen35": 4, "qwen35moe": 4, "glm4moe": 3}
 
 # general.file_type (llama.cpp's LlamaFileType) of a file whose matrices are all of one type
 _FILE_TYPE = {
@@ -240,7 +241,7 @@ def make_tiny(
     rope_sections: "list[int] | None" = None, ssm_d_conv: int = 4, ssm_d_state: int = 16, ssm_n_group: int = 2,
     ssm_dt_rank: int = 4, n_expert: int = 8, n_expert_used: int = 2, n_ff_exp: int = 32, n_ff_shexp: int = 32,
     n_expert_shared: int = 1, n_dense_lead: int = 1, qk_norm: bool = False, qkv_bias: bool = True,
-    expert_weights_scale: float = 1.5,
+    expert_weights_scale: float = 1.5, rope_freqs: bool = False,
 ) -> Path:
     """Writes a random model to `path` and returns it as a Path.
 
@@ -266,6 +267,7 @@ def make_tiny(
     glm4moe: n_expert, n_expert_used, n_ff_exp (also qwen35moe's), n_expert_shared (shared experts of
       n_ff_exp each), n_dense_lead (leading_dense_block_count), qk_norm (GLM-4.5 355B has q/k norms, Air not),
       qkv_bias, expert_weights_scale (routed_scaling_factor); n_rot as for qwen35 (partial_rotary_factor 0.5).
+    rope_freqs: qwen3 / qwen2 / llama: write Llama 3.1's rope_freqs.weight (a divisor per rotated pair).
     Raises ValueError on a bad shape, type or architecture.
     """
     if arch not in ARCHS:
@@ -381,8 +383,11 @@ def make_tiny(
     # ---- the tensors: the architecture's own table (what the loader reads), each made by _Makers' rule for
     # its name; makers yield float32 row chunks
     glm = arch == "glm4moe"
+    if rope_freqs and arch not in ("qwen3", "qwen2", "llama"):
+        raise ValueError(f"make-tiny: rope_freqs is for the dense architectures, not {arch}")
     view = _WrittenFile(w, arch, path, tied=tied, mtp=mtp, mtp_own_head=mtp_own_head, qk_norm=glm and qk_norm,
-                        qkv_bias=glm and qkv_bias,
+                        rope_freqs=rope_freqs,
+                        qkv_bias=arch == "qwen2" or glm and qkv_bias,
                         shared_expert=bool(n_ff_shexp) if arch == "qwen35moe" else glm and n_expert_shared > 0)
     a = ARCHITECTURES[arch]
     hp = a.hparams(view)
@@ -418,11 +423,12 @@ class _WrittenFile:
     then exactly the list of tensors to write."""
 
     def __init__(self, writer, arch: str, path, *, tied: bool, mtp: bool, mtp_own_head: bool, qk_norm: bool,
-                 qkv_bias: bool, shared_expert: bool):
+                 qkv_bias: bool, shared_expert: bool, rope_freqs: bool = False):
         self.arch, self.path = arch, Path(path)
         self.meta = {k: v.value for k, v in writer.kv_data[0].items()}
         self._tied, self._mtp, self._own_head = tied, mtp, mtp_own_head
         self._qk_norm, self._qkv_bias, self._shared_expert = qk_norm, qkv_bias, shared_expert
+        self._rope_freqs = rope_freqs
 
     def key(self, name: str, default=...):
         full = name.replace("{arch}", self.arch)
@@ -435,6 +441,8 @@ class _WrittenFile:
     def has(self, name: str) -> bool:
         if name == "output.weight":
             return not self._tied
+        if name == "rope_freqs.weight":
+            return self._rope_freqs
         if name.endswith(("nextn.embed_tokens.weight", "nextn.shared_head_head.weight")):
             return self._mtp and self._own_head
         if ".nextn." in name:
@@ -554,7 +562,8 @@ class _Makers:
             return lambda: self.norm_weight(name, cols, self.out_norm_center)
         if name.endswith(("norm.weight", "nextn.enorm.weight", "nextn.hnorm.weight")):
             return lambda: self.norm_weight(name, cols)
-        uniform = {"ssm_dt.bias": (-0.5, 0.5), "ssm_a": (-1.0, -0.05), "exp_probs_b.bias": (-0.05, 0.05),
+        # rope_freqs: Llama 3.1's divisors run from 1 (fast pairs) to 8 (slow ones)
+        uniform = {"rope_freqs.weight": (1.0, 8.0), "ssm_dt.bias": (-0.5, 0.5), "ssm_a": (-1.0, -0.05), "exp_probs_b.bias": (-0.05, 0.05),
                    "attn_q.bias": (-0.1, 0.1), "attn_k.bias": (-0.1, 0.1), "attn_v.bias": (-0.1, 0.1)}
         for suffix, (lo, hi) in uniform.items():
             if name.endswith(suffix):

@@ -46,6 +46,7 @@ class ArchSpec:
 ARCHS = {
     "llama": ArchSpec(rope="norm", qk_norm=False),
     "qwen3": ArchSpec(rope="neox", qk_norm=True),
+    "qwen2": ArchSpec(rope="neox", qk_norm=False),  # q/k/v biases (read from the file)
     # hybrids: interleaved M-RoPE (rope_multi), run by HybridReferenceModel
     "qwen35": ArchSpec(rope="imrope", qk_norm=True),
     "qwen35moe": ArchSpec(rope="imrope", qk_norm=True),
@@ -242,9 +243,10 @@ class ReferenceModel:
         w, b, n = self.w, f"blk.{il}.", len(x)
         cur = rms_norm(x, w[b + "attn_norm.weight"], self.eps)  # [n, n_embd]
         self._cb("attn_norm", il, cur)
-        q = (cur @ w[b + "attn_q.weight"].T).reshape(n, self.n_head, self.n_embd_head_k)
-        k = (cur @ w[b + "attn_k.weight"].T).reshape(n, self.n_head_kv, self.n_embd_head_k)
-        v = (cur @ w[b + "attn_v.weight"].T).reshape(n, self.n_head_kv, self.n_embd_head_v)
+        q, k, v = (cur @ w[b + f"attn_{x}.weight"].T + w.get(b + f"attn_{x}.bias", 0.0) for x in "qkv")
+        q = q.reshape(n, self.n_head, self.n_embd_head_k)
+        k = k.reshape(n, self.n_head_kv, self.n_embd_head_k)
+        v = v.reshape(n, self.n_head_kv, self.n_embd_head_v)
         if self.spec.qk_norm:
             q = rms_norm(q, w[b + "attn_q_norm.weight"], self.eps)  # per head, over head_dim
             k = rms_norm(k, w[b + "attn_k_norm.weight"], self.eps)

@@ -17,7 +17,7 @@ from reference import ReferenceModel
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
-ARCHS = ("qwen3", "llama")
+ARCHS = ("qwen3", "llama", "qwen2")
 N_GREEDY = 64
 
 
@@ -144,4 +144,19 @@ def test_mixed_types_within_a_layer(rt, models, tmp_path):
     want = ReferenceModel(path).forward(PROMPT, 0)
     err = np.abs(logits - want) / want.std(axis=1, keepdims=True)
     assert err.max() < tolerance("Q4_K")
+    assert (top == want.argmax(axis=1)).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama3_rope_freqs_match_reference(rt, tmp_path, arch):
+    """Llama 3.1/3.2 files carry rope_freqs.weight (a divisor per rotated pair): RoPE divides each pair's angle
+    by it, as ggml_rope_ext's freq_factors; the reference applies the same (tests/reference.py::rope)."""
+    path = make_tiny(tmp_path / "m.gguf", arch=arch, qtype="Q8_0", seed=4, n_embd=128, head_dim=32, n_ff=256,
+                     rope_freqs=True)
+    runner = ModelRunner(path, rt=rt, n_ctx=128, n_batch=32)
+    assert "rope_freqs.weight" in runner.weights
+    prompt = (PROMPT * 4)[:40]  # long enough for the slow pairs' angles to matter
+    top, logits = runner.eval(0, prompt, 0, all_logits=True)
+    want = ReferenceModel(path).forward(prompt, 0)
+    assert float((np.abs(logits - want) / want.std(axis=-1, keepdims=True)).max()) < tolerance("Q8_0")
     assert (top == want.argmax(axis=1)).all()

@@ -19,7 +19,7 @@ NGRAM = NgramParams(ngram_simple_size_n=2, ngram_simple_size_m=8, ngram_map_k_si
                     ngram_map_k4v_size_n=2, ngram_map_k4v_size_m=8, ngram_mod_n_match=3, ngram_mod_n_min=1,
                     ngram_mod_n_max=8)
 NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
-ARCHS = ("qwen3", "llama", "qwen35", "qwen35moe", "glm4moe")
+ARCHS = ("qwen3", "llama", "qwen2", "qwen35", "qwen35moe", "glm4moe")
 MTP_ARCHS = ("qwen35", "qwen35moe", "glm4moe")
 
 

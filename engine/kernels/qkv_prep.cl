@@ -11,7 +11,9 @@
 // Cache layout: half [n_seq, n_ctx, N_HEAD_KV, HD], as kernel_kv_store writes it. Tokens with a position
 // or sequence outside the cache store nothing (as kernel_kv_store).
 // RoPE: theta_i = pos * freq_scale * 2^(i * log2_theta_scale), log2_theta_scale = -2 log2(base) / N_ROT;
-//   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as kernels/rope.cl.
+//   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as kernels/rope.cl. With
+//   FREQ_FACTORS (Llama 3.1's rope_freqs.weight, ggml_rope_ext's freq_factors) theta_i is divided by
+//   freq_factors[i].
 //
 // NDRange: 2-D (N_HEAD + 2 * N_HEAD_KV rounded up to the local size, n_tokens rows, at least 1), local
 // (QKV_WG, 1): one work-item per (head, token), a head of HD floats in private memory. Small work-groups
@@ -21,6 +23,9 @@
 
 #ifndef Q_GATE
 #define Q_GATE 0
+#endif
+#ifndef FREQ_FACTORS
+#define FREQ_FACTORS 0
 #endif
 #define Q_STRIDE ((1 + Q_GATE) * HD)  // floats from one Q head to the next in a qkv row
 #define ROW_LEN (N_HEAD * Q_STRIDE + 2 * N_HEAD_KV * HD)
@@ -32,7 +37,8 @@ inline int head_offset(const int h) {
 
 __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, __global half *k_cache,
                               __global half *v_cache, __global const int *pos, __global const int *seq,
-                              __global const float *q_norm, __global const float *k_norm, const float eps,
+                              __global const float *q_norm, __global const float *k_norm,
+                              __global const float *freq_factors, const float eps,
                               const float freq_scale, const float log2_theta_scale, const int n_ctx,
                               const int n_seq, const int n_tokens) {
     const int h = get_global_id(0);
@@ -69,7 +75,11 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
     }
 #endif
     for (int i = 0; i < N_ROT / 2; i++) {
+#if FREQ_FACTORS
+        const float theta = (float)p * freq_scale * exp2((float)i * log2_theta_scale) / freq_factors[i];
+#else
         const float theta = (float)p * freq_scale * exp2((float)i * log2_theta_scale);
+#endif
         float c;
         const float sn = sincos(theta, &c);
 #if NEOX

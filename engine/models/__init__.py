@@ -2,12 +2,13 @@
 file never chooses a module to import. Adding one: docs/architecture.md's checklist."""
 
 from nextn.errors import UnsupportedArchitecture
-from nextn.models import glm4moe, llama, qwen3, qwen35
+from nextn.models import glm4moe, llama, qwen2, qwen3, qwen35
 from nextn.models.base import Architecture
 
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": qwen3.ARCH,
     "llama": llama.ARCH,
+    "qwen2": qwen2.ARCH,
     "qwen35": qwen35.ARCH,
     "qwen35moe": qwen35.ARCH_MOE,
     "glm4moe": glm4moe.ARCH,

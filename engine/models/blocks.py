@@ -85,7 +85,8 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
     # q/k norm + rope; Q to q, K and V into the cache at (seq, pos)
     L += qkv.qkv_prep(rt, proj, q, k_cache, v_cache, pos, seq, w.get(b + "attn_q_norm.weight"),
                       w.get(b + "attn_k_norm.weight"), **shape, freq_base=a.freq_base, freq_scale=a.freq_scale,
-                      eps=a.eps, n_ctx=cache.n_ctx, n_seq=cache.n_seq, q_gate=a.gated)
+                      eps=a.eps, n_ctx=cache.n_ctx, n_seq=cache.n_seq, q_gate=a.gated,
+                      freq_factors=w.get("rope_freqs.weight"))  # Llama 3.1's per-pair frequency divisors
     L += attn_ops.attention(rt, q, k_cache, v_cache, pos, seq, out, a.n_head, a.n_head_kv, a.head_dim,
                             cache.n_ctx, 1.0 / np.sqrt(a.head_dim), n)  # kqv_out [n_tokens, n_head*hd]
     if a.gated:

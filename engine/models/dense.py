@@ -1,4 +1,4 @@
-"""The dense decoder shared by `llama` and `qwen3`: hparams from GGUF metadata, tensors, and the step.
+"""The dense decoder shared by `llama`, `qwen2` and `qwen3`: hparams from GGUF metadata, tensors, and the step.
 
 The step is a residual loop built from shared blocks (models/blocks.py): per layer, attention then SwiGLU FFN,
 each on an RMS-normed copy of the residual stream, each added back into it (the output projections
@@ -35,6 +35,7 @@ class DenseHParams:
     rope_freq_scale: float
     rms_eps: float
     qk_norm: bool
+    qkv_bias: bool = False  # q/k/v biases (qwen2), read from the file
 
     @classmethod
     def from_file(cls, mf: ModelFile, *, rope_neox: bool, qk_norm: bool) -> "DenseHParams":
@@ -52,11 +53,6 @@ class DenseHParams:
             scale = 1.0 / float(mf.key("{arch}.rope.scaling.factor", 1.0))
         elif scaling_type not in ("none", None):
             raise ModelLoadError(f"{mf.path}: RoPE scaling '{scaling_type}' is not supported (linear and none are)")
-        if mf.has("rope_freqs.weight"):
-            raise ModelLoadError(
-                f"{mf.path}: per-dimension RoPE frequency factors (rope_freqs.weight, Llama 3.1 style) are not "
-                f"supported yet"
-            )
         head_count_kv = mf.key("{arch}.attention.head_count_kv", n_head)
         if isinstance(head_count_kv, list):
             raise ModelLoadError(f"{mf.path}: per-layer head_count_kv is not supported")
@@ -75,6 +71,7 @@ class DenseHParams:
             rope_freq_scale=scale,
             rms_eps=float(mf.key("{arch}.attention.layer_norm_rms_epsilon")),
             qk_norm=qk_norm,
+            qkv_bias=blocks.has_qkv_biases(mf, "blk.0."),
         )
 
 
@@ -103,11 +100,13 @@ class Dense(Architecture):
         }
         if mf.has("output.weight"):
             t["output.weight"] = ((e, hp.n_vocab), ANY)
+        if mf.has("rope_freqs.weight"):  # Llama 3.1 / 3.2: one divisor per rotated pair, shared by the layers
+            t["rope_freqs.weight"] = ((hp.n_rot // 2,), F32)
         a = self._attention(hp)
         for il in range(hp.n_layer):
             b = f"blk.{il}."
             t[b + "attn_norm.weight"] = ((e,), F32)
-            t.update(blocks.attention_tensors(a, e, b, hp.qk_norm))
+            t.update(blocks.attention_tensors(a, e, b, hp.qk_norm, hp.qkv_bias))
             t[b + "ffn_norm.weight"] = ((e,), F32)
             t.update(blocks.swiglu_tensors(e, hp.n_ff, b))
         return t
