@@ -21,6 +21,7 @@ def _generate_config(args):
 
     flags = {"model.path": (str(args.model), "--model"), "model.batch_size": (args.batch_size, "--batch-size"),
              "server.parallel": (1, "generate")}
+    flags.update({k: v for k, v in _overrides(args).items() if k.startswith("speculative.")})
     if args.ctx_size is not None:
         flags["model.ctx_size"] = (args.ctx_size, "--ctx-size")
     for key in ("device", "platform"):
@@ -43,8 +44,8 @@ def cmd_generate(args) -> int:
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         ids = tok.encode(text, add_special=False, parse_special=True)
-    else:
-        ids = tok.encode(args.prompt, add_special=True, parse_special=False)
+    else:  # as llama-cli / llama-completion: special tokens written in the prompt become their ids
+        ids = tok.encode(args.prompt, add_special=True, parse_special=not args.no_parse_special)
     stats = GenerationStats()
     engine.scheduler.start()
     try:
@@ -55,9 +56,13 @@ def cmd_generate(args) -> int:
     finally:
         engine.scheduler.drain(0)
     sys.stdout.write("\n")
+    spec = ""
+    if engine.spec.enabled:
+        rate = f" ({stats.accepted / stats.drafted:.0%})" if stats.drafted else ""
+        spec = f" | {','.join(engine.spec.types)}: drafted {stats.drafted}, accepted {stats.accepted}{rate}"
     print(
         f"prompt: {stats.n_prompt} tokens, {stats.prompt_tps:.1f} tok/s | decode: {stats.n_generated} tokens, "
-        f"{stats.decode_tps:.1f} tok/s | stop: {stats.stop_reason}",
+        f"{stats.decode_tps:.1f} tok/s{spec} | stop: {stats.stop_reason}",
         file=sys.stderr,
     )
     return 0
@@ -68,7 +73,7 @@ def cmd_tokenize(args) -> int:
     from nextn.tokenizer import Tokenizer
 
     tok = Tokenizer.from_metadata(ModelFile(args.model).meta)
-    print(json.dumps(tok.encode(args.text, add_special=not args.no_bos, parse_special=args.parse_special)))
+    print(json.dumps(tok.encode(args.text, add_special=not args.no_bos, parse_special=not args.no_parse_special)))
     return 0
 
 
@@ -109,13 +114,17 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on/off or true/false, got {text!r}")
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...] = ()) -> None:
+    """One flag per configuration key (only the keys of `sections` when given: `generate` takes the
+    speculative ones)."""
     from nextn import config
 
-    p.add_argument("--config", default=None, metavar="FILE", help="TOML file read after /etc/nextn (see config/nextn.toml)")
+    if not sections:
+        p.add_argument("--config", default=None, metavar="FILE",
+                       help="TOML file read after /etc/nextn (see config/nextn.toml)")
     for dotted, f in config.iter_fields():
         flag = f.metadata["flag"]
-        if not flag:
+        if not flag or sections and dotted.split(".")[0] not in sections:
             continue
         t = {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
         names = [flag] + ([_SHORT[flag]] if flag in _SHORT else [])
@@ -123,8 +132,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if t is bool:  # `--spec-default` alone means true, as in llama-server; `--spec-adaptive off` sets it
             extra = {"type": _parse_bool, "nargs": "?", "const": True}
         p.add_argument(*names, dest="cfg:" + dotted, default=None, help=f"{f.metadata['doc']} [{dotted}]", **extra)
-    p.add_argument("--host", default=None, help="TCP host to listen on as well as the socket [server.tcp]")
-    p.add_argument("--port", type=int, default=None, help="TCP port (with --host; default 8080) [server.tcp]")
+    if not sections:
+        p.add_argument("--host", default=None, help="TCP host to listen on as well as the socket [server.tcp]")
+        p.add_argument("--port", type=int, default=None, help="TCP port (with --host; default 8080) [server.tcp]")
 
 
 def _overrides(args) -> dict:
@@ -135,7 +145,8 @@ def _overrides(args) -> dict:
         if name.startswith("cfg:") and value is not None:
             dotted = name[4:]
             overrides[dotted] = (value, config._field(dotted).metadata["flag"])
-    if args.host is not None or args.port is not None:
+    given = vars(args)  # `generate` has no --host / --port
+    if given.get("host") is not None or given.get("port") is not None:
         overrides["server.tcp"] = (f"{args.host or '127.0.0.1'}:{args.port or 8080}", "--host/--port")
     return overrides
 
@@ -225,13 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+    g.add_argument("--no-parse-special", action="store_true",
+                   help="keep special tokens written in the prompt (<|im_start|> ...) as text; by default they "
+                        "become their token ids, as in llama-cli")
+    _add_config_flags(g, sections=("speculative",))
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("tokenize", help="print the token ids of a text as a JSON list")
     t.add_argument("-m", "--model", required=True)
     t.add_argument("text")
     t.add_argument("--no-bos", action="store_true", help="do not add BOS even if the model asks for it")
-    t.add_argument("--parse-special", action="store_true", help="turn special tokens written in the text into ids")
+    t.add_argument("--no-parse-special", action="store_true",
+                   help="keep special tokens written in the text (<|im_start|> ...) as text; by default they become "
+                        "their ids, as in llama-tokenize")
     t.set_defaults(func=cmd_tokenize)
 
     i = sub.add_parser("inspect", help="architecture, hparams, tensor types and memory needed of a GGUF file")

@@ -39,8 +39,31 @@ def test_generate_greedy_is_deterministic_and_seeded_sampling_reproduces(model):
 def test_tokenize_prints_json_ids(model):
     ids = json.loads(nextn("tokenize", "-m", model, "the cat").stdout)
     assert isinstance(ids, list) and all(isinstance(i, int) for i in ids) and ids
-    special = json.loads(nextn("tokenize", "-m", model, "<|im_start|>", "--parse-special").stdout)
+    # special tokens written in the text become their ids by default, as llama-tokenize does
+    special = json.loads(nextn("tokenize", "-m", model, "<|im_start|>", "--no-bos").stdout)
     assert len(special) == 1
+    as_text = json.loads(nextn("tokenize", "-m", model, "<|im_start|>", "--no-bos", "--no-parse-special").stdout)
+    assert len(as_text) > 1
+
+
+def test_generate_parses_special_tokens_in_the_prompt_as_llama_cli(model):
+    parsed = nextn("generate", "-m", model, "-p", "<|im_start|>user", "-n", 2, "--ignore-eos").stderr
+    as_text = nextn("generate", "-m", model, "-p", "<|im_start|>user", "-n", 2, "--ignore-eos",
+                    "--no-parse-special").stderr
+    n_parsed = int(parsed.split("prompt: ")[1].split()[0])
+    n_text = int(as_text.split("prompt: ")[1].split()[0])
+    assert n_parsed < n_text
+
+
+def test_generate_takes_the_speculative_flags(model):
+    """`nextn generate --spec-type ...` as `nextn serve`: same output as without, drafted/accepted on stderr."""
+    plain = nextn("generate", "-m", model, "-p", "abc abc abc abc", "-n", 24, "--ignore-eos")
+    spec = nextn("generate", "-m", model, "-p", "abc abc abc abc", "-n", 24, "--ignore-eos", "--spec-type",
+                 "ngram-simple", "--spec-ngram-simple-size-n", "1", "--spec-draft-n-max", "3")
+    assert spec.stdout == plain.stdout
+    assert "ngram-simple: drafted" in spec.stderr and "accepted" in spec.stderr
+    bad = nextn("generate", "-m", model, "-p", "x", "--spec-type", "nonsense", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "nonsense" in bad.stderr
 
 
 def test_inspect_reports_arch_types_and_memory(model):
