@@ -1,4 +1,4 @@
-"""The aiohttp application and the `nextn serve` process: socket, model loading, signals, drain.
+"""The `nextn serve` process: socket, model loading, signals, drain, watchdog (routes: `nextn.server.routes`).
 
 Start-up order: bind the socket first (so clients get 503 from /health instead of connection refused),
 load the model and warm it in a thread, start the scheduler, then READY=1. SIGTERM: STOPPING=1, refuse
@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import errno
 import grp
-import json
 import logging
 import os
 import signal
@@ -23,9 +22,9 @@ from pathlib import Path
 from aiohttp import web
 
 from nextn import config as configmod
-from nextn.errors import ConfigError, NextnError, Overloaded, RequestError
-from nextn.server import metrics, openai_api
+from nextn.errors import ConfigError, NextnError
 from nextn.server import systemd as sd
+from nextn.server.routes import make_app
 
 log = logging.getLogger("nextn.server")
 
