@@ -20,7 +20,7 @@ hundred logits) and only the survivors are partitioned and sorted; see _top_k an
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -85,11 +85,21 @@ class SamplingParams:
 
 class Sampler:
     """Turns logits into a token for one sequence. Keeps only its random generator as state; the caller
-    passes the token history (prompt and generated tokens) that the penalties look at."""
+    passes the token history (prompt and generated tokens) that the penalties look at.
 
-    def __init__(self, params: SamplingParams):
+    banned: tokens whose logit is -inf before anything else (llama.cpp's logit bias, first in its chain):
+    llama-server bans the end-of-generation tokens of an `ignore_eos` request this way, so the text goes
+    on as the model would write it rather than past an end token it sampled."""
+
+    def __init__(self, params: SamplingParams, banned: Collection[int] = ()):
         self.params = params
         self.rng = np.random.default_rng(None if params.seed < 0 else params.seed)
+        self.banned = np.asarray(sorted(banned), dtype=np.int64)
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the choice needs the logits on the host (else the device argmax is the token)."""
+        return not self.params.greedy or self.params.penalizes or self.banned.size > 0
 
     # ----------------------------------------------------------------------------------------- filters
 
@@ -102,6 +112,9 @@ class Sampler:
         """
         p = self.params
         logits = np.asarray(logits)
+        if self.banned.size:
+            logits = np.array(logits, dtype=np.float32, copy=True)
+            logits[self.banned[self.banned < logits.shape[0]]] = -np.inf
         if not p.penalizes or len(history) == 0:
             return logits
         recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]

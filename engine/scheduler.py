@@ -103,7 +103,8 @@ class _Slot:
         self.n_past = reused  # positions of this sequence whose KV is valid
         self.last_token = None
         self.history = list(req.prompt)
-        self.sampler = Sampler(req.params)
+        # ignore_eos bans the end-of-generation tokens (logit -inf), as llama-server does
+        self.sampler = Sampler(req.params, tokenizer.eot_ids if req.ignore_eos else ())
         self.decoder = tokenizer.stream_decoder()
         self.matcher = StopMatcher(req.stop)
         self.n_gen = 0
@@ -346,7 +347,7 @@ class Scheduler:
                 prompt_out.append((s, len(out_rows)))
                 out_rows.append(len(ids) - 1)
         live = [s for s, _, _, _ in verify] + [s for s, _ in prompt_out]
-        want_logits = any(not s.req.params.greedy or s.req.params.penalizes or s.req.n_probs for s in live)
+        want_logits = any(s.sampler.needs_logits or s.req.n_probs for s in live)
         self._last_step = time.monotonic()
         t0 = time.perf_counter()
         top, logits = r.step(ids, np.asarray(pos, np.int32), seq, out_rows, want_logits)
@@ -363,8 +364,7 @@ class Scheduler:
         advanced = []  # (slot, first row, tokens the trunk took, token emitted after them) of generating slots
         for s, row in prompt_out:  # the first generated token of a finished prompt
             lg = None if logits is None else logits[row]
-            token = int(top[row]) if lg is None or s.req.params.greedy and not s.req.params.penalizes \
-                else s.sampler.sample(lg, s.history)
+            token = int(top[row]) if lg is None or not s.sampler.needs_logits else s.sampler.sample(lg, s.history)
             emitted[s.index] = (s, [token], lg)
             self._emit(s, token, lg)
         for s, row, drafts, probs in verify:
@@ -374,7 +374,7 @@ class Scheduler:
             rows_lg = None if logits is None else logits[j : j + k + 1]
             if s.spec is None:
                 a = 0
-                greedy = rows_lg is None or s.req.params.greedy and not s.req.params.penalizes
+                greedy = rows_lg is None or not s.sampler.needs_logits
                 token = int(rows_top[0]) if greedy else s.sampler.sample(rows_lg[0], s.history)
             else:
                 a, token = s.spec.verify(drafts, probs, rows_top, rows_lg, s.sampler, s.history,

@@ -210,3 +210,19 @@ def test_drain_lets_running_finish_and_refuses_new(runner):
     assert collect(q)[2].finish_reason == "length"
     with pytest.raises(Overloaded, match="shutting down"):
         run(s, [1, 2], 2)
+
+
+def test_ignore_eos_bans_end_of_generation_tokens(runner, sched):
+    """As llama-server: ignore_eos makes the end-of-generation tokens' logits -inf, so the text continues as
+    the model would write it - never an end token followed by more text."""
+    tok = runner.tokenizer
+    eog = min(tok.eot_ids)
+    prompt = [5, 6, eog]  # the tied tiny head predicts the last token again: left alone, the next is eog
+    toks, _, done = collect(run(sched, prompt, 8)[1])
+    assert toks == [eog] and done.finish_reason == "stop"
+    toks, _, done = collect(run(sched, prompt, 8, ignore_eos=True)[1])
+    assert len(toks) == 8 and not set(toks) & tok.eot_ids and done.finish_reason == "length"
+    sampled = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+    for _ in range(3):
+        toks, _, _ = collect(run(sched, prompt, 8, params=sampled, ignore_eos=True)[1])
+        assert len(toks) == 8 and not set(toks) & tok.eot_ids
