@@ -13,7 +13,6 @@ block's positions, and the prefix reuse of the prompt cache (`reuse`, `copy_pref
 """
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -88,36 +88,12 @@ class State:
 
 
 def _load_model(state: State) -> None:
-    from nextn.cl.runtime import DeviceChoice, Runtime
-    from nextn.runner import ModelRunner
-    from nextn.scheduler import Scheduler
-    from nextn.spec.speculator import from_config as spec_from_config
+    from nextn.build import build
 
-    cfg = state.cfg
-    if not cfg.model.path:
-        raise ConfigError("no model: set [model] path in the configuration or pass --model")
-
-    spec = spec_from_config(cfg.speculative)
-    rt = Runtime(DeviceChoice.parse(cfg.device.platform, cfg.device.device))
-    # the MTP block and the rollback state are counted in the memory check before anything is uploaded
-    runner = ModelRunner(cfg.model.path, rt=rt, n_ctx=cfg.model.ctx_size or None, n_seq=cfg.server.parallel,
-                         n_batch=cfg.model.batch_size, mtp=spec.uses_mtp, speculative=spec.enabled)
-    log.info("device memory: %s", ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.1f} MiB"
-                                            for k, v in runner.memory.items()))
-    if spec.enabled:
-        log.info("speculative decoding: %s, up to %d drafts%s%s", ",".join(spec.types), spec.n_max,
-                 " (adaptive)" if spec.adaptive else "",
-                 "; SYNTHETIC ACCEPTANCE: output is not valid" if spec.synthetic else "")
-    runner.eval(0, [runner.tokenizer.bos_id if runner.tokenizer.bos_id is not None else 0], 0)  # warm-up
-    runner.cache.truncate(0, 0)
-    state.runner = runner
-    state.model_name = Path(cfg.model.path).name
-    draft = None
-    if spec.uses_draft_model:
-        draft = ModelRunner(spec.draft_model, rt=rt, n_ctx=runner.n_ctx, n_seq=cfg.server.parallel,
-                            n_batch=cfg.model.batch_size)
-        log.info("draft model %s: %.1f MiB", Path(spec.draft_model).name, draft.memory.total / 2**20)
-    state.scheduler = Scheduler(runner, cfg.server.parallel, cfg.server.max_queue, spec=spec, draft_runner=draft)
+    engine = build(state.cfg)  # the model, its MTP block / draft model, and the scheduler (engine/build.py)
+    state.runner = engine.runner
+    state.model_name = engine.model_name
+    state.scheduler = engine.scheduler
     state.scheduler.start()
 
 
