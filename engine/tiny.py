@@ -290,10 +290,6 @@ def make_tiny(
         rope_sections = rope_sections_default(n_rot) if rope_sections is None else list(rope_sections)
         if len(rope_sections) != 4 or min(rope_sections) < 0 or sum(rope_sections[:3]) < 1:
             raise ValueError(f"make-tiny: rope_sections {rope_sections} must be 4 counts, t/h/w not all 0")
-        if 3 in imrope_channels(rope_sections, n_rot):
-            # llama.cpp gives text tokens position 0 on the extra channel: such pairs would never rotate
-            raise ValueError(f"make-tiny: rope_sections {rope_sections} leave rotated pairs of n_rot {n_rot} "
-                             "on the extra (e) channel")
         if min(ssm_d_conv, ssm_d_state, ssm_n_group, ssm_dt_rank, full_attention_interval) < 1:
             raise ValueError("make-tiny: ssm sizes and full_attention_interval must be positive")
         if ssm_dt_rank % ssm_n_group:

@@ -229,3 +229,21 @@ def test_rollback_after_partial_accept_equals_plain_run(rt, models, arch):
         _, got = runner.eval(0, [123], n + keep)
         _, want = ModelRunner(path, rt=rt, n_ctx=128, n_batch=32).eval(0, PROMPT + ids[:keep] + [123], 0)
         np.testing.assert_allclose(got, want, atol=1e-4 * float(want.std()), err_msg=f"keep {keep}")
+
+
+@pytest.mark.parametrize("sections", [[4, 4, 4, 4], [2, 2, 0, 0]])
+def test_pairs_on_the_fourth_mrope_section_do_not_turn(rt, tmp_path, sections):
+    """rope.dimension_sections that put rotated pairs on the fourth (e) section: at text positions [p, p, p, 0]
+    those pairs see position 0 (ggml_rope_multi, interleaved), so they do not turn; llama.cpp runs such files
+    and so does nextn (the reference rotates every pair by its own channel's position)."""
+    from nextn.tiny import imrope_channels
+
+    n_rot = 32 if sections[0] == 4 else 8
+    assert 3 in imrope_channels(sections, n_rot)
+    path = make_tiny(tmp_path / "m.gguf", arch="qwen35", qtype="F32", seed=2, head_dim=64 if n_rot == 32 else 16,
+                     n_rot=n_rot, rope_sections=sections)
+    runner = ModelRunner(path, rt=rt, n_ctx=128, n_batch=32)
+    top, logits = runner.eval(0, PROMPT * 2, 0, all_logits=True)
+    want = ReferenceModel(path).forward(PROMPT * 2, 0)
+    assert spread_error(logits, want) < tolerance("F32")
+    assert (top == want.argmax(axis=1)).all()

@@ -13,7 +13,10 @@
 // RoPE: theta_i = pos * freq_scale * 2^(i * log2_theta_scale), log2_theta_scale = -2 log2(base) / N_ROT;
 //   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as kernels/rope.cl. With
 //   FREQ_FACTORS (Llama 3.1's rope_freqs.weight, ggml_rope_ext's freq_factors) theta_i is divided by
-//   freq_factors[i].
+//   freq_factors[i]. With MROPE_T/_H/_W/_E (qwen35's interleaved M-RoPE sections, defined only when some
+//   pair falls on the fourth, e, section): pair i belongs to sector s = i % (sum of sections), which is t,
+//   h or w when s % 3 picks that section and s < 3 * its count, else e; text tokens have position 0 on e
+//   (llama.cpp's text positions [p, p, p, 0]), so those pairs do not turn.
 //
 // NDRange: 2-D (N_HEAD + 2 * N_HEAD_KV rounded up to the local size, n_tokens rows, at least 1), local
 // (QKV_WG, 1): one work-item per (head, token), a head of HD floats in private memory. Small work-groups
@@ -75,6 +78,13 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
     }
 #endif
     for (int i = 0; i < N_ROT / 2; i++) {
+#ifdef MROPE_T
+        const int sec = i % (MROPE_T + MROPE_H + MROPE_W + MROPE_E);
+        if (!((sec % 3 == 0 && sec < 3 * MROPE_T) || (sec % 3 == 1 && sec < 3 * MROPE_H) ||
+              (sec % 3 == 2 && sec < 3 * MROPE_W))) {
+            continue;  // the e section: angle 0 at text positions
+        }
+#endif
 #if FREQ_FACTORS
         const float theta = (float)p * freq_scale * exp2((float)i * log2_theta_scale) / freq_factors[i];
 #else

@@ -55,6 +55,7 @@ class AttentionShape:
     freq_scale: float
     eps: float  # of the q/k RMSNorm
     gated: bool = False  # each Q head is followed by head_dim output-gate values (qwen35)
+    mrope_sections: tuple[int, int, int, int] | None = None  # qwen35's, when pairs fall on the e section
 
     @property
     def q_width(self) -> int:
@@ -86,7 +87,7 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
     L += qkv.qkv_prep(rt, proj, q, k_cache, v_cache, pos, seq, w.get(b + "attn_q_norm.weight"),
                       w.get(b + "attn_k_norm.weight"), **shape, freq_base=a.freq_base, freq_scale=a.freq_scale,
                       eps=a.eps, n_ctx=cache.n_ctx, n_seq=cache.n_seq, q_gate=a.gated,
-                      freq_factors=w.get("rope_freqs.weight"))  # Llama 3.1's per-pair frequency divisors
+                      freq_factors=w.get("rope_freqs.weight"), mrope_sections=a.mrope_sections)  # Llama 3.1's per-pair frequency divisors
     L += attn_ops.attention(rt, q, k_cache, v_cache, pos, seq, out, a.n_head, a.n_head_kv, a.head_dim,
                             cache.n_ctx, 1.0 / np.sqrt(a.head_dim), n)  # kqv_out [n_tokens, n_head*hd]
     if a.gated:

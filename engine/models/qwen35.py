@@ -7,8 +7,9 @@ Per trunk layer: x += mixer(attn_norm(x)); x += ffn(post_attention_norm(x)), whe
   l2-normed q, k; beta = sigmoid(ssm_beta x), g = ssm_a * softplus(ssm_alpha x + dt_bias) -> gated delta rule
   (state carried) -> rmsnorm(o) * ssm_norm * silu(attn_gate x) -> ssm_out;
 - gated full attention, every full_attention_interval-th layer: attn_q projects Q and an output gate head by
-  head; q/k RMSNorm, M-RoPE (at text positions all its sections see the same position, which is NeoX RoPE
-  over rope.dimension_count dims), causal GQA attention, times sigmoid(gate), attn_output;
+  head; q/k RMSNorm, M-RoPE (at text positions the t/h/w sections see the same position, which is NeoX RoPE
+  over rope.dimension_count dims; pairs on the fourth section see 0 and do not turn), causal GQA attention,
+  times sigmoid(gate), attn_output;
 and the FFN is SwiGLU (qwen35) or routed experts plus a sigmoid-gated shared expert (qwen35moe).
 
 The MTP block (blk.{n_layer}.nextn.*, models/blocks.py) has one full-attention layer with the arch's FFN;
@@ -49,6 +50,7 @@ class HybridHParams:
     n_rot: int
     rope_freq_base: float
     rope_freq_scale: float
+    mrope_sections: tuple | None  # the M-RoPE sections when pairs fall on the e section (they do not turn)
     rms_eps: float
     d_conv: int
     head_k_dim: int
@@ -105,7 +107,7 @@ class HybridHParams:
             recurrent = tuple((il + 1) % interval != 0 for il in range(n_layer))
         n_rot = int(mf.key("{arch}.rope.dimension_count", head_dim))
         sections = [int(s) for s in mf.key("{arch}.rope.dimension_sections", [n_rot // 2, 0, 0, 0])]
-        _check_text_rope(mf, n_rot, sections)
+        e_pairs = _text_rope_e_pairs(mf, n_rot, sections)
         n_vocab = mf.key("{arch}.vocab_size", None)
         if n_vocab is None:
             n_vocab = len(mf.key("tokenizer.ggml.tokens"))
@@ -144,6 +146,7 @@ class HybridHParams:
             n_rot=n_rot,
             rope_freq_base=float(mf.key("{arch}.rope.freq_base", 10000.0)),
             rope_freq_scale=1.0,
+            mrope_sections=tuple(sections) if e_pairs else None,
             rms_eps=float(mf.key("{arch}.attention.layer_norm_rms_epsilon")),
             d_conv=int(mf.key("{arch}.ssm.conv_kernel")),
             head_k_dim=int(mf.key("{arch}.ssm.state_size")),
@@ -154,17 +157,16 @@ class HybridHParams:
         )
 
 
-def _check_text_rope(mf: ModelFile, n_rot: int, sections: list[int]) -> None:
-    """Text tokens get M-RoPE positions [p, p, p, 0]: pairs on the t/h/w sections turn by p (NeoX RoPE, what
-    the kernels do); a pair on the fourth (e) section would not turn at all, which they do not model."""
-    if len(sections) != 4 or n_rot % 2:
-        raise ModelLoadError(f"{mf.path}: rope.dimension_sections {sections} / dimension_count {n_rot} malformed")
+def _text_rope_e_pairs(mf: ModelFile, n_rot: int, sections: list[int]) -> bool:
+    """Text tokens get M-RoPE positions [p, p, p, 0]: pairs on the t/h/w sections turn by p (NeoX RoPE), pairs
+    on the fourth (e) section by 0, i.e. not at all (ggml_rope_multi, interleaved). Whether any pair is on e
+    (the kernel then skips them)."""
+    if len(sections) != 4 or n_rot % 2 or min(sections) < 0 or sum(sections) < 1:
+        raise ModelLoadError(f"{mf.path}: {mf.arch}.rope.dimension_sections {sections} / dimension_count "
+                             f"{n_rot} malformed")
     total = sum(sections)
-    for i in range(n_rot // 2):
-        s = i % total if total else 0
-        if not any(s % 3 == c and s < 3 * sections[c] for c in range(3)):
-            raise ModelLoadError(f"{mf.path}: rope.dimension_sections {sections} put rotated pair {i} on the "
-                                 f"extra M-RoPE section, which nextn does not support")
+    return any(not any(i % total % 3 == c and i % total < 3 * sections[c] for c in range(3))
+               for i in range(n_rot // 2))
 
 
 # -- tensors -----------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def _check_text_rope(mf: ModelFile, n_rot: int, sections: list[int]) -> None:
 def _attention(hp: HybridHParams) -> AttentionShape:
     """Gated full attention: M-RoPE at text positions is NeoX RoPE over n_rot dims."""
     return AttentionShape(hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_rot, True, hp.rope_freq_base,
-                          hp.rope_freq_scale, hp.rms_eps, gated=True)
+                          hp.rope_freq_scale, hp.rms_eps, gated=True, mrope_sections=hp.mrope_sections)
 
 
 def _linear_tensors(hp: HybridHParams, b: str) -> dict:
