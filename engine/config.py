@@ -74,7 +74,7 @@ class SamplingSection:
 
 def _speculative_section():
     """[speculative]: llama-server's --spec-* settings (same names, meanings and defaults), the n-gram ones
-    from engine/spec/ngram.py's table, plus nextn's adaptive controller."""
+    from engine/spec/ngram/base.py's table, plus nextn's adaptive controller."""
     from nextn.spec import ngram
 
     fields_ = [

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from nextn.cl import plan as planmod
+from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
 from nextn.cl.runtime import Runtime
 from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.plan import MemoryPlan
-from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
 from nextn.models import architecture
 from nextn.ops.matmul import MatmulOps
 from nextn.tokenizer import Tokenizer

@@ -82,7 +82,7 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
     if b + "attn_qkv.bias" in w:  # the q|k|v biases, concatenated at load (qkv_fusion)
         L += elementwise.add_bias(rt, proj, w[b + "attn_qkv.bias"], a.row, n)
     k_cache, v_cache = cache.layer(il)
-    shape = dict(n_head=a.n_head, n_head_kv=a.n_head_kv, head_dim=a.head_dim, n_rot=a.n_rot, neox=a.neox)
+    shape = {"n_head": a.n_head, "n_head_kv": a.n_head_kv, "head_dim": a.head_dim, "n_rot": a.n_rot, "neox": a.neox}
     # q/k norm + rope; Q to q, K and V into the cache at (seq, pos)
     L += qkv.qkv_prep(rt, proj, q, k_cache, v_cache, pos, seq, w.get(b + "attn_q_norm.weight"),
                       w.get(b + "attn_k_norm.weight"), **shape, freq_base=a.freq_base, freq_scale=a.freq_scale,

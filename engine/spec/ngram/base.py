@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from nextn.spec.drafter import Drafter
+
 # (flag, NgramParams field, type, default, help): llama.cpp's flag names, defaults and help texts.
 FLAGS: list[tuple[str, str, type, object, str]] = [
     ("--spec-ngram-simple-size-n", "ngram_simple_size_n", int, 12,
@@ -127,9 +129,9 @@ def _field_of(key: str) -> str:
     return name
 
 
-class NgramDrafter(abc.ABC):
-    """One slot's n-gram drafter. The sequence is the request's prompt plus every token appended since.
-    Each type implements draft() (and its indexing in _index)."""
+class NgramDrafter(Drafter, abc.ABC):
+    """One slot's n-gram drafter (a spec.drafter.Drafter). The sequence is the request's prompt plus every
+    token appended since. Each type implements draft() (and its indexing in _index)."""
 
     name = ""
     max_len = 0  # the longest draft this type proposes (llama.cpp's per-type n_max)
@@ -153,7 +155,7 @@ class NgramDrafter(abc.ABC):
         """Up to n_max proposed continuations of the sequence ([] = nothing to propose)."""
 
     def propose(self, k: int):
-        """spec.drafter.Drafter's interface: the drafts, point proposals."""
+        """The drafts, as point proposals (an n-gram match has no distribution)."""
         return self.draft(k), None
 
     def feedback(self, n_drafted: int, n_accepted: int) -> None:
