@@ -33,6 +33,7 @@ def build(cfg, *, progress: bool = False, warm_up: bool = True) -> Engine:
     """Load cfg.model.path (and a draft model) onto cfg.device and make the scheduler for cfg.server.parallel
     slots. warm_up: run one token through every kernel first, so the first request does not pay for it."""
     from nextn.cl.runtime import DeviceChoice, Runtime
+    from nextn.memory.kv_cache import KVTypes
     from nextn.runner import ModelRunner
     from nextn.scheduler import Scheduler
     from nextn.spec.speculator import from_config as spec_from_config
@@ -41,10 +42,12 @@ def build(cfg, *, progress: bool = False, warm_up: bool = True) -> Engine:
         raise ConfigError("no model: set [model] path in the configuration or pass --model")
     spec = spec_from_config(cfg.speculative)
     rt = Runtime(DeviceChoice.parse(cfg.device.platform, cfg.device.device))
+    sp = cfg.speculative
+    kv = KVTypes(cfg.model.cache_type_k, cfg.model.cache_type_v, sp.draft_type_k, sp.draft_type_v)
     # the MTP block and the rollback state are counted in the memory check before anything is uploaded
     runner = ModelRunner(cfg.model.path, rt=rt, n_ctx=cfg.model.ctx_size or None, n_seq=cfg.server.parallel,
                          n_batch=cfg.model.batch_size, mtp=spec.uses_mtp, speculative=spec.enabled,
-                         progress=progress)
+                         progress=progress, kv_types=kv)
     log.info("device memory: %s", ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.1f} MiB"
                                             for k, v in runner.memory.items()))
     if spec.enabled:
@@ -57,7 +60,7 @@ def build(cfg, *, progress: bool = False, warm_up: bool = True) -> Engine:
     draft = None
     if spec.uses_draft_model:
         draft = ModelRunner(spec.draft_model, rt=rt, n_ctx=runner.n_ctx, n_seq=cfg.server.parallel,
-                            n_batch=cfg.model.batch_size)
+                            n_batch=cfg.model.batch_size, kv_types=KVTypes(sp.draft_type_k, sp.draft_type_v))
         log.info("draft model %s: %.1f MiB", Path(spec.draft_model).name, draft.memory.total / 2**20)
     scheduler = Scheduler(runner, cfg.server.parallel, cfg.server.max_queue, spec=spec, draft_runner=draft)
     return Engine(runner, scheduler, spec, draft)

@@ -13,6 +13,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per prompt-processing step")
     p.add_argument("--device", default=None, help="OpenCL device: index or name substring (default: first GPU, else CPU)")
     p.add_argument("--platform", default=None, help="OpenCL platform: index or name substring")
+    from nextn.config import KV_CACHE_TYPES
+
+    for part in "kv":
+        p.add_argument(f"-ct{part}", f"--cache-type-{part}", default=None, choices=KV_CACHE_TYPES,
+                       help=f"KV cache type of {part.upper()} (default: f16)")
 
 
 def _generate_config(args):
@@ -24,6 +29,9 @@ def _generate_config(args):
     flags.update({k: v for k, v in _overrides(args).items() if k.startswith("speculative.")})
     if args.ctx_size is not None:
         flags["model.ctx_size"] = (args.ctx_size, "--ctx-size")
+    for part in "kv":
+        if getattr(args, f"cache_type_{part}") is not None:
+            flags[f"model.cache_type_{part}"] = (getattr(args, f"cache_type_{part}"), f"--cache-type-{part}")
     for key in ("device", "platform"):
         if getattr(args, key) is not None:
             flags[f"device.{key}"] = (str(getattr(args, key)), f"--{key}")
@@ -80,7 +88,10 @@ def cmd_tokenize(args) -> int:
 def cmd_inspect(args) -> int:
     from nextn.model_info import describe
 
-    print(describe(args.file, n_ctx=args.ctx_size, as_json=args.json))
+    from nextn.memory.kv_cache import KVTypes
+
+    kv = KVTypes(args.cache_type_k, args.cache_type_v, args.cache_type_k, args.cache_type_v)
+    print(describe(args.file, n_ctx=args.ctx_size, as_json=args.json, kv_types=kv))
     return 0
 
 
@@ -102,7 +113,8 @@ def cmd_bench(args) -> int:
 
 # ---- settings flags: one per config key (engine/config.py), named as llama-server's where it has one
 
-_SHORT = {"--model": "-m", "--ctx-size": "-c", "--batch-size": "-b", "--parallel": "-np"}
+_SHORT = {"--model": "-m", "--ctx-size": "-c", "--batch-size": "-b", "--parallel": "-np", "--cache-type-k": "-ctk",
+          "--cache-type-v": "-ctv", "--spec-draft-type-k": "-ctkd", "--spec-draft-type-v": "-ctvd"}
 
 
 def _parse_bool(text: str) -> bool:
@@ -254,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="architecture, hparams, tensor types and memory needed of a GGUF file")
     i.add_argument("file")
     i.add_argument("-c", "--ctx-size", type=int, default=None)
+    from nextn.config import KV_CACHE_TYPES
+
+    for part in "kv":
+        i.add_argument(f"-ct{part}", f"--cache-type-{part}", default="f16", choices=KV_CACHE_TYPES,
+                       help=f"KV cache type of {part.upper()} the memory figures assume")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 

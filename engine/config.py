@@ -24,6 +24,7 @@ from typing import Any
 from nextn.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")  # engine/ops/attention.py KV_TYPES; llama-server's names
 
 
 def _f(default, doc: str, flag: str | None = None, *, lo=None, hi=None, choices=None, live=False):
@@ -48,6 +49,9 @@ class ModelSection:
     path: str = _f("", "GGUF model file", "--model")
     ctx_size: int = _f(0, "context size per slot in tokens (0: min(trained context, 4096))", "--ctx-size", lo=0)
     batch_size: int = _f(512, "tokens per step (prompt chunks and decode tokens of all slots)", "--batch-size", lo=1)
+    cache_type_k: str = _f("f16", "KV cache type of K: f16, q8_0 or q4_0 (quantized halves or quarters the "
+                           "cache of long contexts)", "--cache-type-k", choices=KV_CACHE_TYPES)
+    cache_type_v: str = _f("f16", "KV cache type of V: f16, q8_0 or q4_0", "--cache-type-v", choices=KV_CACHE_TYPES)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,10 @@ def _speculative_section():
                              "--spec-default")),
         ("draft_model", str, _f("", "GGUF of the draft model for draft-simple (same vocabulary as the model)",
                                 "--spec-draft-model")),
+        ("draft_type_k", str, _f("f16", "KV cache type of K of the MTP block and of the draft model: f16, q8_0, "
+                                 "q4_0", "--spec-draft-type-k", choices=KV_CACHE_TYPES)),
+        ("draft_type_v", str, _f("f16", "KV cache type of V of the MTP block and of the draft model",
+                                 "--spec-draft-type-v", choices=KV_CACHE_TYPES)),
         ("synth_rates", str, _f("", "BENCHMARKING ONLY, output not valid: per-position acceptance probabilities "
                                 "P0,P1,...", "--spec-synth-rates")),
         ("synth_len", float, _f(-1.0, "BENCHMARKING ONLY, output not valid: mean synthetic acceptance length "

@@ -5,6 +5,7 @@ import json
 from collections import Counter
 
 from nextn.gguf.model_file import ModelFile
+from nextn.memory.kv_cache import KVTypes
 from nextn.models import architecture
 from nextn.runner import MAX_OUTPUTS
 
@@ -13,7 +14,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
+def model_summary(path, n_ctx: int | None = None, n_batch: int = 512, kv_types: KVTypes = KVTypes()) -> dict:
     mf = ModelFile(path)
     arch = architecture(mf.arch, mf.path)
     hp = arch.hparams(mf)
@@ -23,7 +24,8 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
     n_out = min(MAX_OUTPUTS, n_batch)
     n_params = sum(int(i.n_rows * i.n_cols) for i in infos.values())
     # memory without the MTP block (what a plain load allocates), and what loading it adds
-    plan = arch.memory_plan(hp, infos, 1, n_ctx, n_batch, n_out, has_mtp)
+    kv_types.check(hp.head_dim, mf.path.name)
+    plan = arch.memory_plan(hp, infos, 1, n_ctx, n_batch, n_out, has_mtp, kv_types=kv_types)
     mem = {name: v for name, v in plan.items() if not name.startswith("mtp_")}
     mem["total"] = sum(mem.values())
     summary = {
@@ -37,6 +39,7 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
         "tied_output": not mf.has("output.weight"),
         "tokenizer": {"model": mf.meta.get("tokenizer.ggml.model"), "pre": mf.meta.get("tokenizer.ggml.pre")},
         "n_ctx": n_ctx,
+        "kv_types": dataclasses.asdict(kv_types),
         "memory_bytes": mem,
         "mtp": None,
         "mtp_declared": arch.mtp_layers(hp) > 0,  # the metadata's nextn_predict_layers (tensors may be absent)
@@ -56,8 +59,8 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512) -> dict:
     return summary
 
 
-def describe(path, n_ctx: int | None = None, as_json: bool = False) -> str:
-    s = model_summary(path, n_ctx)
+def describe(path, n_ctx: int | None = None, as_json: bool = False, kv_types: KVTypes = KVTypes()) -> str:
+    s = model_summary(path, n_ctx, kv_types=kv_types)
     if as_json:
         return json.dumps(s, indent=2)
     hp = s["hparams"]
@@ -69,7 +72,7 @@ def describe(path, n_ctx: int | None = None, as_json: bool = False) -> str:
         "tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["tensor_types"].items())),
         f"output:       {'tied to token_embd' if s['tied_output'] else 'separate output.weight'}",
         f"tokenizer:    {s['tokenizer']['model']} (pre: {s['tokenizer']['pre']})",
-        f"memory (ctx {s['n_ctx']}, 1 sequence, batch 512):",
+        f"memory (ctx {s['n_ctx']}, 1 sequence, batch 512, KV cache K {kv_types.k} V {kv_types.v}):",
     ]
     for k, v in s["memory_bytes"].items():
         lines.append(f"  {k:<16}{_mib(v):>14}")

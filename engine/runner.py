@@ -22,6 +22,7 @@ from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
 from nextn.cl.runtime import Runtime
 from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
+from nextn.memory.kv_cache import KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import architecture
 from nextn.ops.matmul import MatmulOps
@@ -44,6 +45,7 @@ class ModelRunner:
         progress: bool = False,
         mtp: bool = False,
         speculative: bool = False,
+        kv_types: KVTypes = KVTypes(),
     ):
         t0 = time.perf_counter()
         self.file = mf = ModelFile(path)
@@ -59,8 +61,10 @@ class ModelRunner:
         # speculation verifies drafts among the first max_outputs rows of a step; recurrent layers keep what
         # rolling back to any of them takes
         self.rollback_rows = self.max_outputs if speculative else 0
+        kv_types.check(hp.head_dim, mf.path.name)
+        self.kv_types = kv_types
         self.memory: MemoryPlan = arch.memory_plan(hp, infos, n_seq, self.n_ctx, self.n_batch, self.max_outputs, mtp,
-                                                  self.rollback_rows)
+                                                  self.rollback_rows, kv_types)
         self.rt = rt or Runtime()
         parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
         self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
@@ -73,7 +77,7 @@ class ModelRunner:
         self.weights = arch.upload(self.rt, hp, mf, infos, progress=bar.update if bar else None, mtp=mtp)
         if bar:
             bar.close()
-        self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows)
+        self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows, kv_types)
         self._prefixes = self.cache.prefix_store()
         self.buffers = arch.step_buffers(self.rt, hp, self.n_batch, self.max_outputs)
         self.mm = MatmulOps(self.rt)

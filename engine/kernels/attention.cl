@@ -36,7 +36,11 @@
 //   CPU (PoCL): few work-items with float16 vectors (one AVX-512 register each);
 //   GPU: 64 work-items with float4. ops/attention.py::default_shape picks them. PORTABLE_TRANSPOSE forces
 //   the plain-C form of the K transpose that compilers other than clang get.
+// KV types: K_TYPE / V_TYPE (kv_types.h; default f16) say how kernel_attention reads a cache row; the rows
+//   are written by kernel_qkv_prep (kernel_kv_store writes f16 only).
 // Reference: tests/test_ops_attention.py::ref_attention (float64 numpy over the float16 cache).
+
+#include "kv_types.h"
 
 #ifndef VW
 #define VW 4
@@ -86,6 +90,29 @@ __kernel void kernel_kv_store(__global const float *k, __global const float *v, 
 #define IOTA ((int16)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))
 #endif
 
+#define ucharv CAT(uchar, VW)
+#define charv CAT(char, VW)
+#define convert_floatv CAT(convert_float, VW)
+#define convert_intv CAT(convert_int, VW)
+
+// Values [dv * VW, dv * VW + VW) of a cache row of `type` (kv_types.h), as floats. VW divides 32, so the
+// values sit in one quant block.
+inline floatv kv_load(__global const uchar *row, const int dv, const int type) {
+    if (type == KV_F16) {
+        return vload_halfv(dv, (__global const half *)row);
+    }
+    const int e0 = dv * VW, blk = e0 / 32, off = e0 % 32;
+    if (type == KV_Q8_0) {
+        __global const uchar *b = row + 34 * blk;
+        return convert_floatv(CAT(vload, VW)(0, (__global const char *)(b + 2 + off))) *
+               vload_half(0, (__global const half *)b);
+    }
+    __global const uchar *b = row + 18 * blk;
+    const ucharv q = CAT(vload, VW)(0, b + 2 + (off & 15));
+    const intv v = off < 16 ? convert_intv(q & (uchar)15) : convert_intv(q >> (uchar)4);
+    return convert_floatv(v - 8) * vload_half(0, (__global const half *)b);
+}
+
 inline float hsum(const floatv v) {
 #if VW == 4
     const float4 a = v;
@@ -111,7 +138,7 @@ inline float hmax(const floatv v) {
 }
 
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
-void kernel_attention(__global const float *q, __global const half *k_cache, __global const half *v_cache,
+void kernel_attention(__global const float *q, __global const uchar *k_cache, __global const uchar *v_cache,
                       __global const int *pos, __global const int *seq, __global float *out,
                       const int n_head, const int n_head_kv, const int n_ctx, const int n_seq,
                       const float scale, const int n_tokens) {
@@ -162,7 +189,9 @@ void kernel_attention(__global const float *q, __global const half *k_cache, __g
     }
     barrier(CLK_LOCAL_MEM_FENCE);
 
-    const size_t pos_stride = (size_t)n_head_kv * D;  // halfs between consecutive positions
+    // bytes between consecutive positions of one sequence
+    const size_t k_pos_stride = (size_t)n_head_kv * KV_ROW_BYTES(K_TYPE, D);
+    const size_t v_pos_stride = (size_t)n_head_kv * KV_ROW_BYTES(V_TYPE, D);
     int s_prev = -1;
     for (;;) {
         // the next sequence present in this block, and how far its tokens reach (same on every work-item)
@@ -179,8 +208,10 @@ void kernel_attention(__global const float *q, __global const half *k_cache, __g
             if (tok_seq[tl] == s_cur) max_pos = max(max_pos, tok_pos[tl]);
         }
         s_prev = s_cur;
-        __global const half *kb = k_cache + (size_t)s_cur * n_ctx * pos_stride + (size_t)g * D;
-        __global const half *vb = v_cache + (size_t)s_cur * n_ctx * pos_stride + (size_t)g * D;
+        __global const uchar *kb =
+            k_cache + (size_t)s_cur * n_ctx * k_pos_stride + (size_t)g * KV_ROW_BYTES(K_TYPE, D);
+        __global const uchar *vb =
+            v_cache + (size_t)s_cur * n_ctx * v_pos_stride + (size_t)g * KV_ROW_BYTES(V_TYPE, D);
 
         for (int j0 = 0; j0 <= max_pos; j0 += BC) {
             barrier(CLK_LOCAL_MEM_FENCE);  // the previous tile is no longer read
@@ -198,8 +229,8 @@ void kernel_attention(__global const float *q, __global const half *k_cache, __g
                     floatv vv = (floatv)(0.0f);
                     kr[e] = (floatv)(0.0f);
                     if (j <= max_pos) {
-                        kr[e] = vload_halfv(dv, kb + j * pos_stride);
-                        vv = vload_halfv(dv, vb + j * pos_stride);
+                        kr[e] = kv_load(kb + j * k_pos_stride, dv, K_TYPE);
+                        vv = kv_load(vb + j * v_pos_stride, dv, V_TYPE);
                     }
                     vstorev(vv, dv, Vs + c * D);
                 }
@@ -219,8 +250,8 @@ void kernel_attention(__global const float *q, __global const half *k_cache, __g
                     const int j = j0 + c;
                     floatv kv = (floatv)(0.0f), vv = (floatv)(0.0f);
                     if (j <= max_pos) {
-                        kv = vload_halfv(dv, kb + j * pos_stride);
-                        vv = vload_halfv(dv, vb + j * pos_stride);
+                        kv = kv_load(kb + j * k_pos_stride, dv, K_TYPE);
+                        vv = kv_load(vb + j * v_pos_stride, dv, V_TYPE);
                     }
                     vstorev(kv, 0, kr[e]);
                     vstorev(vv, dv, Vs + c * D);

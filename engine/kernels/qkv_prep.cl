@@ -8,8 +8,9 @@
 //   q_out float32 [n_tokens, N_HEAD * HD] (the layout kernel_attention reads).
 // K heads: optional RMSNorm with k_norm, RoPE, stored as half at k_cache[(seq[t], pos[t])].
 // V heads: stored as half at v_cache[(seq[t], pos[t])].
-// Cache layout: half [n_seq, n_ctx, N_HEAD_KV, HD], as kernel_kv_store writes it. Tokens with a position
-// or sequence outside the cache store nothing (as kernel_kv_store).
+// Cache layout: [n_seq, n_ctx, N_HEAD_KV] rows of HD values of type K_TYPE / V_TYPE (kv_types.h: f16 by
+// default, as kernel_kv_store writes it; q8_0, q4_0). Tokens with a position or sequence outside the cache
+// store nothing (as kernel_kv_store).
 // RoPE: theta_i = pos * freq_scale * 2^(i * log2_theta_scale), log2_theta_scale = -2 log2(base) / N_ROT;
 //   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as kernels/rope.cl. With
 //   FREQ_FACTORS (Llama 3.1's rope_freqs.weight, ggml_rope_ext's freq_factors) theta_i is divided by
@@ -23,6 +24,8 @@
 // let PoCL spread one token's heads over all cores (one group of 32 heads ran on one core). Replaces five launches per layer (q norm, k norm,
 // rope q, rope k, kv_store): on PoCL each launch costs ~20 us of dispatch, more than this kernel's work.
 // Reference: tests/test_ops_qkv.py (the composition of norm.cl, rope.cl and kv_store, and numpy).
+
+#include "kv_types.h"
 
 #ifndef Q_GATE
 #define Q_GATE 0
@@ -38,8 +41,8 @@ inline int head_offset(const int h) {
     return h < N_HEAD ? h * Q_STRIDE : N_HEAD * Q_STRIDE + (h - N_HEAD) * HD;
 }
 
-__kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, __global half *k_cache,
-                              __global half *v_cache, __global const int *pos, __global const int *seq,
+__kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, __global uchar *k_cache,
+                              __global uchar *v_cache, __global const int *pos, __global const int *seq,
                               __global const float *q_norm, __global const float *k_norm,
                               __global const float *freq_factors, const float eps,
                               const float freq_scale, const float log2_theta_scale, const int n_ctx,
@@ -53,18 +56,16 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
     const int p = pos[t];
     const int s = seq[t];
     const int in_cache = (uint)p < (uint)n_ctx && (uint)s < (uint)n_seq;
-    if (h >= N_HEAD + N_HEAD_KV) {  // a V head: store it
-        if (in_cache) {
-            __global half *dst = v_cache + (((size_t)s * n_ctx + p) * N_HEAD_KV + (h - N_HEAD - N_HEAD_KV)) * HD;
-            for (int d = 0; d < HD; d++) {
-                vstore_half_rte(src[d], d, dst);
-            }
-        }
-        return;
-    }
     float x[HD];
     for (int d = 0; d < HD; d++) {
         x[d] = src[d];
+    }
+    if (h >= N_HEAD + N_HEAD_KV) {  // a V head: store it
+        if (in_cache) {
+            const size_t r = ((size_t)s * n_ctx + p) * N_HEAD_KV + (h - N_HEAD - N_HEAD_KV);
+            kv_store_row(v_cache + r * KV_ROW_BYTES(V_TYPE, HD), x, HD, V_TYPE);
+        }
+        return;
     }
 #if QK_NORM
     __global const float *w = h < N_HEAD ? q_norm : k_norm;
@@ -107,10 +108,8 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
             dst[d] = x[d];
         }
     } else if (in_cache) {
-        __global half *dst = k_cache + (((size_t)s * n_ctx + p) * N_HEAD_KV + (h - N_HEAD)) * HD;
-        for (int d = 0; d < HD; d++) {
-            vstore_half_rte(x[d], d, dst);
-        }
+        const size_t r = ((size_t)s * n_ctx + p) * N_HEAD_KV + (h - N_HEAD);
+        kv_store_row(k_cache + r * KV_ROW_BYTES(K_TYPE, HD), x, HD, K_TYPE);
     }
 }
 

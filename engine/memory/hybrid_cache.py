@@ -14,7 +14,7 @@ does whichever the position asks for and refuses anything else.
 import numpy as np
 import pyopencl as cl
 
-from nextn.memory.kv_cache import KVCache
+from nextn.memory.kv_cache import KVCache, KVTypes
 from nextn.memory.sequence import SequenceCache
 from nextn.ops import delta_net as dn
 
@@ -22,11 +22,13 @@ from nextn.ops import delta_net as dn
 class HybridCache(SequenceCache):
     holds_recurrent_state = True
 
-    def __init__(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0):
+    def __init__(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
+                 kv_types: KVTypes = KVTypes()):
         super().__init__(n_seq, n_ctx)
         self.rt = rt
         self.attn_layers = hp.attention_layers(mtp)
-        self.kv = KVCache(rt, len(self.attn_layers), n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
+        self.kv = KVCache(rt, n_seq, n_ctx, hp.n_head_kv, hp.head_dim,
+                          kv_types.layers(len(hp.attention_layers(False)), mtp))
         self._kv_index = {il: i for i, il in enumerate(self.attn_layers)}
         conv_seq = dn.conv_state_bytes(1, hp.conv_dim, hp.d_conv)
         delta_seq = dn.delta_state_bytes(1, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim)
@@ -57,14 +59,17 @@ class HybridCache(SequenceCache):
             self.reset(s)
 
     @staticmethod
-    def bytes_needed(hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0) -> dict[str, int]:
+    def bytes_needed(hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
+                     kv_types: KVTypes = KVTypes()) -> dict[str, int]:
         """Device bytes by part: kv_cache (trunk), mtp_kv_cache, recurrent_state, snapshots, rollback."""
-        per_layer_kv = KVCache.bytes_needed(1, n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
+        n_attn = len(hp.attention_layers(False))
+        kv = KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(n_attn))
+        mtp_kv = KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(0, True))
         n_lin = len(hp.linear_layers())
         state = n_lin * dn.state_bytes(n_seq, hp.conv_dim, hp.d_conv, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim)
         return {
-            "kv_cache": len(hp.attention_layers(False)) * per_layer_kv,
-            "mtp_kv_cache": per_layer_kv if mtp else 0,
+            "kv_cache": kv,
+            "mtp_kv_cache": mtp_kv if mtp else 0,
             "recurrent_state": state,
             "snapshots": state,
             "rollback": (state + n_lin * 4 * rollback_rows * (hp.conv_dim + 2 * hp.n_v_heads)) if rollback_rows else 0,
@@ -85,6 +90,9 @@ class HybridCache(SequenceCache):
     def layer(self, il: int):
         """(K, V) buffers of full-attention layer il (il = n_layer: the MTP block)."""
         return self.kv.layer(self._kv_index[il])
+
+    def kv_types(self, il: int) -> tuple[str, str]:
+        return self.kv.kv_types(self._kv_index[il])
 
     def set_length(self, seq: int, n: int) -> None:
         self.kv.set_length(seq, n)

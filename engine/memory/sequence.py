@@ -30,6 +30,10 @@ class SequenceCache(ABC):
         """(K, V) device buffers of attention layer il."""
 
     @abstractmethod
+    def kv_types(self, il: int) -> tuple[str, str]:
+        """(K, V) row types of attention layer il (ops/attention.py KV_TYPES)."""
+
+    @abstractmethod
     def set_length(self, seq: int, n: int) -> None:
         """The runner's record that seq now holds n positions (after a step wrote them, or a rollback)."""
 

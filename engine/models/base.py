@@ -31,6 +31,7 @@ import numpy as np
 from nextn.cl.launch import Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
+from nextn.memory.kv_cache import KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.memory.sequence import SequenceCache
 from nextn.ops.weights import upload_weight
@@ -99,15 +100,15 @@ class Architecture(ABC):
 
     @abstractmethod
     def memory_plan(self, hp, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
-                    mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan: ...
+                    mtp: bool = False, rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> MemoryPlan: ...
 
     @abstractmethod
     def upload(self, rt, hp, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
         """Device weights by name (fused groups under their device name; a tied head shares the embedding)."""
 
     @abstractmethod
-    def make_cache(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False,
-                   rollback_rows: int = 0) -> SequenceCache: ...
+    def make_cache(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
+                   kv_types: KVTypes = KVTypes()) -> SequenceCache: ...
 
     @abstractmethod
     def step_buffers(self, rt, hp, max_tokens: int, max_outputs: int):

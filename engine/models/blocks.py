@@ -82,14 +82,17 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
     if b + "attn_qkv.bias" in w:  # the q|k|v biases, concatenated at load (qkv_fusion)
         L += elementwise.add_bias(rt, proj, w[b + "attn_qkv.bias"], a.row, n)
     k_cache, v_cache = cache.layer(il)
+    k_type, v_type = cache.kv_types(il)
     shape = {"n_head": a.n_head, "n_head_kv": a.n_head_kv, "head_dim": a.head_dim, "n_rot": a.n_rot, "neox": a.neox}
     # q/k norm + rope; Q to q, K and V into the cache at (seq, pos)
     L += qkv.qkv_prep(rt, proj, q, k_cache, v_cache, pos, seq, w.get(b + "attn_q_norm.weight"),
                       w.get(b + "attn_k_norm.weight"), **shape, freq_base=a.freq_base, freq_scale=a.freq_scale,
                       eps=a.eps, n_ctx=cache.n_ctx, n_seq=cache.n_seq, q_gate=a.gated,
-                      freq_factors=w.get("rope_freqs.weight"), mrope_sections=a.mrope_sections)  # Llama 3.1's per-pair frequency divisors
+                      freq_factors=w.get("rope_freqs.weight"), mrope_sections=a.mrope_sections, k_type=k_type,
+                      v_type=v_type)  # Llama 3.1's per-pair frequency divisors
     L += attn_ops.attention(rt, q, k_cache, v_cache, pos, seq, out, a.n_head, a.n_head_kv, a.head_dim,
-                            cache.n_ctx, 1.0 / np.sqrt(a.head_dim), n)  # kqv_out [n_tokens, n_head*hd]
+                            cache.n_ctx, 1.0 / np.sqrt(a.head_dim), n, k_type=k_type,
+                            v_type=v_type)  # kqv_out [n_tokens, n_head*hd]
     if a.gated:
         L += qkv.attn_gate(rt, proj, out, **shape, qk_norm=b + "attn_q_norm.weight" in w)
     L += mm.matmul(w[b + "attn_output.weight"], out, residual, n, accumulate=True)  # ffn_inp = x + attn

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from nextn.cl.launch import Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVCache
+from nextn.memory.kv_cache import KVCache, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
 from nextn.models.base import Architecture, upload_group
@@ -141,17 +141,17 @@ class Dense(Architecture):
         return out
 
     def memory_plan(self, hp: DenseHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
-                    mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan:
+                    mtp: bool = False, rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> MemoryPlan:
         return MemoryPlan(
             weights=self.weights_bytes(hp, infos),
-            kv_cache=KVCache.bytes_needed(hp.n_layer, n_seq, n_ctx, hp.n_head_kv, hp.head_dim),
+            kv_cache=KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer)),
             activations=StepBuffers.bytes_needed(hp, n_batch, max_outputs),
         )
 
-    def make_cache(self, rt, hp: DenseHParams, n_seq: int, n_ctx: int, mtp: bool = False,
-                   rollback_rows: int = 0) -> KVCache:
+    def make_cache(self, rt, hp: DenseHParams, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
+                   kv_types: KVTypes = KVTypes()) -> KVCache:
         # a KV cache rolls back by its lengths alone: rejected draft positions are overwritten later
-        return KVCache(rt, hp.n_layer, n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
+        return KVCache(rt, n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer))
 
     def step_buffers(self, rt, hp: DenseHParams, max_tokens: int, max_outputs: int) -> "StepBuffers":
         return StepBuffers.allocate(rt, hp, max_tokens, max_outputs)

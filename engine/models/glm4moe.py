@@ -22,7 +22,7 @@ import pyopencl as cl
 from nextn.cl.launch import Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVCache
+from nextn.memory.kv_cache import KVCache, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
 from nextn.models.base import Architecture, upload_group
@@ -277,22 +277,24 @@ class Glm4Moe(Architecture):
         return out
 
     def memory_plan(self, hp: Glm4MoeHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int,
-                    max_outputs: int, mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan:
+                    max_outputs: int, mtp: bool = False, rollback_rows: int = 0,
+                    kv_types: KVTypes = KVTypes()) -> MemoryPlan:
         trunk, mtp_w = self.weights_bytes(hp, infos, mtp)
-        per_layer = KVCache.bytes_needed(1, n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
+        kv = KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer))
+        mtp_kv = KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(0, True))
         return MemoryPlan(
             weights=trunk,
-            kv_cache=hp.n_layer * per_layer,
+            kv_cache=kv,
             activations=StepBuffers.bytes_needed(hp, n_batch, max_outputs),
             mtp_weights=mtp_w,
-            mtp_kv_cache=per_layer if mtp else 0,
+            mtp_kv_cache=mtp_kv if mtp else 0,
             mtp_activations=MtpBuffers.bytes_needed(hp.n_embd, n_batch) if mtp else 0,
         )
 
     def make_cache(self, rt, hp: Glm4MoeHParams, n_seq: int, n_ctx: int, mtp: bool = False,
-                   rollback_rows: int = 0) -> KVCache:
+                   rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> KVCache:
         # the MTP block's KV is layer n_layer; rejected drafts roll back by the lengths alone
-        return KVCache(rt, hp.n_layer + (1 if mtp else 0), n_seq, n_ctx, hp.n_head_kv, hp.head_dim)
+        return KVCache(rt, n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer, mtp))
 
     def step_buffers(self, rt, hp: Glm4MoeHParams, max_tokens: int, max_outputs: int) -> StepBuffers:
         return StepBuffers(rt, hp, max_tokens, max_outputs)

@@ -26,6 +26,7 @@ from nextn.cl.launch import VAR_N_SAVED, VAR_N_TOKENS, Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.hybrid_cache import HybridCache
+from nextn.memory.kv_cache import KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
 from nextn.models.base import Architecture, upload_group
@@ -415,9 +416,10 @@ class Qwen35(Architecture):
         return out
 
     def memory_plan(self, hp: HybridHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int,
-                    max_outputs: int, mtp: bool = False, rollback_rows: int = 0) -> MemoryPlan:
+                    max_outputs: int, mtp: bool = False, rollback_rows: int = 0,
+                    kv_types: KVTypes = KVTypes()) -> MemoryPlan:
         trunk, mtp_w = self.weights_bytes(hp, infos, mtp)
-        cache = HybridCache.bytes_needed(hp, n_seq, n_ctx, mtp, rollback_rows)
+        cache = HybridCache.bytes_needed(hp, n_seq, n_ctx, mtp, rollback_rows, kv_types)
         return MemoryPlan(
             weights=trunk,
             kv_cache=cache["kv_cache"],
@@ -431,8 +433,8 @@ class Qwen35(Architecture):
         )
 
     def make_cache(self, rt, hp: HybridHParams, n_seq: int, n_ctx: int, mtp: bool = False,
-                   rollback_rows: int = 0) -> HybridCache:
-        return HybridCache(rt, hp, n_seq, n_ctx, mtp, rollback_rows)
+                   rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> HybridCache:
+        return HybridCache(rt, hp, n_seq, n_ctx, mtp, rollback_rows, kv_types)
 
     def step_buffers(self, rt, hp: HybridHParams, max_tokens: int, max_outputs: int) -> StepBuffers:
         return StepBuffers(rt, hp, max_tokens, max_outputs)

@@ -1,7 +1,8 @@
 """KV-cache store and causal multi-sequence attention (kernels/attention.cl).
 
-The cache of one layer is K and V, each half [n_seq, n_ctx, n_head_kv, head_dim]: token t of a batch is
-stored at (seqs[t], positions[t]) and attends to positions 0..positions[t] of its own sequence.
+The cache of one layer is K and V, each [n_seq, n_ctx, n_head_kv] rows of head_dim values: token t of a batch
+is stored at (seqs[t], positions[t]) and attends to positions 0..positions[t] of its own sequence. A row is
+half precision, or quantized in ggml's q8_0 / q4_0 blocks (llama-server's --cache-type-k/-v; kv_types.h).
 """
 
 import numpy as np
@@ -11,13 +12,31 @@ from nextn.cl.launch import VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer
 
 
-def kv_cache_bytes(n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int) -> int:
-    """Bytes of K + V of one layer (half precision)."""
-    return 2 * 2 * n_seq * n_ctx * n_head_kv * head_dim
+KV_TYPES = {"f16": 0, "q8_0": 1, "q4_0": 2}  # the kernels' K_TYPE / V_TYPE values
 
 
-def _n_seq(cache, n_ctx: int, n_head_kv: int, head_dim: int) -> int:
-    n_seq = cache.size // (2 * n_ctx * n_head_kv * head_dim)
+def kv_row_bytes(kv_type: str, head_dim: int) -> int:
+    """Bytes of one cache row (one position of one kv head) of `kv_type`."""
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"KV cache type {kv_type!r} (supported: {', '.join(KV_TYPES)})")
+    if kv_type != "f16" and head_dim % 32:
+        raise ValueError(f"KV cache type {kv_type} needs a head size that is a multiple of 32, not {head_dim}")
+    return {"f16": 2 * head_dim, "q8_0": head_dim // 32 * 34, "q4_0": head_dim // 32 * 18}[kv_type]
+
+
+def kv_cache_bytes(n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int, k_type: str = "f16",
+                   v_type: str = "f16") -> int:
+    """Bytes of K + V of one layer."""
+    return n_seq * n_ctx * n_head_kv * (kv_row_bytes(k_type, head_dim) + kv_row_bytes(v_type, head_dim))
+
+
+def kv_defines(k_type: str, v_type: str) -> dict:
+    """Build defines of the KV types (none for f16: the default, one binary for existing caches)."""
+    return {name: KV_TYPES[t] for name, t in (("K_TYPE", k_type), ("V_TYPE", v_type)) if t != "f16"}
+
+
+def _n_seq(cache, n_ctx: int, n_head_kv: int, head_dim: int, kv_type: str = "f16") -> int:
+    n_seq = cache.size // (n_ctx * n_head_kv * kv_row_bytes(kv_type, head_dim))
     if n_seq < 1:
         raise ValueError(f"KV cache buffer of {cache.size} bytes holds no sequence of n_ctx={n_ctx}")
     return n_seq
@@ -78,11 +97,13 @@ def default_shape(rt, head_dim: int, n_rep: int) -> dict:
 
 
 def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head_kv: int, head_dim: int,
-              n_ctx: int, scale: float, max_tokens: int, *, shape: dict | None = None) -> list[Launch]:
+              n_ctx: int, scale: float, max_tokens: int, *, shape: dict | None = None, k_type: str = "f16",
+              v_type: str = "f16") -> list[Launch]:
     """out[t, h] = softmax(scale * q[t, h] . K[seq, 0..pos, h // n_rep]) V[...] for every token of the batch.
 
     q: float32 [n_tokens, n_head, head_dim]; out: float32 [n_tokens, n_head*head_dim]; positions, seqs
     int32 [n_tokens]. `shape` overrides the tile shape (WG, BQ, BC, VW, RB, CB, OB) for tests and tuning.
+    k_type / v_type: the caches' row types (KV_TYPES).
     """
     if n_head % n_head_kv:
         raise ValueError(f"attention: n_head={n_head} is not a multiple of n_head_kv={n_head_kv}")
@@ -101,8 +122,8 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
         raise ValueError(f"attention: shape {shape} needs more local memory than the device has")
     check_buffer(q, 4 * max_tokens * n_head * head_dim, "attention q")
     check_buffer(out, 4 * max_tokens * n_head * head_dim, "attention out")
-    n_seq = min(_n_seq(k_cache, n_ctx, n_head_kv, head_dim), _n_seq(v_cache, n_ctx, n_head_kv, head_dim))
-    prg = rt.build("attention.cl", {"D": head_dim, "N_REP": n_rep, **shape})
+    n_seq = min(_n_seq(k_cache, n_ctx, n_head_kv, head_dim, k_type), _n_seq(v_cache, n_ctx, n_head_kv, head_dim, v_type))
+    prg = rt.build("attention.cl", {"D": head_dim, "N_REP": n_rep, **shape, **kv_defines(k_type, v_type)})
     kern = rt.kernel(prg, "kernel_attention")
     kern.set_args(q, k_cache, v_cache, positions, seqs, out, np.int32(n_head), np.int32(n_head_kv),
                   np.int32(n_ctx), np.int32(n_seq), np.float32(scale), np.int32(0))
