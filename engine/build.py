@@ -42,6 +42,7 @@ def build(cfg, *, progress: bool = False, warm_up: bool = True) -> Engine:
         raise ConfigError("no model: set [model] path in the configuration or pass --model")
     spec = spec_from_config(cfg.speculative)
     rt = Runtime(DeviceChoice.parse(cfg.device.platform, cfg.device.device))
+    log.info("device: %s", rt.describe())  # which device, platform and driver: "is my GPU used?"
     sp = cfg.speculative
     kv = KVTypes(cfg.model.cache_type_k, cfg.model.cache_type_v, sp.draft_type_k, sp.draft_type_v)
     # the MTP block and the rollback state are counted in the memory check before anything is uploaded

@@ -7,6 +7,15 @@ import sys
 from nextn.errors import NextnError
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nextn")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="path to a GGUF model file")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
@@ -143,6 +152,8 @@ def _add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...] = ()
         extra = {"type": t}
         if t is bool:  # `--spec-default` alone means true, as in llama-server; `--spec-adaptive off` sets it
             extra = {"type": _parse_bool, "nargs": "?", "const": True}
+        if t is not bool:
+            extra["metavar"] = dotted.split(".")[1].upper()  # not argparse's CFG:SECTION.KEY dest
         p.add_argument(*names, dest="cfg:" + dotted, default=None, help=f"{f.metadata['doc']} [{dotted}]", **extra)
     if not sections:
         p.add_argument("--host", default=None, help="TCP host to listen on as well as the socket [server.tcp]")
@@ -208,6 +219,7 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextn", description="Local LLM server with MTP speculative decoding on OpenCL")
+    p.add_argument("--version", action="version", version=f"nextn {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server on a Unix socket")
@@ -297,7 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # make-tiny takes its own arguments, --help included (its parser is devtools'): pass them through
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "make-tiny":
+        args.rest = [*args.rest, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except NextnError as e:

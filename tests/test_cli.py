@@ -102,3 +102,12 @@ def test_inspect_reports_the_mtp_block_and_its_memory(tmp_path):
     plain = make_tiny(tmp_path / "plain.gguf", arch="qwen35", qtype="Q8_0")
     assert json.loads(nextn("inspect", plain, "--json").stdout)["mtp"] is None
     assert "MTP block:    none" in nextn("inspect", plain).stdout
+
+
+def test_version_help_and_flag_names():
+    """`nextn --version`; `make-tiny --help` works; help shows value names, not argparse's CFG:SECTION.KEY."""
+    assert nextn("--version").stdout.startswith("nextn ")
+    assert "--arch" in nextn("make-tiny", "--help").stdout
+    assert "CFG:" not in nextn("serve", "--help").stdout and "--ctx-size CTX_SIZE" in nextn("serve", "--help").stdout
+    bad = nextn("tokenize", "-m", "x.gguf", "text", "--bogus", check=False)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
