@@ -152,8 +152,8 @@ def _add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...] = ()
         extra = {"type": t}
         if t is bool:  # `--spec-default` alone means true, as in llama-server; `--spec-adaptive off` sets it
             extra = {"type": _parse_bool, "nargs": "?", "const": True}
-        if t is not bool:
-            extra["metavar"] = dotted.split(".")[1].upper()  # not argparse's CFG:SECTION.KEY dest
+        # value names, not argparse's CFG:SECTION.KEY dest
+        extra["metavar"] = "on|off" if t is bool else dotted.split(".")[1].upper()
         p.add_argument(*names, dest="cfg:" + dotted, default=None, help=f"{f.metadata['doc']} [{dotted}]", **extra)
     if not sections:
         p.add_argument("--host", default=None, help="TCP host to listen on as well as the socket [server.tcp]")
