@@ -26,6 +26,6 @@ extensions = [
 setup(
     packages=packages,
     package_dir={"nextn": "engine"},
-    package_data={"nextn": ["kernels/*.cl", "kernels/*.h", "*.pyi", "data/*"]},
+    package_data={"nextn": ["kernels/*.cl", "kernels/*.h", "*.pyi", "data/*", "devtools/data/*"]},
     ext_modules=cythonize(extensions, language_level=3, include_path=["pyx"]),
 )

@@ -105,7 +105,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from nextn.tiny import main as tiny_main
+    from nextn.devtools.tiny import main as tiny_main
 
     try:
         return tiny_main(args.rest) or 0
@@ -115,7 +115,7 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from nextn.bench import main as bench_main
+    from nextn.devtools.bench import main as bench_main
 
     return bench_main(args) or 0
 
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure prompt and decode speed against the memory-bandwidth bound")
     b.add_argument("-m", "--model", default=None, help="GGUF to measure (default: a random ~300M Q8_0 model of --arch)")
-    b.add_argument("--arch", default=None, choices=("qwen3", "qwen35", "qwen35moe"),
+    b.add_argument("--arch", default=None, choices=("qwen3", "qwen35", "qwen35moe", "glm4moe"),
                    help="architecture of the default random model (default: qwen3; qwen35 with --spec)")
     b.add_argument("--n-prompt", type=int, default=512)
     b.add_argument("--n-decode", type=int, default=64)

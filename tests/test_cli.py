@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 
 
 def nextn(*args, check=True):

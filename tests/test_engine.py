@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nextn.runner import ModelRunner
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 from reference import ReferenceModel
 
 FLOAT_TYPES = ("F32", "F16", "BF16")

@@ -12,7 +12,7 @@ import pytest
 from nextn.cl.runtime import Runtime
 from nextn.errors import ModelLoadError
 from nextn.runner import ModelRunner
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 from reference import ReferenceModel
 from test_engine_qwen35 import PROMPT, engine_greedy, spread_error, tolerance
 

@@ -11,7 +11,7 @@ import pytest
 
 from nextn.cl.runtime import Runtime
 from nextn.runner import ModelRunner
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 from reference import ReferenceModel
 
 ARCHS = ("qwen35", "qwen35moe")
@@ -236,7 +236,7 @@ def test_pairs_on_the_fourth_mrope_section_do_not_turn(rt, tmp_path, sections):
     """rope.dimension_sections that put rotated pairs on the fourth (e) section: at text positions [p, p, p, 0]
     those pairs see position 0 (ggml_rope_multi, interleaved), so they do not turn; llama.cpp runs such files
     and so does nextn (the reference rotates every pair by its own channel's position)."""
-    from nextn.tiny import imrope_channels
+    from nextn.devtools.tiny import imrope_channels
 
     n_rot = 32 if sections[0] == 4 else 8
     assert 3 in imrope_channels(sections, n_rot)

@@ -10,7 +10,7 @@ import pytest
 from gguf_edit import rewrite
 from nextn.errors import ModelLoadError, UnsupportedArchitecture
 from nextn.model_info import model_summary
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")

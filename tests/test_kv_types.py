@@ -88,7 +88,7 @@ PROMPT = [5, 17, 99, 3, 42, 250, 7, 61, 13, 200, 11] * 4
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from nextn.tiny import make_tiny
+    from nextn.devtools.tiny import make_tiny
 
     d = tmp_path_factory.mktemp("kv")
     return {arch: make_tiny(d / f"{arch}.gguf", arch=arch, qtype="Q8_0", seed=7, n_embd=256, n_ff=512, n_head=4,
@@ -162,7 +162,7 @@ def test_cache_types_from_the_command_line(tiny, tmp_path):
     bad = nextn("generate", "-m", tiny["qwen3"], "-p", "x", "-ctk", "q5_1")
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
     small = tmp_path / "h16.gguf"
-    from nextn.tiny import make_tiny
+    from nextn.devtools.tiny import make_tiny
 
     make_tiny(small, arch="qwen3", seed=1)  # heads of 16 values: not whole q8_0 blocks
     refused = nextn("generate", "-m", small, "-p", "x", "-ctk", "q8_0")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 from reference import ReferenceModel, attention, rope
 
 LLAMACPP = Path(__file__).parent / "data" / "llamacpp"

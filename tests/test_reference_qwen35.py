@@ -1,4 +1,4 @@
-"""Tiny qwen35 / qwen35moe models (nextn.tiny) and their numpy reference forward (tests/reference.py):
+"""Tiny qwen35 / qwen35moe models (nextn.devtools.tiny) and their numpy reference forward (tests/reference.py):
 the layout llama.cpp's loader expects, self-consistency of the reference (whole prompt vs token by token vs
 chunks, rollback of the recurrent state), the MTP block, and peaky logits."""
 
@@ -8,7 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from nextn.gguf.metadata import read_metadata
-from nextn.tiny import imrope_channels, main, make_tiny, rope_sections_default
+from nextn.devtools.tiny import imrope_channels, main, make_tiny, rope_sections_default
 from reference import HybridReferenceModel, ReferenceModel, rope, rope_multi, text_positions
 
 PROMPT = [5, 17, 99, 3, 42, 250, 7, 61, 13, 200, 11, 300]

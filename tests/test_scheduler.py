@@ -10,7 +10,7 @@ from nextn.errors import Overloaded, RequestError
 from nextn.runner import ModelRunner
 from nextn.sampling import SamplingParams
 from nextn.scheduler import Request, Scheduler
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -5,7 +5,7 @@ import pytest
 
 from nextn.runner import ModelRunner
 from nextn.scheduler import Scheduler
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 from test_scheduler import GREEDY, collect, prompts, run
 
 

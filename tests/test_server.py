@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 
 
 def _short_dir():

@@ -9,7 +9,7 @@ import shutil
 import httpx
 import pytest
 
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 from test_server import _short_dir, http, start, stop
 
 

@@ -11,7 +11,7 @@ from nextn.runner import ModelRunner
 from nextn.scheduler import Request, Scheduler
 from nextn.spec.ngram import NgramParams
 from nextn.spec.speculator import SpecConfig
-from nextn.tiny import make_tiny
+from nextn.devtools.tiny import make_tiny
 from test_scheduler import collect, run
 
 # small n-gram sizes: the tiny models' outputs repeat within a few dozen tokens

@@ -1,4 +1,4 @@
-"""nextn.tiny: the converter's tensor names, shapes, types and metadata keys; determinism; the byte
+"""nextn.devtools.tiny: the converter's tensor names, shapes, types and metadata keys; determinism; the byte
 vocabulary; copied vocabularies; peaky logits (greedy stable under noise); the command line."""
 
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from nextn.gguf.metadata import metadata_dict, read_metadata
-from nextn.tiny import CHATML_TEMPLATE, SPECIALS, learn_merges, main, make_tiny
+from nextn.devtools.tiny import CHATML_TEMPLATE, SPECIALS, learn_merges, main, make_tiny
 from reference import ReferenceModel
 
 VOCAB = Path(__file__).parent / "data" / "vocab"

@@ -75,7 +75,7 @@ fi
 
 # The bench model (~320 MB, random Q8_0) takes a while to write: make it on the CPU while the tests use the GPU.
 if has bench || has profile; then
-    python3 -c "from nextn.bench import bench_model_path; print('bench model:', bench_model_path())" \
+    python3 -c "from nextn.devtools.bench import bench_model_path; print('bench model:', bench_model_path())" \
         > "$OUT/bench-model.log" 2>&1 &
     MODEL_PID=$!
 fi

@@ -80,10 +80,6 @@ class HybridCache(SequenceCache):
         """Positions of each sequence held by the trunk (KV and recurrent state agree on it)."""
         return self.kv.lengths
 
-    @property
-    def n_kv_layers(self) -> int:
-        return len(self.attn_layers)
-
     def recurrent_bytes_per_seq(self) -> int:
         return len(self.conv) * self._state_bytes
 
@@ -93,6 +89,10 @@ class HybridCache(SequenceCache):
 
     def kv_types(self, il: int) -> tuple[str, str]:
         return self.kv.kv_types(self._kv_index[il])
+
+    @property
+    def kv_layer_types(self) -> list[tuple[str, str]]:
+        return self.kv.kv_layer_types
 
     def set_length(self, seq: int, n: int) -> None:
         self.kv.set_length(seq, n)

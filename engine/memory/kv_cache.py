@@ -62,16 +62,16 @@ class KVCache(SequenceCache):
     def lengths(self) -> list[int]:
         return self._lengths
 
-    @property
-    def n_kv_layers(self) -> int:
-        return self.n_layer
-
     def layer(self, il: int):
         return self._layers[il]
 
     def kv_types(self, il: int) -> tuple[str, str]:
         """(K, V) row types of layer il."""
         return self.types[il]
+
+    @property
+    def kv_layer_types(self) -> list[tuple[str, str]]:
+        return list(self.types)
 
     def set_length(self, seq: int, n: int) -> None:
         self._lengths[seq] = n

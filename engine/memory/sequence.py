@@ -33,6 +33,11 @@ class SequenceCache(ABC):
     def kv_types(self, il: int) -> tuple[str, str]:
         """(K, V) row types of attention layer il (ops/attention.py KV_TYPES)."""
 
+    @property
+    @abstractmethod
+    def kv_layer_types(self) -> list[tuple[str, str]]:
+        """(K, V) row types of every layer with a KV cache, in its order."""
+
     @abstractmethod
     def set_length(self, seq: int, n: int) -> None:
         """The runner's record that seq now holds n positions (after a step wrote them, or a rollback)."""
@@ -48,11 +53,6 @@ class SequenceCache(ABC):
     @abstractmethod
     def prefix_store(self):
         """The memory.prompt_cache.PrefixStore that reuses and copies this cache's prefixes."""
-
-    @property
-    @abstractmethod
-    def n_kv_layers(self) -> int:
-        """Attention layers with a KV cache (what a decode step reads per past position)."""
 
     def recurrent_bytes_per_seq(self) -> int:
         """Bytes of recurrent state one sequence reads and writes per step (0 for a KV-only cache)."""

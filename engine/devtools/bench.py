@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nextn.cl.runtime import Runtime, default_cache_dir
+from nextn.cl.runtime import default_cache_dir
+from nextn.errors import NextnError
+from nextn.ops.attention import kv_row_bytes
+from nextn.ops.weights import DeviceWeight
 
 # Random ~300M-parameter Q8_0 models with Qwen2's 151936-token vocabulary (tied head), one per architecture.
 BENCH_MODELS = {
@@ -24,22 +27,31 @@ BENCH_MODELS = {
     "qwen35moe": dict(arch="qwen35moe", qtype="Q8_0", seed=0, n_embd=1024, n_layer=8, n_head=8, n_head_kv=2,
                       head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, ssm_d_state=128, ssm_n_group=4,
                       ssm_dt_rank=8, n_expert=32, n_expert_used=4, n_ff_exp=512, n_ff_shexp=512),
+    # GLM-4.5-Air's shape at n_embd 1024: one dense layer, then MoE layers of 32 experts (4 used) and a shared
+    # expert, partial RoPE over half of each head, q/k/v biases, and the MTP block
+    "glm4moe": dict(arch="glm4moe", qtype="Q8_0", seed=0, n_embd=1024, n_layer=4, n_head=8, n_head_kv=2,
+                    head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, n_expert=32, n_expert_used=4,
+                    n_ff_exp=512, n_expert_shared=1, n_dense_lead=1, mtp=True),
 }
 BENCH_ARCHS = tuple(BENCH_MODELS)
 
 
+VOCAB = Path(__file__).resolve().parent / "data" / "ggml-vocab-qwen2.gguf"  # package data (llama.cpp's test file)
+
+
 def bench_model_path(arch: str = "qwen3") -> Path:
     """The random bench model of `arch` (BENCH_MODELS), made once and cached."""
-    from nextn.tiny import make_tiny
+    from nextn.devtools.tiny import make_tiny
 
-    vocab = Path(__file__).resolve().parent.parent / "tests" / "data" / "vocab" / "ggml-vocab-qwen2.gguf"
+    if not VOCAB.exists():
+        raise NextnError(f"{VOCAB} is missing: the bench models need it (reinstall nextn)")
     spec = BENCH_MODELS[arch]
     tag = f"{arch}-{spec['n_layer']}l{'-mtp' if spec.get('mtp') else ''}" if arch != "qwen3" else "qwen3-300m"
     path = default_cache_dir().parent / "bench" / f"{tag}-q8_0-seed0.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        make_tiny(tmp, vocab=str(vocab) if vocab.exists() else "bytes", **spec)
+        make_tiny(tmp, vocab=str(VOCAB), **spec)
         tmp.replace(path)
     return path
 
@@ -56,26 +68,21 @@ def unique_weights(runner) -> list:
 
 def decode_bytes_per_token(runner, n_past: int) -> int:
     """Bytes a decode step must read: every weight matrix once (the embedding table only for its one row,
-    unless it is also the output head; of routed experts only the n_used chosen), the norms, the f16 KV
-    cache of n_past positions, and a linear-attention layer's state (read and written back)."""
-    hp, w = runner.hp, runner.weights
+    unless it is also the output head; of routed experts only the n_used chosen), the norms, the KV cache of
+    n_past positions in its row types, and a linear-attention layer's state (read and written back)."""
+    hp, w, cache = runner.hp, runner.weights, runner.cache
     total = 0
     for t in unique_weights(runner):
-        if t is w["token_embd.weight"] and w["output.weight"] is not t:
+        if not isinstance(t, DeviceWeight):  # a float32 vector: a norm, a bias
+            total += int(t.size)
+        elif t is w["token_embd.weight"] and w["output.weight"] is not t:
             total += t.nbytes // t.n_rows
-        elif getattr(t, "n_expert", 0):
-            total += t.nbytes * hp.n_expert_used // t.n_expert
         else:
-            total += t.nbytes if hasattr(t, "n_rows") else int(t.size)
-    cache = runner.cache
-    n_kv_layers = len(cache.attn_layers) if hasattr(cache, "attn_layers") else hp.n_layer
-    total += n_kv_layers * 2 * n_past * hp.n_head_kv * hp.head_dim * 2
-    if hasattr(cache, "delta"):
-        from nextn.ops import delta_net
-
-        per_layer = delta_net.state_bytes(1, hp.conv_dim, hp.d_conv, hp.n_v_heads, hp.head_k_dim, hp.head_v_dim)
-        total += 2 * len(cache.delta) * per_layer
-    return total
+            n_expert = getattr(t, "n_expert", 0)  # upload_experts' weights carry their expert count
+            total += t.nbytes * hp.n_expert_used // n_expert if n_expert else t.nbytes
+    for k, v in cache.kv_layer_types:
+        total += n_past * hp.n_head_kv * (kv_row_bytes(k, hp.head_dim) + kv_row_bytes(v, hp.head_dim))
+    return total + 2 * cache.recurrent_bytes_per_seq()
 
 
 def _time_decode(runner, prompt, n_decode):
@@ -101,19 +108,31 @@ def _time_decode(runner, prompt, n_decode):
     return walls, hosts
 
 
-def main(args) -> int:
-    if getattr(args, "spec", False):
-        return spec_main(args)
-    from nextn.cl.runtime import DeviceChoice
-    from nextn.ops.bandwidth import measure_bandwidth
-    from nextn.runner import ModelRunner
+def load(args, path: Path, n_ctx: int, spec_type: str = "none"):
+    """The model loaded as `nextn serve` loads it (build.py), with one slot; spec_type draft-mtp loads the MTP
+    block and the rollback state too."""
+    from nextn import config
+    from nextn.build import build
 
-    rt = Runtime(DeviceChoice.parse(args.platform, args.device))
+    flags = {"model.path": str(path), "model.ctx_size": n_ctx, "model.batch_size": args.n_prompt,
+             "server.parallel": 1, "speculative.type": spec_type, "device.platform": args.platform or "",
+             "device.device": args.device or ""}
+    cfg = config.load(None, {k: (v, "nextn bench") for k, v in flags.items()}, system=False)
+    return build(cfg, warm_up=False).runner
+
+
+def main(args) -> int:
+    if args.spec:
+        return spec_main(args)
+    from nextn.ops.bandwidth import measure_bandwidth
+
     path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen3")
     t0 = time.perf_counter()
-    runner = ModelRunner(path, rt=rt, n_ctx=args.n_prompt + args.n_decode + 16, n_batch=args.n_prompt)
+    runner = load(args, path, args.n_prompt + args.n_decode + 16)
     load_s = time.perf_counter() - t0
-    n_params = sum(t.n_rows * t.n_cols * getattr(t, "n_expert", 1) for t in unique_weights(runner) if hasattr(t, "n_cols"))
+    rt = runner.rt
+    n_params = sum(t.n_rows * t.n_cols * getattr(t, "n_expert", 1) for t in unique_weights(runner)
+                   if isinstance(t, DeviceWeight))
     print(f"device:     {rt.describe()}")
     print(f"model:      {path.name}: {runner.file.arch}, {n_params / 1e6:.0f} M parameters in matrices, "
           f"{runner.memory.weights / 2**20:.0f} MiB weights; loaded in {load_s:.1f} s "
@@ -163,16 +182,14 @@ def spec_main(args) -> int:
     side by side in one process."""
     import queue as queuemod
 
-    from nextn.cl.runtime import DeviceChoice
-    from nextn.runner import ModelRunner
     from nextn.sampling import SamplingParams
     from nextn.scheduler import Request, Scheduler
     from nextn.spec.ngram import NgramParams
     from nextn.spec.speculator import SpecConfig, parse_types
 
-    rt = Runtime(DeviceChoice.parse(args.platform, args.device))
     path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen35")
-    runner = ModelRunner(path, rt=rt, n_ctx=2048, n_batch=args.n_prompt, mtp=True, speculative=True)
+    runner = load(args, path, 2048, "draft-mtp")
+    rt = runner.rt
     print(f"device:     {rt.describe()}")
     print(f"model:      {path.name} (random weights: acceptance shows the machinery, not a real model's)")
     tok = runner.tokenizer
