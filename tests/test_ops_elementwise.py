@@ -7,11 +7,12 @@ division: rtol 1e-5 against float64. gather_rows is an exact copy.
 import numpy as np
 import pyopencl as cl
 import pytest
-
 from conftest import run_launches
-from nextn.ops import elementwise
-from nextn.ops.elementwise import add, gather_rows, swiglu
+from ops_testonly import swiglu
+
 from nextn.cl.launch import VAR_N_OUTPUTS
+from nextn.ops import elementwise
+from nextn.ops.elementwise import add, gather_rows
 
 
 def read(rt, buf, shape, dtype=np.float32):

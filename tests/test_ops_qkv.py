@@ -9,9 +9,10 @@ so K/V agree to one half ulp (compared after float16 rounding with atol 2e-3 rel
 import numpy as np
 import pyopencl as cl
 import pytest
-
 from conftest import run_launches
-from nextn.ops import attention, norm, qkv, rope
+from ops_testonly import rope
+
+from nextn.ops import attention, norm, qkv
 
 
 def run_case(rt, *, n_head, n_head_kv, hd, n_rot, neox, qk_norm, pos, seq, n_seq=2, n_ctx=64):
@@ -45,8 +46,8 @@ def run_case(rt, *, n_head, n_head_kv, hd, n_rot, neox, qk_norm, pos, seq, n_seq
     if qk_norm:
         launches += norm.rms_norm(rt, q_sep, q_sep, wq, hd, n_head, eps, n)
         launches += norm.rms_norm(rt, k_sep, k_sep, wk, hd, n_head_kv, eps, n)
-    launches += rope.rope(rt, q_sep, bpos, n_head, hd, n_rot, neox, base, scale, n)
-    launches += rope.rope(rt, k_sep, bpos, n_head_kv, hd, n_rot, neox, base, scale, n)
+    launches += rope(rt, q_sep, bpos, n_head, hd, n_rot, neox, base, scale, n)
+    launches += rope(rt, k_sep, bpos, n_head_kv, hd, n_rot, neox, base, scale, n)
     launches += attention.kv_store(rt, k_sep, v_sep, kc2, vc2, bpos, bseq, n_head_kv, hd, n_ctx, n)
     run_launches(rt, launches, vars)
 

@@ -1,4 +1,5 @@
-"""kernels/rope.cl against a float64 numpy transcription of ggml's rope loop (ggml-cpu ops.cpp rope_f32).
+"""tests/kernels/rope.cl (the standalone RoPE the fused qkv_prep is checked against) against a float64 numpy
+transcription of ggml's rope loop (ggml-cpu ops.cpp rope_f32).
 
 Tolerance: the kernel (like ggml) forms the angle in float32, so at position p it is off by a few float32
 ulps of p radians (measured: <= 4.5e-8 * p * max|x| over 64 tokens at p < 4096); atol = 1e-5 +
@@ -9,9 +10,8 @@ Dims past n_rot and floats between rows (row_stride) must be untouched exactly.
 import numpy as np
 import pyopencl as cl
 import pytest
-
 from conftest import run_launches
-from nextn.ops.rope import rope
+from ops_testonly import rope
 
 
 def ref_rope(x, pos, n_rot, neox, freq_base, freq_scale):

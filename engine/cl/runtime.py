@@ -125,15 +125,18 @@ class Runtime:
 
     # -- programs -----------------------------------------------------------------------------------
 
-    def build(self, filename: str, defines: dict | None = None, extra_options: tuple[str, ...] = ()) -> cl.Program:
-        """Build engine/kernels/<filename> with -D defines, once per process, cached on disk."""
+    def build(self, filename: str, defines: dict | None = None, extra_options: tuple[str, ...] = (),
+              directory: Path | None = None) -> cl.Program:
+        """Build engine/kernels/<filename> (or <directory>/<filename>: the tests' own kernels) with -D defines,
+        once per process, cached on disk."""
         defines = defines or {}
+        where = self.kernel_dir if directory is None else Path(directory)
         options = [f"-I{self.kernel_dir}", "-cl-std=CL1.2", "-cl-mad-enable", *extra_options]
         options += [f"-D{k}={v}" for k, v in sorted(defines.items())]
-        source = (self.kernel_dir / filename).read_text()
+        source = (where / filename).read_text()
         # Included headers take part in the key: a changed header must rebuild every program.
         headers = "".join(p.read_text() for p in sorted(self.kernel_dir.glob("*.h")))
-        key = (filename, tuple(options))
+        key = (str(where / filename), tuple(options))
         if key in self._programs:
             return self._programs[key]
         digest = hashlib.sha256("\0".join([self.device_key, source, headers, *options]).encode()).hexdigest()[:32]

@@ -1,12 +1,12 @@
 // elementwise.cl - element-wise ops on activations: residual add, SwiGLU, row gather.
 //
 // kernel_add:     y[i] = a[i] + b[i]                      for i < n_tokens * n   (y may alias a or b)
-// kernel_swiglu:  y[i] = gate[i] / (1 + exp(-gate[i])) * up[i]   (silu(gate) * up; y may alias gate or up)
+// kernel_swiglu_fused: y[t, i] = silu(gu[t, i]) * gu[t, n_ff + i]  (the gate|up projections side by side)
 // kernel_gather_rows_f4 / _f1:  y[i, :] = x[idx[i], :]    for i < n_rows        (idx int32)
 // kernel_add_bias: y[t, i] += bias[i] for i < width, t < n_tokens (rows of width floats: a projection's bias)
 //
 // NDRange:
-//   add, swiglu: 1-D, work-item g handles the float4 at 4g (a scalar tail when the total is not a multiple
+//   add: 1-D, work-item g handles the float4 at 4g (a scalar tail when the total is not a multiple
 //     of 4); global = n_tokens * ceil(n / 4) rounded up to the local size (64), so the kernel bounds itself
 //     by n * n_tokens (n_tokens is the per-step argument).
 //   gather_rows: 2-D (chunk of the row, row); global = (ceil(row_len / V) rounded up to 64, n_rows),
@@ -25,22 +25,6 @@ __kernel void kernel_add(__global const float *a, __global const float *b, __glo
     } else {
         for (int j = i; j < total; j++) {
             y[j] = a[j] + b[j];
-        }
-    }
-}
-
-// exp(-g) overflows to +inf for g < -88: g / inf = -0, the limit of silu, so no clamp is needed.
-__kernel void kernel_swiglu(__global const float *gate, __global const float *up, __global float *y,
-                            const int n, const int n_tokens) {
-    const int total = n * n_tokens;
-    const int i = get_global_id(0) * 4;
-    if (i + 4 <= total) {
-        const float4 g = vload4(0, gate + i);
-        vstore4(g / (1.0f + exp(-g)) * vload4(0, up + i), 0, y + i);
-    } else {
-        for (int j = i; j < total; j++) {
-            const float g = gate[j];
-            y[j] = g / (1.0f + exp(-g)) * up[j];
         }
     }
 }
@@ -65,7 +49,7 @@ __kernel void kernel_gather_rows_f1(__global const float *x, __global const int 
 
 // swiglu over the fused gate|up projection: gu float32 [n_tokens, 2 * n_ff] (gate then up in each row),
 // y[t, i] = silu(gu[t, i]) * gu[t, n_ff + i]. NDRange 2-D (n_ff, n_tokens rows).
-// Reference: tests/test_ops_qkv.py (numpy), same formula as kernel_swiglu above.
+// Reference: tests/test_ops_qkv.py (numpy), same formula as tests/kernels/swiglu.cl.
 __kernel void kernel_swiglu_fused(__global const float *gu, __global float *y, const int n_ff, const int n_tokens) {
     const int i = get_global_id(0);
     const int t = get_global_id(1);

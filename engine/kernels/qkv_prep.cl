@@ -12,7 +12,7 @@
 // default, as kernel_kv_store writes it; q8_0, q4_0). Tokens with a position or sequence outside the cache
 // store nothing (as kernel_kv_store).
 // RoPE: theta_i = pos * freq_scale * 2^(i * log2_theta_scale), log2_theta_scale = -2 log2(base) / N_ROT;
-//   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as kernels/rope.cl. With
+//   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as tests/kernels/rope.cl. With
 //   FREQ_FACTORS (Llama 3.1's rope_freqs.weight, ggml_rope_ext's freq_factors) theta_i is divided by
 //   freq_factors[i]. With MROPE_T/_H/_W/_E (qwen35's interleaved M-RoPE sections, defined only when some
 //   pair falls on the fourth, e, section): pair i belongs to sector s = i % (sum of sections), which is t,
@@ -23,7 +23,7 @@
 // (QKV_WG, 1): one work-item per (head, token), a head of HD floats in private memory. Small work-groups
 // let PoCL spread one token's heads over all cores (one group of 32 heads ran on one core). Replaces five launches per layer (q norm, k norm,
 // rope q, rope k, kv_store): on PoCL each launch costs ~20 us of dispatch, more than this kernel's work.
-// Reference: tests/test_ops_qkv.py (the composition of norm.cl, rope.cl and kv_store, and numpy).
+// Reference: tests/test_ops_qkv.py (the composition of norm.cl, tests/kernels/rope.cl and kv_store, and numpy).
 
 #include "kv_types.h"
 

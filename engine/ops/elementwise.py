@@ -1,4 +1,5 @@
-"""Element-wise blocks (kernels/elementwise.cl): residual add, SwiGLU, gathering the rows to project."""
+"""Element-wise blocks (kernels/elementwise.cl): residual add, SwiGLU over gate|up, bias add, gathering the rows to
+project."""
 
 import numpy as np
 
@@ -23,11 +24,6 @@ def _binary(rt, name: str, bufs, n: int, max_tokens: int, token_var: int) -> lis
 def add(rt, a, b, y, n: int, max_tokens: int, token_var: int = VAR_N_TOKENS) -> list[Launch]:
     """y = a + b over vars[token_var] * n floats (y may alias a or b)."""
     return _binary(rt, "add", (a, b, y), n, max_tokens, token_var)
-
-
-def swiglu(rt, gate, up, y, n: int, max_tokens: int) -> list[Launch]:
-    """y = silu(gate) * up over n_tokens * n floats, silu(x) = x / (1 + exp(-x)) (y may alias gate or up)."""
-    return _binary(rt, "swiglu", (gate, up, y), n, max_tokens, VAR_N_TOKENS)
 
 
 def gather_rows(rt, x, idx, y, row_len: int, max_rows: int, token_var: int = VAR_N_OUTPUTS) -> list[Launch]:
