@@ -387,7 +387,7 @@ def make_tiny(
                         shared_expert=bool(n_ff_shexp) if arch == "qwen35moe" else glm and n_expert_shared > 0)
     a = ARCHITECTURES[arch]
     hp = a.hparams(view)
-    makers = _Makers(arch, hp, n_layer, tied, output_gain, rng)
+    makers = _Makers(arch, hp, n_layer, tied, output_gain, rng, expert_weights_scale if glm else 0.0)
     tensors = []
     for name, (ne, types) in a.tensor_table(hp, view, mtp).items():
         qt = QT.F32 if types == F32_ONLY or name.endswith(KEEP_F32) else gq
@@ -468,7 +468,7 @@ class _Makers:
     Its own embed_tokens / shared_head_head (mtp_own_head) are the trunk's plus noise / 1.25x the trunk's
     head: led by the same tokens, but told apart from them."""
 
-    def __init__(self, arch: str, hp, n_layer: int, tied: bool, output_gain: float, rng):
+    def __init__(self, arch: str, hp, n_layer: int, tied: bool, output_gain: float, rng, experts_scale: float):
         self.arch, self.hp, self.tied, self.gain, self.rng = arch, hp, tied, output_gain, rng
         self.n_embd, self.n_vocab = hp.n_embd, hp.n_vocab
         self.branch = BRANCH_RMS / np.sqrt(2 * n_layer)  # each of the 2*n_layer branches; they add up
@@ -476,6 +476,7 @@ class _Makers:
         # the tied head is token_embd itself (self-prediction, logit ~ |e|^2): output_norm sets its scale
         self.out_norm_center = output_gain / np.sqrt(hp.n_embd) if tied else 1.0
         self._embd = None  # token_embd, kept for an untied head
+        self.experts_scale = experts_scale  # the routed weights' expert_weights_scale (0: none)
 
     def gaussian(self, name, n_rows, n_cols, rms):
         """Entries N(0, rms^2 / n_cols): x @ W.T of a unit-RMS x has entries of RMS `rms`."""
@@ -536,7 +537,7 @@ class _Makers:
             yield e[follow] * np.float32(1.25 * self.gain / np.sqrt(self.n_embd))
 
     def _down_exps_rms(self) -> float:
-        scale = float(getattr(self.hp, "expert_weights_scale", 0.0))
+        scale = self.experts_scale
         return self.branch / 0.6 / np.sqrt(2) / (1.0 if scale in (0.0, 1.0) else scale)
 
     def maker(self, name: str, shape: tuple[int, ...]):
