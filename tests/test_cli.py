@@ -111,3 +111,17 @@ def test_version_help_and_flag_names():
     assert "CFG:" not in nextn("serve", "--help").stdout and "--ctx-size CTX_SIZE" in nextn("serve", "--help").stdout
     bad = nextn("tokenize", "-m", "x.gguf", "text", "--bogus", check=False)
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+def test_clients_look_for_the_packaged_service_socket_too(tmp_path):
+    """Without --socket, nextn chat / complete try the user's `nextn serve` socket, then the packaged
+    service's /run/nextn/nextn.sock, and say which they tried when none answers."""
+    import os
+
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("INVOCATION_ID", None)  # not "under systemd": the user socket is the first choice
+    r = subprocess.run([sys.executable, "-m", "nextn", "complete", "x"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert str(tmp_path / "nextn" / "nextn.sock") in r.stderr and "/run/nextn/nextn.sock" in r.stderr

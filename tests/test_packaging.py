@@ -212,12 +212,14 @@ def test_pkgbuild_metadata():
     assert p["backup"] == ["etc/nextn/nextn.toml"]
     assert set(p["depends"]) >= {
         "python", "python-numpy", "python-gguf", "python-pyopencl", "python-tokenizers", "python-jinja",
-        "python-tqdm", "python-aiohttp", "python-systemd", "opencl-icd-loader",
+        "python-tqdm", "python-aiohttp", "python-systemd", "python-httpx", "opencl-icd-loader",
     }
     assert set(p["makedepends"]) >= {
         "python-build", "python-installer", "python-wheel", "python-setuptools", "cython", "opencl-headers",
     }
-    assert "python-pytest" in p["checkdepends"]
+    # check() runs the suite, which imports these (issue 14: makepkg -si failed without them)
+    assert {"python-pytest", "python-pytest-timeout", "python-httpx", "python-openai"} <= set(p["checkdepends"])
+    assert any(d.startswith("httpx") for d in project["dependencies"]), "nextn chat needs httpx at run time"
     reasons = dict(o.split(": ", 1) for o in p["optdepends"])
     assert set(reasons) == {"rocm-opencl-runtime", "opencl-mesa", "opencl-nvidia", "intel-compute-runtime", "pocl"}
     assert all(len(r) > 10 for r in reasons.values())

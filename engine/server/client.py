@@ -11,15 +11,20 @@ import httpx
 from nextn.errors import NextnError
 
 
+SERVICE_SOCKET = Path("/run/nextn/nextn.sock")  # the packaged systemd service's (systemd/nextn.socket)
+
+
 def _client(args) -> httpx.Client:
     if args.socket:
-        path = Path(args.socket)
-    else:
+        tried = [Path(args.socket)]
+    else:  # the socket `nextn serve` picks for this user, then the packaged service's
         from nextn.server.app import default_socket_path
 
-        path = default_socket_path()
-    if not path.exists():
-        raise NextnError(f"no server socket at {path}; start `nextn serve` or pass --socket")
+        tried = list(dict.fromkeys([default_socket_path(), SERVICE_SOCKET]))
+    path = next((p for p in tried if p.is_socket()), None)
+    if path is None:
+        raise NextnError(f"no server socket at {' or '.join(map(str, tried))}; start `nextn serve` (or the nextn "
+                         f"service) or pass --socket")
     return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://nextn", timeout=args.timeout)
 
 
