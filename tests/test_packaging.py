@@ -101,8 +101,9 @@ def service_problems(text: str) -> list[str]:
     for key in ("WatchdogSec", "TimeoutStopSec", "TimeoutStartSec"):
         if not last(unit, svc, key):
             problems.append(f"{key} is not set")
-    if "78" not in list_setting(unit, svc, "RestartPreventExitStatus"):
-        problems.append("RestartPreventExitStatus lacks 78 (configuration error): systemd would restart-loop")
+    for code, why in (("78", "configuration error"), ("65", "unusable model file")):
+        if code not in list_setting(unit, svc, "RestartPreventExitStatus"):
+            problems.append(f"RestartPreventExitStatus lacks {code} ({why}): systemd would restart-loop")
     if not {"render", "video"} <= set(list_setting(unit, svc, "SupplementaryGroups")):
         problems.append("SupplementaryGroups lacks render or video: no GPU access")
     allow = [" ".join(v.split()) for v in unit.get(svc, {}).get("DeviceAllow", [])]
@@ -139,7 +140,7 @@ def test_service_has_every_required_setting():
 @pytest.mark.parametrize(
     "line",
     ["ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet=", "MemoryDenyWriteExecute=yes",
-     "SystemCallFilter=@system-service", "RestartPreventExitStatus=78", "DeviceAllow=char-drm rw"],
+     "SystemCallFilter=@system-service", "RestartPreventExitStatus=78 65", "DeviceAllow=char-drm rw"],
 )
 def test_losing_a_line_is_caught(line):
     text = service_text()

@@ -93,3 +93,20 @@ def test_memory_that_does_not_fit_says_need_and_have(tmp_path):
     assert "model.gguf needs" in msg and "MiB of device memory but" in msg
     rt.alloc(1 << 20, "probe")
     assert rt.allocated["probe"] == 1 << 20
+
+
+def test_kernel_cache_is_private_to_its_user_whatever_the_umask(kdir, tmp_path):
+    """The cached binaries are native code the service loads: under the unit's UMask=0007 they must still be
+    0600 in a 0700 directory, so nobody in the socket's group can replace them."""
+    import os
+    import stat
+
+    old = os.umask(0o007)
+    try:
+        rt = Runtime(cache_dir=tmp_path / "cache", kernel_dir=kdir)
+        rt.build("scale.cl", {"SCALE": 5})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+    (binary,) = (tmp_path / "cache").glob("scale-*.bin")
+    assert stat.S_IMODE(binary.stat().st_mode) == 0o600

@@ -155,9 +155,14 @@ class Runtime:
                 raise KernelBuildError(f"building kernels/{filename} for {self.device.name} failed", str(e)) from e
             self.builds_compiled += 1
             try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                # the binaries are native code the service loads: only its user may write them, whatever the
+                # umask (the unit's UMask=0007 would make them group-writable)
+                self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_bytes(prg.get_info(cl.program_info.BINARIES)[0])
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(prg.get_info(cl.program_info.BINARIES)[0])
+                os.chmod(tmp, 0o600)  # O_CREAT's mode is masked by the umask; this is not
                 tmp.replace(cache_file)
             except OSError:
                 pass  # a read-only cache is not an error, only a slower next start

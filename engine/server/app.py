@@ -22,7 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from nextn import config as configmod
-from nextn.errors import ConfigError, NextnError
+from nextn.errors import ConfigError
 from nextn.server import systemd as sd
 from nextn.server.routes import make_app
 
@@ -52,7 +52,8 @@ def bind_unix(path: Path, mode: int, group: str) -> socket.socket:
         except (ConnectionRefusedError, FileNotFoundError):
             path.unlink(missing_ok=True)  # left by a crashed server
         else:
-            raise NextnError(f"another server is listening on {path}; stop it or choose another --socket")
+            # a configuration problem (exit 78: systemd does not restart-loop on it)
+            raise ConfigError(f"another server is listening on {path}; stop it or choose another --socket")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
