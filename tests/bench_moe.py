@@ -22,12 +22,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_matmul import time_launches
 from gguf import GGMLQuantizationType as T
-from nextn.cl.runtime import Runtime
-from nextn.ops.matmul import MatmulOps
-from nextn.ops.moe import MoeBuffers, moe_ffn, upload_experts, upload_gate_up_experts
-from nextn.ops.elementwise import swiglu_fused
-from nextn.ops.weights import upload_weight
+from ops_testonly import upload_gate_up_experts
 from test_matmul import random_weight
+
+from nextn.cl.runtime import Runtime
+from nextn.ops.elementwise import swiglu_fused
+from nextn.ops.matmul import MatmulOps
+from nextn.ops.moe import MoeBuffers, moe_ffn, upload_experts
+from nextn.ops.weights import upload_weight
 
 
 def main(argv=None) -> int:

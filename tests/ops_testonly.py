@@ -1,7 +1,7 @@
 """Kernel wrappers only the tests use: the standalone RoPE (kernels/rope.cl here), the reference the fused
 qkv_prep kernel is checked against, and SwiGLU over separate gate / up buffers (kernels/swiglu.cl). They are
 built from tests/kernels through the same runtime as the engine's kernels, so they share its context and
-buffers."""
+buffers. Also upload_gate_up_experts: separate gate and up expert tensors uploaded as one fused weight."""
 
 import math
 from pathlib import Path
@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from nextn.cl.launch import VAR_N_TOKENS, Launch
+from nextn.ops.moe import _upload_expert_parts
 from nextn.ops.norm import check_buffer
+from nextn.ops.weights import DeviceWeight
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 LOCAL = 64
@@ -47,3 +49,13 @@ def swiglu(rt, gate, up, y, n: int, max_tokens: int) -> list[Launch]:
     k.set_args(gate, up, y, np.int32(n), np.int32(0))
     # one float4 per work-item; the grid is rounded up to LOCAL, so the kernel bounds itself by n * n_tokens
     return [Launch(k, (0,), (-(-n // 4),), (LOCAL,), [(4, VAR_N_TOKENS)], VAR_N_TOKENS, name="swiglu")]
+
+
+def upload_gate_up_experts(
+    rt, raw_gate: np.ndarray, raw_up: np.ndarray, qtype, n_expert: int, n_ff_exp: int, n_embd: int, name: str
+) -> DeviceWeight:
+    """ffn_gate_exps and ffn_up_exps of one type as one weight in ffn_gate_up_exps' layout (expert e: its
+    n_ff_exp gate rows, then its n_ff_exp up rows), for moe_ffn(..., gate_exps=this, up_exps=None): one
+    expert-indexed launch instead of two, and a decode step streams each expert's gate|up in one pass
+    (measured on PoCL, n_embd 1024, n_ff_exp 512, 8 of 64 Q8_0 experts: 0.20 ms instead of 2 x 0.116 ms)."""
+    return _upload_expert_parts(rt, [raw_gate, raw_up], qtype, n_expert, [n_ff_exp, n_ff_exp], n_embd, name)

@@ -13,8 +13,11 @@ import pyopencl as cl
 import pytest
 from conftest import run_launches
 from gguf import GGMLQuantizationType
-from nextn.gguf.quantize import dequantize, quantize
+from ops_testonly import upload_gate_up_experts
+from reference import moe_ffn as ref_moe_ffn
+
 from nextn.cl.launch import N_VARS, VAR_N_TOKENS
+from nextn.gguf.quantize import dequantize, quantize
 from nextn.ops.matmul import MatmulOps
 from nextn.ops.moe import (
     MoeBuffers,
@@ -22,10 +25,8 @@ from nextn.ops.moe import (
     moe_ffn,
     shared_expert_add,
     upload_experts,
-    upload_gate_up_experts,
 )
 from nextn.ops.weights import TILE_ROWS, device_bytes, repack, upload_weight
-from reference import moe_ffn as ref_moe_ffn
 
 T = GGMLQuantizationType
 

@@ -7,10 +7,10 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-
-from nextn.gguf.metadata import metadata_dict, read_metadata
-from nextn.devtools.tiny import CHATML_TEMPLATE, SPECIALS, learn_merges, main, make_tiny
 from reference import ReferenceModel
+
+from nextn.devtools.tiny import CHATML_TEMPLATE, SPECIALS, learn_merges, main, make_tiny
+from nextn.gguf.metadata import metadata_dict, read_metadata
 
 VOCAB = Path(__file__).parent / "data" / "vocab"
 

@@ -53,16 +53,6 @@ def upload_experts(
     return _upload_expert_parts(rt, [raw], qtype, n_expert, [rows_per_expert], n_cols, name)
 
 
-def upload_gate_up_experts(
-    rt, raw_gate: np.ndarray, raw_up: np.ndarray, qtype, n_expert: int, n_ff_exp: int, n_embd: int, name: str
-) -> DeviceWeight:
-    """ffn_gate_exps and ffn_up_exps of one type as one weight in ffn_gate_up_exps' layout (expert e: its
-    n_ff_exp gate rows, then its n_ff_exp up rows), for moe_ffn(..., gate_exps=this, up_exps=None): one
-    expert-indexed launch instead of two, and a decode step streams each expert's gate|up in one pass
-    (measured on PoCL, n_embd 1024, n_ff_exp 512, 8 of 64 Q8_0 experts: 0.20 ms instead of 2 x 0.116 ms)."""
-    return _upload_expert_parts(rt, [raw_gate, raw_up], qtype, n_expert, [n_ff_exp, n_ff_exp], n_embd, name)
-
-
 def _upload_expert_parts(
     rt, raws, qtype, n_expert: int, part_rows: list[int], n_cols: int, name: str
 ) -> DeviceWeight:
@@ -219,8 +209,8 @@ def moe_ffn(
     cur, x: float32 [max_tokens, n_embd] (cur is read only; x is the residual stream). gate_inp: a
     [n_expert, n_embd] weight (F32 in GGUF files) from upload_weight. gate_exps / up_exps: [n_ff_exp, n_embd]
     per expert, down_exps [n_embd, n_ff_exp] per expert, from upload_experts; up_exps None means gate_exps is
-    a fused gate|up weight (2 n_ff_exp rows per expert, gate rows first: a file's ffn_gate_up_exps, or
-    upload_gate_up_experts, the faster choice when gate and up have one type). w_scale: the model's
+    a fused gate|up weight (2 n_ff_exp rows per expert, gate rows first: a file's ffn_gate_up_exps, one
+    expert-indexed launch instead of two). w_scale: the model's
     expert_weights_scale (applied unless 0 or 1). gating "softmax" (qwen35moe: weights always normalized) or
     "sigmoid" (GLM-4.5: experts chosen by sigmoid + selection_bias float32 [n_expert], weights normalized
     when norm). Token count: the step variable VAR_N_TOKENS. The caller
