@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-m", "--model", default=None, help="GGUF to measure (default: a random ~300M Q8_0 model of --arch)")
     b.add_argument("--arch", default=None, choices=("qwen3", "qwen35", "qwen35moe", "glm4moe"),
                    help="architecture of the default random model (default: qwen3; qwen35 with --spec)")
+    b.add_argument("--type", default="Q8_0", type=str.upper,
+                   help="weight type of the default random model (any make-tiny --type; default Q8_0)")
     b.add_argument("--n-prompt", type=int, default=512)
     b.add_argument("--n-decode", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)

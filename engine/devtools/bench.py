@@ -15,7 +15,8 @@ from nextn.errors import NextnError
 from nextn.ops.attention import kv_row_bytes
 from nextn.ops.weights import DeviceWeight
 
-# Random ~300M-parameter Q8_0 models with Qwen2's 151936-token vocabulary (tied head), one per architecture.
+# Random ~300M-parameter models (Q8_0 unless --type says otherwise) with Qwen2's 151936-token vocabulary (tied
+# head), one per architecture.
 BENCH_MODELS = {
     "qwen3": dict(arch="qwen3", qtype="Q8_0", seed=0, n_embd=1024, n_layer=9, n_head=16, n_head_kv=8,
                   head_dim=128, n_ff=3072, n_ctx=4096, tied=True),
@@ -39,15 +40,15 @@ BENCH_ARCHS = tuple(BENCH_MODELS)
 VOCAB = Path(__file__).resolve().parent / "data" / "ggml-vocab-qwen2.gguf"  # package data (llama.cpp's test file)
 
 
-def bench_model_path(arch: str = "qwen3") -> Path:
-    """The random bench model of `arch` (BENCH_MODELS), made once and cached."""
+def bench_model_path(arch: str = "qwen3", qtype: str = "Q8_0") -> Path:
+    """The random bench model of `arch` (BENCH_MODELS) with its matrices in `qtype`, made once and cached."""
     from nextn.devtools.tiny import make_tiny
 
     if not VOCAB.exists():
         raise NextnError(f"{VOCAB} is missing: the bench models need it (reinstall nextn)")
-    spec = BENCH_MODELS[arch]
+    spec = {**BENCH_MODELS[arch], "qtype": qtype.upper()}
     tag = f"{arch}-{spec['n_layer']}l{'-mtp' if spec.get('mtp') else ''}" if arch != "qwen3" else "qwen3-300m"
-    path = default_cache_dir().parent / "bench" / f"{tag}-q8_0-seed0.gguf"
+    path = default_cache_dir().parent / "bench" / f"{tag}-{qtype.lower()}-seed0.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -126,7 +127,7 @@ def main(args) -> int:
         return spec_main(args)
     from nextn.ops.bandwidth import measure_bandwidth
 
-    path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen3")
+    path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen3", args.type)
     t0 = time.perf_counter()
     runner = load(args, path, args.n_prompt + args.n_decode + 16)
     load_s = time.perf_counter() - t0
@@ -187,7 +188,7 @@ def spec_main(args) -> int:
     from nextn.spec.ngram import NgramParams
     from nextn.spec.speculator import SpecConfig, parse_types
 
-    path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen35")
+    path = Path(args.model) if args.model else bench_model_path(args.arch or "qwen35", args.type)
     runner = load(args, path, 2048, "draft-mtp")
     rt = runner.rt
     print(f"device:     {rt.describe()}")
