@@ -46,6 +46,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from nextn.gguf.model_file import Metadata
 from nextn.gguf.quantize import SUPPORTED, block_size, parse_qtype, quantize, row_bytes
 from nextn.models import ARCHITECTURES
 from nextn.tokenizer import BYTE_TO_UNICODE
@@ -413,7 +414,7 @@ def make_tiny(
     return path
 
 
-class _WrittenFile:
+class _WrittenFile(Metadata):
     """The metadata make_tiny has written, read back the way the loader reads a file (ModelFile's key, has,
     arch, path), and which optional tensors it will write: the architecture's tensor table for this view is
     then exactly the list of tensors to write."""
@@ -425,14 +426,6 @@ class _WrittenFile:
         self._tied, self._mtp, self._own_head = tied, mtp, mtp_own_head
         self._qk_norm, self._qkv_bias, self._shared_expert = qk_norm, qkv_bias, shared_expert
         self._rope_freqs = rope_freqs
-
-    def key(self, name: str, default=...):
-        full = name.replace("{arch}", self.arch)
-        if full in self.meta:
-            return self.meta[full]
-        if default is ...:
-            raise ValueError(f"make-tiny: metadata key {full} was not written")
-        return default
 
     def has(self, name: str) -> bool:
         if name == "output.weight":

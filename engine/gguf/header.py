@@ -117,7 +117,9 @@ def read_header(path) -> Header:
             ne = tuple(c.unpack("<Q") for _ in range(n_dims))
             type_id, offset = c.unpack("<I"), c.unpack("<Q")
             infos.append((name, ne, type_id, offset))
-        align = int(meta.get("general.alignment", 32))
+        align = meta.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1 or align & (align - 1):
+            raise HeaderError(f"general.alignment = {align!r} is not a power of two")
         data_offset = -(-c.pos // align) * align
         tensors = [RawTensorInfo(n, ne, t, data_offset + o) for n, ne, t, o in infos]
         return Header(version, meta, types, tensors, data_offset)

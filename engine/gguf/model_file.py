@@ -34,7 +34,47 @@ class TensorInfo:
         return self.ne[0]
 
 
-class ModelFile:
+class Metadata:
+    """Typed reads of GGUF metadata (`meta`, with `arch` and `path` for the messages): a missing key or a value
+    of the wrong type or range is a ModelLoadError naming the key. ModelFile reads a file's; make-tiny the
+    metadata it is writing."""
+
+    meta: dict[str, Any]
+    arch: str
+    path: Path
+
+    def key(self, name: str, default: Any = ...) -> Any:
+        """Metadata value; `{arch}` in the name is replaced by the architecture. Missing and no default: error."""
+        full = name.replace("{arch}", self.arch)
+        if full in self.meta:
+            return self.meta[full]
+        if default is ...:
+            raise ModelLoadError(f"{self.path}: metadata key {full} is missing")
+        return default
+
+    def int_key(self, name: str, default: Any = ..., *, lo: int | None = None) -> int:
+        """An integer metadata value (a float with an integral value passes), at least `lo` when given; a value
+        of another type or out of range is refused naming the key."""
+        v = self.key(name, default)
+        full = name.replace("{arch}", self.arch)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or float(v) != int(v):
+            raise ModelLoadError(f"{self.path}: metadata key {full} = {v!r} is not an integer")
+        if lo is not None and int(v) < lo:
+            raise ModelLoadError(f"{self.path}: metadata key {full} = {int(v)} must be at least {lo}")
+        return int(v)
+
+    def float_key(self, name: str, default: Any = ..., *, positive: bool = False) -> float:
+        """A finite number from the metadata (positive when asked); anything else is refused naming the key."""
+        v = self.key(name, default)
+        full = name.replace("{arch}", self.arch)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ModelLoadError(f"{self.path}: metadata key {full} = {v!r} is not a finite number")
+        if positive and not v > 0:
+            raise ModelLoadError(f"{self.path}: metadata key {full} = {v!r} must be positive")
+        return float(v)
+
+
+class ModelFile(Metadata):
     """An open GGUF file. `raw(name)` gives a tensor's bytes as uint8 [n_rows, row_bytes] (memory-mapped)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -55,7 +95,13 @@ class ModelFile:
         self.meta: dict[str, Any] = header.meta
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.tensors: dict[str, TensorInfo] = {}
+        align = int(self.meta.get("general.alignment", 32))
         for t in header.tensors:
+            if any(n < 1 for n in t.ne):
+                raise ModelLoadError(f"{self.path}: tensor {t.name} has a dimension of size 0 ({list(t.ne)})")
+            if t.offset % align:
+                raise ModelLoadError(f"{self.path}: tensor {t.name} starts at byte {t.offset}, not aligned to "
+                                     f"general.alignment = {align}")
             try:
                 qtype = gguf.GGMLQuantizationType(t.type_id)
             except ValueError:
@@ -74,20 +120,17 @@ class ModelFile:
                     f"but the file has {size} bytes"
                 )
             self.tensors[t.name] = info
+        # every tensor's bytes are its own: a tensor whose type and shape claim more bytes than lie before the
+        # next tensor's data would read (and a repacked upload would mix) another tensor's bytes
+        spans = sorted(self.tensors.values(), key=lambda i: i.offset)
+        for a, b in zip(spans, spans[1:]):
+            if a.offset + a.nbytes > b.offset:
+                raise ModelLoadError(f"{self.path}: tensors {a.name} and {b.name} overlap: {a.name} "
+                                     f"({a.qtype.name} {list(a.ne)}, {a.nbytes} bytes from byte {a.offset}) runs "
+                                     f"past byte {b.offset}")
         self.arch: str = self.meta.get("general.architecture", "")
         if not self.arch:
             raise ModelLoadError(f"{self.path}: metadata has no general.architecture")
-
-    # -- metadata ---------------------------------------------------------------------------------------
-
-    def key(self, name: str, default: Any = ...) -> Any:
-        """Metadata value; `{arch}` in the name is replaced by the architecture. Missing and no default: error."""
-        full = name.replace("{arch}", self.arch)
-        if full in self.meta:
-            return self.meta[full]
-        if default is ...:
-            raise ModelLoadError(f"{self.path}: metadata key {full} is missing")
-        return default
 
     # -- tensors ----------------------------------------------------------------------------------------
 

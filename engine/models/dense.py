@@ -39,10 +39,10 @@ class DenseHParams:
 
     @classmethod
     def from_file(cls, mf: ModelFile, *, rope_neox: bool, qk_norm: bool) -> "DenseHParams":
-        n_embd = int(mf.key("{arch}.embedding_length"))
-        n_head = int(mf.key("{arch}.attention.head_count"))
-        head_dim = int(mf.key("{arch}.attention.key_length", n_embd // n_head))
-        if int(mf.key("{arch}.attention.value_length", head_dim)) != head_dim:
+        n_embd = mf.int_key("{arch}.embedding_length", lo=1)
+        n_head = mf.int_key("{arch}.attention.head_count", lo=1)
+        head_dim = mf.int_key("{arch}.attention.key_length", n_embd // n_head, lo=2)
+        if mf.int_key("{arch}.attention.value_length", head_dim) != head_dim:
             raise ModelLoadError(f"{mf.path}: key and value head sizes differ, which nextn does not support")
         n_vocab = mf.key("{arch}.vocab_size", None)
         if n_vocab is None:
@@ -50,26 +50,33 @@ class DenseHParams:
         scale = 1.0
         scaling_type = mf.key("{arch}.rope.scaling.type", "none")
         if scaling_type == "linear":
-            scale = 1.0 / float(mf.key("{arch}.rope.scaling.factor", 1.0))
+            scale = 1.0 / mf.float_key("{arch}.rope.scaling.factor", 1.0, positive=True)
         elif scaling_type not in ("none", None):
             raise ModelLoadError(f"{mf.path}: RoPE scaling '{scaling_type}' is not supported (linear and none are)")
-        head_count_kv = mf.key("{arch}.attention.head_count_kv", n_head)
-        if isinstance(head_count_kv, list):
+        if isinstance(mf.key("{arch}.attention.head_count_kv", n_head), list):
             raise ModelLoadError(f"{mf.path}: per-layer head_count_kv is not supported")
+        n_head_kv = mf.int_key("{arch}.attention.head_count_kv", n_head, lo=1)
+        if n_head % n_head_kv:
+            raise ModelLoadError(f"{mf.path}: {mf.arch}.attention.head_count {n_head} is not a multiple of "
+                                 f"head_count_kv {n_head_kv}")
+        n_rot = mf.int_key("{arch}.rope.dimension_count", head_dim, lo=2)
+        if n_rot % 2 or n_rot > head_dim:
+            raise ModelLoadError(f"{mf.path}: {mf.arch}.rope.dimension_count = {n_rot} must be even and at most the "
+                                 f"head size {head_dim}")
         return cls(
             n_vocab=int(n_vocab),
             n_embd=n_embd,
-            n_layer=int(mf.key("{arch}.block_count")),
+            n_layer=mf.int_key("{arch}.block_count", lo=1),
             n_head=n_head,
-            n_head_kv=int(head_count_kv),
+            n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_ff=int(mf.key("{arch}.feed_forward_length")),
-            n_ctx_train=int(mf.key("{arch}.context_length")),
-            n_rot=int(mf.key("{arch}.rope.dimension_count", head_dim)),
+            n_ff=mf.int_key("{arch}.feed_forward_length", lo=1),
+            n_ctx_train=mf.int_key("{arch}.context_length", lo=1),
+            n_rot=n_rot,
             rope_neox=rope_neox,
-            rope_freq_base=float(mf.key("{arch}.rope.freq_base", 10000.0)),
+            rope_freq_base=mf.float_key("{arch}.rope.freq_base", 10000.0, positive=True),
             rope_freq_scale=scale,
-            rms_eps=float(mf.key("{arch}.attention.layer_norm_rms_epsilon")),
+            rms_eps=mf.float_key("{arch}.attention.layer_norm_rms_epsilon", positive=True),
             qk_norm=qk_norm,
             qkv_bias=blocks.has_qkv_biases(mf, "blk.0."),
         )

@@ -67,23 +67,20 @@ class Glm4MoeHParams:
 
     @classmethod
     def from_file(cls, mf: ModelFile) -> "Glm4MoeHParams":
-        def positive(key: str, default=None) -> int:
-            v = int(mf.key("{arch}." + key) if default is None else mf.key("{arch}." + key, default))
-            if v <= 0:
-                raise ModelLoadError(f"{mf.path}: {mf.arch}.{key} must be positive, not {v}")
-            return v
+        def positive(key: str, default=...) -> int:
+            return mf.int_key("{arch}." + key, default, lo=1)
 
         n_embd = positive("embedding_length")
         n_head = positive("attention.head_count")
         head_dim = positive("attention.key_length", n_embd // n_head)
-        if int(mf.key("{arch}.attention.value_length", head_dim)) != head_dim:
+        if mf.int_key("{arch}.attention.value_length", head_dim) != head_dim:
             raise ModelLoadError(f"{mf.path}: key and value head sizes differ, which nextn does not support")
         n_block = positive("block_count")
-        n_nextn = int(mf.key("{arch}.nextn_predict_layers", 0))
+        n_nextn = mf.int_key("{arch}.nextn_predict_layers", 0)
         if n_nextn not in (0, 1) or n_nextn >= n_block:
             raise ModelLoadError(f"{mf.path}: {mf.arch}.nextn_predict_layers = {n_nextn} of {n_block} blocks: "
                                  f"nextn supports 0 or 1")
-        n_rot = int(mf.key("{arch}.rope.dimension_count", head_dim))
+        n_rot = mf.int_key("{arch}.rope.dimension_count", head_dim)
         if n_rot < 2 or n_rot % 2 or n_rot > head_dim:
             raise ModelLoadError(f"{mf.path}: {mf.arch}.rope.dimension_count = {n_rot} must be even and in "
                                  f"2..{head_dim}")
@@ -94,7 +91,7 @@ class Glm4MoeHParams:
         scaling_type = mf.key("{arch}.rope.scaling.type", "none")
         if scaling_type not in ("none", None):
             raise ModelLoadError(f"{mf.path}: {mf.arch}.rope.scaling.type '{scaling_type}' is not supported")
-        gating_key = int(mf.key("{arch}.expert_gating_func", 2))
+        gating_key = mf.int_key("{arch}.expert_gating_func", 2)
         if gating_key not in GATING:
             raise ModelLoadError(f"{mf.path}: {mf.arch}.expert_gating_func = {gating_key} is not supported "
                                  f"(1 softmax, 2 sigmoid)")
@@ -103,18 +100,15 @@ class Glm4MoeHParams:
         if n_used > n_expert:
             raise ModelLoadError(f"{mf.path}: {mf.arch}.expert_used_count {n_used} exceeds expert_count {n_expert}")
         n_layer = n_block - n_nextn
-        n_dense_lead = int(mf.key("{arch}.leading_dense_block_count", 0))
+        n_dense_lead = mf.int_key("{arch}.leading_dense_block_count", 0)
         if not 0 <= n_dense_lead <= n_layer:
             raise ModelLoadError(f"{mf.path}: {mf.arch}.leading_dense_block_count = {n_dense_lead} is outside "
                                  f"0..{n_layer}")
         n_vocab = mf.key("{arch}.vocab_size", None)
         if n_vocab is None:
             n_vocab = len(mf.key("tokenizer.ggml.tokens"))
-        eps = float(mf.key("{arch}.attention.layer_norm_rms_epsilon"))
-        base = float(mf.key("{arch}.rope.freq_base", 10000.0))
-        if not (eps > 0 and np.isfinite(eps)) or not (base > 0 and np.isfinite(base)):
-            raise ModelLoadError(f"{mf.path}: {mf.arch}.attention.layer_norm_rms_epsilon ({eps}) and "
-                                 f"{mf.arch}.rope.freq_base ({base}) must be positive numbers")
+        eps = mf.float_key("{arch}.attention.layer_norm_rms_epsilon", positive=True)
+        base = mf.float_key("{arch}.rope.freq_base", 10000.0, positive=True)
         return cls(
             n_vocab=int(n_vocab),
             n_embd=n_embd,
@@ -123,7 +117,7 @@ class Glm4MoeHParams:
             n_head=n_head,
             n_head_kv=positive("attention.head_count_kv", n_head),
             head_dim=head_dim,
-            n_ff=int(mf.key("{arch}.feed_forward_length", 0)) if n_dense_lead else 0,
+            n_ff=mf.int_key("{arch}.feed_forward_length", 0) if n_dense_lead else 0,
             n_ctx_train=positive("context_length"),
             n_rot=n_rot,
             rope_freq_base=base,
@@ -131,9 +125,9 @@ class Glm4MoeHParams:
             n_expert=n_expert,
             n_expert_used=n_used,
             n_ff_exp=positive("expert_feed_forward_length"),
-            n_expert_shared=int(mf.key("{arch}.expert_shared_count", 0)),
+            n_expert_shared=mf.int_key("{arch}.expert_shared_count", 0),
             n_dense_lead=n_dense_lead,
-            expert_weights_scale=float(mf.key("{arch}.expert_weights_scale", 0.0)),
+            expert_weights_scale=mf.float_key("{arch}.expert_weights_scale", 0.0),
             expert_weights_norm=bool(mf.key("{arch}.expert_weights_norm", False)),
             gating=GATING[gating_key],
             qk_norm=mf.has("blk.0.attn_q_norm.weight"),

@@ -85,13 +85,13 @@ class HybridHParams:
 
     @classmethod
     def from_file(cls, mf: ModelFile) -> "HybridHParams":
-        n_embd = int(mf.key("{arch}.embedding_length"))
-        n_head = int(mf.key("{arch}.attention.head_count"))
-        head_dim = int(mf.key("{arch}.attention.key_length", n_embd // n_head))
-        if int(mf.key("{arch}.attention.value_length", head_dim)) != head_dim:
+        n_embd = mf.int_key("{arch}.embedding_length", lo=1)
+        n_head = mf.int_key("{arch}.attention.head_count", lo=1)
+        head_dim = mf.int_key("{arch}.attention.key_length", n_embd // n_head, lo=2)
+        if mf.int_key("{arch}.attention.value_length", head_dim) != head_dim:
             raise ModelLoadError(f"{mf.path}: key and value head sizes differ, which nextn does not support")
-        n_block = int(mf.key("{arch}.block_count"))
-        n_nextn = int(mf.key("{arch}.nextn_predict_layers", 0))
+        n_block = mf.int_key("{arch}.block_count", lo=1)
+        n_nextn = mf.int_key("{arch}.nextn_predict_layers", 0)
         if n_nextn not in (0, 1) or n_nextn >= n_block:
             raise ModelLoadError(f"{mf.path}: {n_nextn} MTP blocks of {n_block}: nextn supports 0 or 1")
         n_layer = n_block - n_nextn
@@ -102,11 +102,11 @@ class HybridHParams:
                                      f"{n_layer} layers")
             recurrent = tuple(bool(r) for r in recr[:n_layer])
         else:
-            interval = int(mf.key("{arch}.full_attention_interval", 4))
+            interval = mf.int_key("{arch}.full_attention_interval", 4)
             if interval < 1:
                 raise ModelLoadError(f"{mf.path}: full_attention_interval must be positive, not {interval}")
             recurrent = tuple((il + 1) % interval != 0 for il in range(n_layer))
-        n_rot = int(mf.key("{arch}.rope.dimension_count", head_dim))
+        n_rot = mf.int_key("{arch}.rope.dimension_count", head_dim, lo=2)
         sections = [int(s) for s in mf.key("{arch}.rope.dimension_sections", [n_rot // 2, 0, 0, 0])]
         e_pairs = _text_rope_e_pairs(mf, n_rot, sections)
         n_vocab = mf.key("{arch}.vocab_size", None)
@@ -115,20 +115,20 @@ class HybridHParams:
         scaling_type = mf.key("{arch}.rope.scaling.type", "none")
         if scaling_type not in ("none", None):
             raise ModelLoadError(f"{mf.path}: RoPE scaling '{scaling_type}' is not supported for {mf.arch}")
-        d_inner = int(mf.key("{arch}.ssm.inner_size"))
-        n_v_heads = int(mf.key("{arch}.ssm.time_step_rank"))
-        n_k_heads = int(mf.key("{arch}.ssm.group_count"))
+        d_inner = mf.int_key("{arch}.ssm.inner_size", lo=1)
+        n_v_heads = mf.int_key("{arch}.ssm.time_step_rank")
+        n_k_heads = mf.int_key("{arch}.ssm.group_count")
         if n_v_heads <= 0 or d_inner % n_v_heads or n_k_heads <= 0 or n_v_heads % n_k_heads:
             raise ModelLoadError(f"{mf.path}: ssm sizes inner {d_inner}, {n_v_heads} value heads, {n_k_heads} key "
                                  f"heads do not divide")
         moe_keys = {}
         if mf.arch == "qwen35moe":
             moe_keys = dict(
-                n_expert=int(mf.key("{arch}.expert_count")),
-                n_expert_used=int(mf.key("{arch}.expert_used_count")),
-                n_ff_exp=int(mf.key("{arch}.expert_feed_forward_length")),
-                n_ff_shexp=int(mf.key("{arch}.expert_shared_feed_forward_length", 0)),
-                expert_weights_scale=float(mf.key("{arch}.expert_weights_scale", 0.0)),
+                n_expert=mf.int_key("{arch}.expert_count"),
+                n_expert_used=mf.int_key("{arch}.expert_used_count"),
+                n_ff_exp=mf.int_key("{arch}.expert_feed_forward_length", lo=1),
+                n_ff_shexp=mf.int_key("{arch}.expert_shared_feed_forward_length", 0, lo=0),
+                expert_weights_scale=mf.float_key("{arch}.expert_weights_scale", 0.0),
             )
             if not 1 <= moe_keys["n_expert_used"] <= moe_keys["n_expert"]:
                 raise ModelLoadError(f"{mf.path}: expert_used_count must be in 1..expert_count")
@@ -140,17 +140,17 @@ class HybridHParams:
             n_nextn=n_nextn,
             recurrent=recurrent,
             n_head=n_head,
-            n_head_kv=int(mf.key("{arch}.attention.head_count_kv", n_head)),
+            n_head_kv=mf.int_key("{arch}.attention.head_count_kv", n_head, lo=1),
             head_dim=head_dim,
-            n_ff=int(mf.key("{arch}.feed_forward_length", 0)),
-            n_ctx_train=int(mf.key("{arch}.context_length")),
+            n_ff=mf.int_key("{arch}.feed_forward_length", 0),
+            n_ctx_train=mf.int_key("{arch}.context_length", lo=1),
             n_rot=n_rot,
-            rope_freq_base=float(mf.key("{arch}.rope.freq_base", 10000.0)),
+            rope_freq_base=mf.float_key("{arch}.rope.freq_base", 10000.0, positive=True),
             rope_freq_scale=1.0,
             mrope_sections=tuple(sections) if e_pairs else None,
-            rms_eps=float(mf.key("{arch}.attention.layer_norm_rms_epsilon")),
-            d_conv=int(mf.key("{arch}.ssm.conv_kernel")),
-            head_k_dim=int(mf.key("{arch}.ssm.state_size")),
+            rms_eps=mf.float_key("{arch}.attention.layer_norm_rms_epsilon", positive=True),
+            d_conv=mf.int_key("{arch}.ssm.conv_kernel", lo=1),
+            head_k_dim=mf.int_key("{arch}.ssm.state_size", lo=1),
             n_k_heads=n_k_heads,
             n_v_heads=n_v_heads,
             head_v_dim=d_inner // n_v_heads,
