@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nextn.errors import ConfigError
+from nextn.errors import ConfigError, RequestError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")  # engine/ops/attention.py KV_TYPES; llama-server's names
@@ -187,44 +188,66 @@ def _section_line(text: str, section: str) -> int | None:
     return None
 
 
-def check_value(dotted: str, value: Any, where: str) -> Any:
-    """Validates one value against its field; returns it converted (int -> float where a float is wanted)."""
+class _Invalid(Exception):
+    """What a setting allows, for the caller to word (check_value for a file or flag, check_request for a
+    request field)."""
+
+
+def _check(dotted: str, value: Any) -> Any:
     f = _field(dotted)
     m = f.metadata
     want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-
-    def fail(allowed: str) -> ConfigError:
-        return ConfigError(f"{where}: {dotted} = {value!r} is invalid: allowed {allowed}")
-
     if want is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail("a number")
+            raise _Invalid("a number")
         value = float(value)
+        if not math.isfinite(value):  # TOML and JSON parsers take nan and inf
+            raise _Invalid("a finite number")
     elif want is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise fail("an integer")
+            raise _Invalid("an integer")
     elif want is str and not isinstance(value, str):
-        raise fail("a string")
+        raise _Invalid("a string")
     elif want is bool and not isinstance(value, bool):
-        raise fail("true or false")
+        raise _Invalid("true or false")
     if m["choices"] and value not in m["choices"]:
-        raise fail("one of " + ", ".join(repr(c) for c in m["choices"]))
+        raise _Invalid("one of " + ", ".join(repr(c) for c in m["choices"]))
     lo, hi = m["lo"], m["hi"]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"{lo} .. {hi}")
-        raise fail(f"a value {rng}")
+        raise _Invalid("a value " + (f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"{lo} .. {hi}")))
     if dotted == "server.socket_mode" and not re.fullmatch(r"0?[0-7]{3}", value):
-        raise fail("octal permission bits such as '0660'")
+        raise _Invalid("octal permission bits such as '0660'")
     if dotted == "server.tcp" and value and not re.fullmatch(r".+:\d{1,5}", value):
-        raise fail("'' or HOST:PORT such as '127.0.0.1:8080'")
+        raise _Invalid("'' or HOST:PORT such as '127.0.0.1:8080'")
     if dotted == "speculative.type":
         from nextn.spec.speculator import parse_types
 
         try:
             parse_types(value)
         except ValueError as e:
-            raise fail(f"a comma list of known types ({e})") from None
+            raise _Invalid(f"a comma list of known types ({e})") from None
     return value
+
+
+def check_value(dotted: str, value: Any, where: str) -> Any:
+    """Validates one value against its field; returns it converted (int -> float where a float is wanted)."""
+    try:
+        return _check(dotted, value)
+    except _Invalid as e:
+        raise ConfigError(f"{where}: {dotted} = {value!r} is invalid: allowed {e}") from None
+
+
+def check_request(dotted: str, value: Any, name: str) -> Any:
+    """A request field that overrides setting `dotted` for one request (`speculative.n_max` for
+    speculative.draft_n_max): the same type and bounds as the setting, so a request cannot ask for what the
+    flag refuses. A JSON number with an integral value counts as an integer. RequestError names the field."""
+    f = _field(dotted)
+    if f.type in (int, "int") and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        return _check(dotted, value)
+    except _Invalid as e:
+        raise RequestError(f"invalid value for '{name}': {value!r} (allowed {e})") from None
 
 
 def _read_file(path: Path) -> tuple[dict, str]:

@@ -9,6 +9,11 @@ Requests talk back through `Request.sink(event)`, called on the worker thread; t
 that hands events to its event loop with loop.call_soon_threadsafe. A cancelled request (client gone)
 leaves its slot before the next step. A prompt that does not fit the context is refused at submit, a full
 queue raises Overloaded (503) at submit: nothing waits without bound.
+
+Failures stay with whoever caused them: a request that cannot start (its own settings fail) ends alone
+with an error event; a failed step ends the requests in it. If the worker itself dies, every request is
+ended, `failure` says why, submit refuses, and `on_failure` tells the server, which then exits for systemd
+to restart it. The worker's heartbeat (also while idle) is what the watchdog reports.
 """
 
 from __future__ import annotations
@@ -150,7 +155,10 @@ class Scheduler:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._last_step = time.monotonic()
+        self._heartbeat = time.monotonic()  # the worker's last sign of life: each loop, each step, idle waits
+        self.beat_every = 1.0  # seconds between heartbeats of an idle worker (the watchdog wants them faster)
+        self.failure: BaseException | None = None  # what killed the worker
+        self.on_failure: Callable[[BaseException], None] | None = None  # called on the worker as it dies
 
     # ---- called from other threads
 
@@ -174,6 +182,8 @@ class Scheduler:
         if any(not 0 <= t < vocab for t in req.prompt):
             raise RequestError(f"the prompt has token ids outside the vocabulary 0..{vocab - 1}")
         with self._cv:
+            if self.failure is not None:
+                raise Overloaded(self.stopped_reason())
             if not self._accepting:
                 raise Overloaded("the server is shutting down")
             if len(self._pending) >= self.max_queue + self._free_count():
@@ -211,9 +221,14 @@ class Scheduler:
     def busy_slots(self) -> int:
         return self._busy_count()
 
-    def seconds_since_step(self) -> float:
-        """For the watchdog: 0 when idle, else how long the current step has run."""
-        return 0.0 if not self._busy_count() else time.monotonic() - self._last_step
+    def seconds_since_heartbeat(self) -> float:
+        """For the watchdog: how long ago the worker last showed progress (an idle one beats every
+        `beat_every` seconds; a running step beats before and after the device runs it)."""
+        return time.monotonic() - self._heartbeat
+
+    def stopped_reason(self) -> str:
+        e = self.failure
+        return f"the scheduler stopped ({type(e).__name__}: {e}); the server is exiting"
 
     def slots_info(self) -> list[dict]:
         out = []
@@ -240,31 +255,56 @@ class Scheduler:
         return sum(s.req is not None for s in self.slots)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # whatever it is, the requests and the server must hear of it
+            self._die(e)
+            return
+        self._end_all(Overloaded("the server is shutting down"),
+                      Overloaded("the server shut down before the request finished"))
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
+                self._heartbeat = time.monotonic()
                 while not self._stop and not self._pending and not self._busy_count():
-                    self._cv.wait()
+                    self._cv.wait(self.beat_every)
+                    self._heartbeat = time.monotonic()
                 if self._stop:
-                    break
+                    return
                 self._admit()
             self._drop_cancelled()
             if self._busy_count():
                 try:
                     self._step()
-                except Exception as e:  # a device failure: fail the running requests, keep serving
+                except Exception as e:  # the device step failed: every request in it fails, serving goes on
                     log.exception("step failed")
-                    err = e if isinstance(e, NextnError) else NextnError(f"internal error: {type(e).__name__}: {e}")
                     for s in self.slots:
                         if s.req is not None:
-                            self._finish_error(s, err)
+                            self._finish_error(s, _as_error(e))
+
+    def _die(self, e: BaseException) -> None:
+        """The worker is dying: end every request (nothing else would), refuse new ones, tell the server."""
+        self.failure = e
+        log.critical("the scheduler stopped: %s: %s", type(e).__name__, e, exc_info=e)
+        with self._cv:
+            self._accepting = False
+        err = Overloaded(self.stopped_reason())
+        try:
+            self._end_all(err, err)
+        finally:
+            if self.on_failure is not None:
+                self.on_failure(e)
+
+    def _end_all(self, queued: NextnError, running: NextnError) -> None:
         with self._cv:
             leftovers = list(self._pending)
             self._pending.clear()
         for req in leftovers:
-            req.sink(Event("error", error=Overloaded("the server is shutting down")))
+            req.sink(Event("error", error=queued))
         for s in self.slots:
             if s.req is not None:
-                self._finish_error(s, Overloaded("the server shut down before the request finished"))
+                self._finish_error(s, running)
 
     def _admit(self) -> None:
         while self._pending:
@@ -275,11 +315,19 @@ class Scheduler:
             if req.cancelled:
                 self.counters.requests_cancelled += 1
                 continue
-            place = self.cache.place(req.prompt, free)
-            slot = self.slots[place.slot]
-            req.slot = slot.index
-            slot.start(req, place.reused, self.runner.tokenizer, req.spec or self.spec, self.step_cost,
-                       self.ngram_shared)
+            try:
+                place = self.cache.place(req.prompt, free)
+                slot = self.slots[place.slot]
+                req.slot = slot.index
+                slot.start(req, place.reused, self.runner.tokenizer, req.spec or self.spec, self.step_cost,
+                           self.ngram_shared)
+            except Exception as e:  # this request's settings (its sampler, its drafters): it alone fails
+                log.exception("request %s could not start", req.id, extra={"REQUEST_ID": req.id})
+                if req.slot is not None and self.slots[req.slot].req is req:
+                    self._finish_error(self.slots[req.slot], _as_error(e))
+                else:
+                    req.sink(Event("error", error=_as_error(e)))
+                continue
             self.counters.prompt_cache_tokens_total += place.reused
             log.debug("request %s -> slot %d (%d prompt tokens, %d reused%s)", req.id, slot.index,
                       len(req.prompt), place.reused,
@@ -348,11 +396,11 @@ class Scheduler:
                 out_rows.append(len(ids) - 1)
         live = [s for s, _, _, _ in verify] + [s for s, _ in prompt_out]
         want_logits = any(s.sampler.needs_logits or s.req.n_probs for s in live)
-        self._last_step = time.monotonic()
+        self._heartbeat = time.monotonic()
         t0 = time.perf_counter()
         top, logits = r.step(ids, np.asarray(pos, np.int32), seq, out_rows, want_logits)
         self.step_cost.observe(len(ids), time.perf_counter() - t0)
-        self._last_step = time.monotonic()
+        self._heartbeat = time.monotonic()
         self.counters.steps_total += 1
         self.counters.step_tokens_total += len(ids)
         for s, row, chunk in fed:  # prompt chunks
@@ -500,3 +548,8 @@ class Scheduler:
         req.sink(Event("error", error=err))
         with self._cv:
             self._cv.notify_all()
+
+
+def _as_error(e: Exception) -> NextnError:
+    """What a request that failed on an unexpected exception is told (the log has the traceback)."""
+    return e if isinstance(e, NextnError) else NextnError(f"internal error: {type(e).__name__}: {e}")

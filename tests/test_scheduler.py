@@ -226,3 +226,75 @@ def test_ignore_eos_bans_end_of_generation_tokens(runner, sched):
     for _ in range(3):
         toks, _, _ = collect(run(sched, prompt, 8, params=sampled, ignore_eos=True)[1])
         assert len(toks) == 8 and not set(toks) & tok.eot_ids
+
+
+def test_a_request_that_cannot_start_fails_alone(runner, sched):
+    """A request whose own settings fail when its slot starts (here a draft length no flag allows, which once
+    killed the worker: every later request hung) gets an error event; the others are served."""
+    from nextn.spec.speculator import SpecConfig
+
+    p = prompts(runner)[0]
+    want = collect(run(sched, p, 8, ignore_eos=True)[1])[0]
+    bad = SpecConfig(types=("ngram-simple",), n_max=10**30)
+    _, q = run(sched, p, 8, spec=bad)
+    ev = q.get(timeout=10)
+    assert ev.kind == "error" and "internal error" in str(ev.error)
+    assert sched.failure is None and sched.busy_slots() == 0
+    assert collect(run(sched, p, 8, ignore_eos=True)[1])[0] == want
+
+
+def test_a_dead_worker_ends_every_request_and_refuses_new_ones(runner):
+    """Whatever kills the worker thread (even a BaseException such as SystemExit): the running and queued
+    requests get an error event saying so, submit refuses, `failure` holds the cause and on_failure is told
+    (the server then fails /health and exits for systemd to restart it)."""
+    s = Scheduler(runner, 1, max_queue=4)
+    s.cache.forget(0)
+    told = []
+    s.on_failure = told.append
+    steps = 0
+    step = s._step
+
+    def dying_step():
+        nonlocal steps
+        steps += 1
+        if steps == 5:
+            raise SystemExit(3)
+        step()
+
+    s._step = dying_step
+    s.start()
+    p = prompts(runner)[0]
+    _, running = run(s, p, 50, ignore_eos=True)
+    _, queued = run(s, p, 50, ignore_eos=True)
+    for q in (running, queued):
+        ev = q.get(timeout=10)
+        while ev.kind == "token":
+            ev = q.get(timeout=10)
+        assert ev.kind == "error" and "scheduler stopped (SystemExit: 3)" in str(ev.error)
+        assert ev.error.http_status == 503
+    s._thread.join(5)
+    assert not s._thread.is_alive()
+    assert isinstance(s.failure, SystemExit) and told == [s.failure]
+    with pytest.raises(Overloaded, match="scheduler stopped"):
+        run(s, p, 4)
+    assert s.drain(1) is True
+
+
+def test_idle_worker_keeps_its_heartbeat(runner):
+    """The watchdog reports the worker's heartbeat, which an idle worker keeps beating; a worker stuck in
+    a step stops beating."""
+    s = Scheduler(runner, 1)
+    s.beat_every = 0.02
+    s.start()
+    try:
+        time.sleep(0.3)
+        assert s.seconds_since_heartbeat() < 0.2
+        step = s._step
+        s._step = lambda: (time.sleep(0.6), step())  # a hung device
+        _, q = run(s, prompts(runner)[0], 2)
+        time.sleep(0.4)
+        assert s.seconds_since_heartbeat() > 0.3
+        collect(q)
+    finally:
+        s.drain(0)
+

@@ -432,3 +432,82 @@ def test_journal_logging_with_structured_fields(model):
         os.unlink(JOURNAL_SOCKET)
         for d in reversed(made):  # leave the machine as it was
             os.rmdir(d)
+
+
+def test_dead_scheduler_fails_health_and_stops_the_watchdog(model):
+    """In-process: once the worker thread died (a SystemExit from inside a step), /health is a 503 in
+    OpenAI's error shape saying so, requests are refused, and the watchdog stops pinging - it follows the
+    worker's heartbeat, which an idle live worker keeps."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from nextn import config
+    from nextn.runner import ModelRunner
+    from nextn.scheduler import Scheduler
+    from nextn.server.app import State, _alive
+    from nextn.server.routes import make_app
+
+    runner = ModelRunner(model, n_ctx=64, n_seq=1, n_batch=16)
+    state = State(config.load(system=False), (None, None))
+    state.runner, state.loading = runner, False
+    state.scheduler = s = Scheduler(runner, 1)
+    s.beat_every = 0.02
+    s.start()
+    time.sleep(0.2)
+    assert _alive(state, 0.1)  # idle, beating
+
+    async def get(path, **kw):
+        async with TestClient(TestServer(make_app(state))) as c:
+            r = await (c.post(path, json=kw) if kw else c.get(path))
+            return r.status, await r.json()
+
+    assert asyncio.run(get("/health")) == (200, {"status": "ok"})
+
+    def dying_step():
+        raise SystemExit(3)
+
+    s._step = dying_step
+    status, body = asyncio.run(get("/v1/completions", prompt=[1, 2, 3], max_tokens=4))
+    assert status == 503 and "scheduler stopped (SystemExit: 3)" in body["error"]["message"]
+    s._thread.join(5)
+    status, body = asyncio.run(get("/health"))
+    assert status == 503 and body["error"]["type"] == "unavailable_error"
+    assert "scheduler stopped" in body["error"]["message"]
+    assert not _alive(state, 0.1)
+    status, body = asyncio.run(get("/v1/completions", prompt=[1, 2, 3], max_tokens=4))
+    assert status == 503 and "scheduler stopped" in body["error"]["message"]
+
+
+def test_dead_scheduler_exits_the_process_for_a_restart(model):
+    """The worker dying (any exception, even SystemExit) ends the process with a non-zero status that the
+    unit does not list in RestartPreventExitStatus=, so systemd restarts the service."""
+    d = _short_dir()
+    sock = d / "s.sock"
+    code = ("import sys\n"
+            "from nextn import scheduler\n"
+            "step = scheduler.Scheduler._step\n"
+            "def _step(self):\n"
+            "    if self.counters.steps_total >= 3:\n"
+            "        raise SystemExit(3)\n"
+            "    step(self)\n"
+            "scheduler.Scheduler._step = _step\n"
+            "from nextn.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.Popen([sys.executable, "-c", code, "serve", "-m", str(model), "--socket", str(sock), "-c", "256"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(sock, p)
+        r = http(sock).post("/v1/completions", json={"prompt": "hi", "max_tokens": 20, "ignore_eos": True})
+        assert r.status_code == 503 and "scheduler stopped (SystemExit: 3)" in r.json()["error"]["message"]
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 70, err
+    assert "the scheduler stopped: SystemExit: 3" in err and "exiting:" in err
+    unit = (Path(__file__).parent.parent / "systemd" / "nextn.service").read_text()
+    assert "Restart=on-failure" in unit and "70" not in unit.split("RestartPreventExitStatus=")[1].split("\n")[0]
+    shutil.rmtree(d, ignore_errors=True)
+

@@ -202,3 +202,31 @@ def test_bad_speculative_settings_are_refused_up_front():
         base.for_request({"speculative.n_max": -1})
     with pytest.raises(RequestError, match="enabled at server start"):
         base.for_request({"speculative.type": "draft-mtp"})
+
+
+def test_per_request_speculative_fields_keep_the_bounds_of_their_flags():
+    """speculative.n_max of 10**9 or 10**30 once took the scheduler thread down (every later request hung):
+    each request field is held to the type and range of the flag it overrides, named in the 400."""
+    from nextn.errors import RequestError
+
+    base = SpecConfig(types=("ngram-mod",))
+    for body, message in [
+        ({"speculative.n_max": 10**9}, r"'speculative\.n_max': 1000000000 \(allowed a value 0 \.\. 63\)"),
+        ({"speculative.n_max": 10**30}, r"'speculative\.n_max'.*0 \.\. 63"),
+        ({"speculative.n_max": 64}, r"'speculative\.n_max'"),
+        ({"speculative.n_max": float("inf")}, r"'speculative\.n_max'.*an integer"),
+        ({"speculative.n_max": "3"}, r"'speculative\.n_max'.*an integer"),
+        ({"speculative.n_min": 10**9}, r"'speculative\.n_min'.*0 \.\. 63"),
+        ({"speculative.p_min": float("nan")}, r"'speculative\.p_min'.*finite"),
+        ({"speculative.p_min": 1e308}, r"'speculative\.p_min'.*0\.0 \.\. 1\.0"),
+        ({"speculative.type": 5}, r"'speculative\.type'.*a string"),
+        ({"speculative.ngram_size_n": 10**9}, r"ngram-simple-size-n.*between 1 and 1024"),
+        ({"speculative.ngram_size_m": -1}, r"'speculative\.ngram_size_m'.*>= 0"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            base.for_request(body)
+    got = base.for_request({"speculative.n_max": 63.0, "speculative.n_min": 2, "speculative.p_min": 1,
+                            "speculative.ngram_size_m": 1024})
+    assert (got.n_max, got.n_min, got.p_min, got.ngram.ngram_simple_size_m) == (63, 2, 1.0, 1024)
+    assert isinstance(got.n_max, int) and isinstance(got.p_min, float)
+

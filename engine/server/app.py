@@ -3,7 +3,9 @@
 Start-up order: bind the socket first (so clients get 503 from /health instead of connection refused),
 load the model and warm it in a thread, start the scheduler, then READY=1. SIGTERM: STOPPING=1, refuse
 new requests, let running ones finish for drain_timeout, end the rest cleanly, exit 0. SIGHUP: re-read
-the configuration and apply what can change live (log level, limits, sampling defaults).
+the configuration and apply what can change live (log level, limits, sampling defaults). If the scheduler's
+worker dies, /health answers 503 and the process exits with EXIT_SCHEDULER_STOPPED, which systemd restarts
+(Restart=on-failure); the watchdog pings only while the worker beats.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from nextn.server import systemd as sd
 from nextn.server.routes import make_app
 
 log = logging.getLogger("nextn.server")
+
+EXIT_SCHEDULER_STOPPED = 70  # EX_SOFTWARE: not in the unit's RestartPreventExitStatus=, so systemd restarts
 
 
 def default_socket_path() -> Path:
@@ -88,13 +92,16 @@ class State:
         self.active = 0  # handlers running (drain waits for them to write their last bytes)
 
 
-def _load_model(state: State) -> None:
+def _load_model(state: State, on_failure, beat_every: float | None) -> None:
     from nextn.build import build
 
     engine = build(state.cfg)  # the model, its MTP block / draft model, and the scheduler (engine/build.py)
     state.runner = engine.runner
     state.model_name = engine.model_name
     state.scheduler = engine.scheduler
+    state.scheduler.on_failure = on_failure
+    if beat_every:  # the idle worker beats faster than the watchdog looks
+        state.scheduler.beat_every = min(state.scheduler.beat_every, beat_every)
     state.scheduler.start()
 
 
@@ -121,11 +128,17 @@ def _reload(state: State) -> None:
     sd.notify("READY=1", "STATUS=configuration reloaded")
 
 
+def _alive(state: State, interval: float) -> bool:
+    """Whether the watchdog may ping: while loading, or while the scheduler's worker beats. The event loop
+    alone answering is not enough: a dead worker, or a step stuck for several intervals (a hung device),
+    stops the pings and systemd restarts the service."""
+    s = state.scheduler
+    return s is None or (s.failure is None and s.seconds_since_heartbeat() < 4 * interval)
+
+
 async def _watchdog(state: State, interval: float) -> None:
     while True:
-        # ping only while the worker makes progress: a step stuck for several intervals means a hung device,
-        # and the missing ping lets systemd restart the service
-        if state.scheduler is None or state.scheduler.seconds_since_step() < 4 * interval:
+        if _alive(state, interval):
             sd.notify("WATCHDOG=1")
         await asyncio.sleep(interval)
 
@@ -155,6 +168,7 @@ async def run_server(cfg, reload_args=(None, None), sockets: list[socket.socket]
         await site.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    failed = asyncio.Event()  # the scheduler's worker died
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, state)
@@ -165,7 +179,8 @@ async def run_server(cfg, reload_args=(None, None), sockets: list[socket.socket]
     sd.notify(f"STATUS=loading {cfg.model.path}")
     log.info("listening on %s; loading %s", ", ".join(str(s.name) for s in sites), cfg.model.path)
     try:
-        load = loop.run_in_executor(None, _load_model, state)
+        load = loop.run_in_executor(None, _load_model, state, lambda e: loop.call_soon_threadsafe(failed.set),
+                                    interval)
         done, _ = await asyncio.wait([load, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if load in done:
             load.result()  # a load error ends the process with its exit code
@@ -177,7 +192,10 @@ async def run_server(cfg, reload_args=(None, None), sockets: list[socket.socket]
             sd.notify("READY=1", "STATUS=" + msg)
             if ready is not None:
                 ready.set()
-            await stop.wait()
+            await asyncio.wait([asyncio.create_task(stop.wait()), asyncio.create_task(failed.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if failed.is_set():
+                return await _exit_failed(state)
         state.stopping = True
         sd.notify("STOPPING=1", "STATUS=draining")
         log.info("stopping: draining for up to %.0f s", cfg.server.drain_timeout)
@@ -185,9 +203,7 @@ async def run_server(cfg, reload_args=(None, None), sockets: list[socket.socket]
             clean = await loop.run_in_executor(None, state.scheduler.drain, state.cfg.server.drain_timeout)
             if not clean:
                 log.warning("drain timeout: unfinished requests were ended")
-        deadline = time.monotonic() + 5
-        while state.active and time.monotonic() < deadline:  # let handlers write their last chunks
-            await asyncio.sleep(0.02)
+        await _handlers_done(state)
         return 0
     finally:
         for t in tasks:
@@ -195,6 +211,22 @@ async def run_server(cfg, reload_args=(None, None), sockets: list[socket.socket]
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def _handlers_done(state: State, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while state.active and time.monotonic() < deadline:  # let handlers write their last chunks
+        await asyncio.sleep(0.02)
+
+
+async def _exit_failed(state: State) -> int:
+    """The worker died (its requests have their error events): stop serving and exit for a restart."""
+    state.stopping = True
+    reason = state.scheduler.stopped_reason()
+    log.critical("exiting: %s", reason)
+    sd.notify("STOPPING=1", "STATUS=" + reason)
+    await _handlers_done(state)
+    return EXIT_SCHEDULER_STOPPED
 
 
 def serve(cfg, reload_args=(None, None)) -> int:

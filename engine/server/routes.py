@@ -65,6 +65,8 @@ async def read_json(request, limit: int):
 def _ready(state: State):
     if state.loading or state.scheduler is None:
         raise Overloaded("the model is loading")
+    if state.scheduler.failure is not None:
+        raise Overloaded(state.scheduler.stopped_reason())
     if state.stopping:
         raise Overloaded("the server is shutting down")
     return state.scheduler
@@ -74,6 +76,8 @@ async def health(request):
     state = request.app["state"]
     if state.loading:
         return _error(Overloaded("Loading model"), 503)
+    if state.scheduler is not None and state.scheduler.failure is not None:
+        return _error(Overloaded(state.scheduler.stopped_reason()), 503)  # nothing would answer a request
     if state.stopping:
         return _error(Overloaded("shutting down"), 503)
     return web.json_response({"status": "ok"})

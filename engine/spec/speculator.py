@@ -37,6 +37,14 @@ def parse_types(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(t for t in names if t != "none")
 
 
+# request field speculative.NAME -> the SpecConfig field (ngram_*: NgramParams field) it overrides
+_REQUEST_FIELDS = {"n_max": "n_max", "n_min": "n_min", "p_min": "p_min", "type": "types",
+                   "ngram_size_n": "ngram_simple_size_n", "ngram_size_m": "ngram_simple_size_m",
+                   "ngram_min_hits": "ngram_simple_min_hits"}
+# ... and the [speculative] setting whose flag it mirrors, where the names differ
+_SETTING = {"n_max": "draft_n_max", "n_min": "draft_n_min", "p_min": "draft_p_min", "types": "type"}
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """llama-server's speculative settings (same names and defaults), plus nextn's adaptive controller."""
@@ -80,29 +88,29 @@ class SpecConfig:
 
     def for_request(self, body: dict) -> "SpecConfig":
         """The request body's overrides, as llama-server accepts them: speculative.n_max / n_min / p_min /
-        type / ngram_size_n / ngram_size_m / ngram_min_hits. A model-based type the server did not load
-        (draft-mtp without the MTP block) cannot be asked for per request."""
+        type / ngram_size_n / ngram_size_m / ngram_min_hits. Each keeps the type and bounds of the flag it
+        overrides (engine/config.py; the n-gram sizes also NgramParams' ranges, as their flags): a draft
+        length of 10**9 would take the scheduler down with every other request. A model-based type the
+        server did not load (draft-mtp without the MTP block) cannot be asked for per request."""
+        from nextn.config import check_request
+
+        over = {}
+        for name, key in _REQUEST_FIELDS.items():
+            if f"speculative.{name}" in body:
+                over[key] = check_request(f"speculative.{_SETTING.get(key, key)}", body[f"speculative.{name}"],
+                                          f"speculative.{name}")
         cfg = self
         try:
-            if "speculative.n_max" in body:
-                cfg = replace(cfg, n_max=int(body["speculative.n_max"]))
-            if "speculative.n_min" in body:
-                cfg = replace(cfg, n_min=int(body["speculative.n_min"]))
-            if "speculative.p_min" in body:
-                cfg = replace(cfg, p_min=float(body["speculative.p_min"]))
-            if "speculative.type" in body:
-                types = parse_types(str(body["speculative.type"]))
+            if "types" in over:
+                types = parse_types(over["types"])
                 if any(t in MODEL_TYPES for t in types) and not all(t in self.types for t in types if t in MODEL_TYPES):
                     raise ValueError("a model-based draft type must be enabled at server start (--spec-type)")
-                cfg = replace(cfg, types=types)
-            ng = {}  # llama-server maps these onto ngram-simple's parameters
-            for key in ("size_n", "size_m", "min_hits"):
-                if f"speculative.ngram_{key}" in body:
-                    ng[f"ngram_simple_{key}"] = int(body[f"speculative.ngram_{key}"])
-            if ng:
+                over["types"] = types
+            ng = {k: over.pop(k) for k in list(over) if k.startswith("ngram_")}
+            if ng:  # llama-server maps these onto ngram-simple's parameters
                 cfg = replace(cfg, ngram=replace(cfg.ngram, **ng))
-            cfg.check()
-        except (TypeError, ValueError, ConfigError) as e:
+            cfg = replace(cfg, **over).check()
+        except (ValueError, ConfigError) as e:
             raise RequestError(f"invalid speculative parameter: {e}") from None
         return cfg
 
