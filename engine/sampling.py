@@ -137,8 +137,8 @@ class Sampler:
             raise ValueError(f"logits must be a non-empty vector, got shape {z.shape}")
         top = int(np.argmax(z))
         z_max = float(z[top])
-        if not z_max > -math.inf:  # NaN (argmax stops at the first NaN) or every logit -inf
-            raise ValueError("logits are NaN or all -inf")
+        if not -math.inf < z_max < math.inf:  # NaN (argmax stops at the first NaN), +inf, or every logit -inf
+            raise ValueError("logits are NaN, infinite or all -inf")
         if p.greedy:
             return np.array([top], dtype=np.int64), np.ones(1)
 

@@ -10,15 +10,17 @@ that hands events to its event loop with loop.call_soon_threadsafe. A cancelled 
 leaves its slot before the next step. A prompt that does not fit the context is refused at submit, a full
 queue raises Overloaded (503) at submit: nothing waits without bound.
 
-Failures stay with whoever caused them: a request that cannot start (its own settings fail) ends alone
-with an error event; a failed step ends the requests in it. If the worker itself dies, every request is
-ended, `failure` says why, submit refuses, and `on_failure` tells the server, which then exits for systemd
-to restart it. The worker's heartbeat (also while idle) is what the watchdog reports.
+Failures stay with whoever caused them: a request that cannot start, or whose logits, sampler, drafts or
+verification fail, ends alone with an error event; a failed device step ends the requests in it. If the
+worker itself dies, every request is ended, `failure` says why, submit refuses, and `on_failure` tells the
+server, which then exits for systemd to restart it. The worker's heartbeat (also while idle) is what the
+watchdog reports.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -360,11 +362,13 @@ class Scheduler:
             drafts, probs = [], None
             if s.spec is not None:
                 # leave an output row for every other busy slot and a token for every other generating
-                # one; while prompts wait, drafts take at most half the batch; never draft past the context
-                # or max_tokens
+                # one; while prompts wait, drafts take at most half the batch
                 room = min(r.max_outputs - len(out_rows) - (n_busy - i), token_cap - len(ids) - (len(gen) - i),
-                           r.n_ctx - s.n_past - 2, s.req.max_tokens - s.n_gen - 1)
-                drafts, probs = s.spec.propose(min(s.spec.k_next, room))
+                           self._draft_room(s))
+                with self._alone(s):
+                    drafts, probs = s.spec.propose(min(s.spec.k_next, room))
+                if s.req is None:  # its drafter failed: the request has ended
+                    continue
                 if drafts:
                     r.save_for_rollback(s.index)
             row = len(ids)
@@ -411,43 +415,65 @@ class Scheduler:
         emitted = {}
         advanced = []  # (slot, first row, tokens the trunk took, token emitted after them) of generating slots
         for s, row in prompt_out:  # the first generated token of a finished prompt
-            lg = None if logits is None else logits[row]
-            token = int(top[row]) if lg is None or not s.sampler.needs_logits else s.sampler.sample(lg, s.history)
-            emitted[s.index] = (s, [token], lg)
-            self._emit(s, token, lg)
+            with self._alone(s):
+                lg = None if logits is None else logits[row]
+                greedy = lg is None or not s.sampler.needs_logits
+                token = int(top[row]) if greedy else s.sampler.sample(lg, s.history)
+                emitted[s.index] = (s, [token], lg)
+                self._emit(s, token, lg, s.n_past)
         for s, row, drafts, probs in verify:
-            j = row  # verify rows come first, every one of them an out row
-            k = len(drafts)
-            rows_top = top[j : j + k + 1]
-            rows_lg = None if logits is None else logits[j : j + k + 1]
-            if s.spec is None:
-                a = 0
-                greedy = rows_lg is None or not s.sampler.needs_logits
-                token = int(rows_top[0]) if greedy else s.sampler.sample(rows_lg[0], s.history)
-            else:
-                a, token = s.spec.verify(drafts, probs, rows_top, rows_lg, s.sampler, s.history,
-                                         self._eog(s))
-                s.spec.observe(k, a)
-                self.counters.drafted_tokens_total += k
-                self.counters.drafted_accepted_total += a
-                if a < k:
-                    r.rollback(s.index, list(range(row, row + k + 1)), a + 1)
-            fed_toks = [s.last_token, *drafts[:a]]
-            s.n_past += len(fed_toks)
-            self.cache.append(s.index, fed_toks)
-            out = [*drafts[:a], token]
-            emitted[s.index] = (s, out, None)
-            advanced.append((s, row, fed_toks, token))
-            for i, t in enumerate(out):
-                lg = None if rows_lg is None else rows_lg[i]
-                if not self._emit(s, t, lg):
-                    break
+            with self._alone(s):
+                self._verify(s, row, drafts, probs, top, logits, emitted, advanced)
         for s, toks, _ in emitted.values():
             if s.req is not None and s.spec is not None:
                 s.spec.extend(toks)
-                s.spec.choose(len(emitted) - 1)
+                s.spec.choose(len(emitted) - 1, self._draft_room(s))
         if self.batch_drafters:
             self._after_step(fed, advanced, emitted)
+
+    def _verify(self, s: _Slot, row: int, drafts, probs, top, logits, emitted, advanced) -> None:
+        """A generating slot's rows of the step: its drafts accepted or rolled back, its tokens emitted."""
+        k = len(drafts)
+        rows_top = top[row : row + k + 1]  # verify rows come first, every one of them an out row
+        rows_lg = None if logits is None else logits[row : row + k + 1]
+        if s.spec is None:
+            a = 0
+            greedy = rows_lg is None or not s.sampler.needs_logits
+            token = int(rows_top[0]) if greedy else s.sampler.sample(rows_lg[0], s.history)
+        else:
+            a, token = s.spec.verify(drafts, probs, rows_top, rows_lg, s.sampler, s.history, self._eog(s))
+            s.spec.observe(k, a)
+            self.counters.drafted_tokens_total += k
+            self.counters.drafted_accepted_total += a
+            if a < k:
+                self.runner.rollback(s.index, list(range(row, row + k + 1)), a + 1)
+        fed_toks = [s.last_token, *drafts[:a]]
+        s.n_past += len(fed_toks)
+        self.cache.append(s.index, fed_toks)
+        out = [*drafts[:a], token]
+        emitted[s.index] = (s, out, None)
+        advanced.append((s, row, fed_toks, token))
+        for i, t in enumerate(out):
+            lg = None if rows_lg is None else rows_lg[i]
+            if not self._emit(s, t, lg, s.n_past - len(out) + 1 + i):
+                break
+
+    @contextlib.contextmanager
+    def _alone(self, s: _Slot):
+        """One request's own part of a step - its drafter, its sampler over its rows, its verification, its
+        text. What fails there comes from that request's data (its settings, NaN logits in its rows), so it
+        ends that request with an error event and the step goes on for the others. The batch's device work
+        (the step, the device drafters) stays outside: its failure is everyone's."""
+        try:
+            yield
+        except Exception as e:
+            req = s.req
+            if req is None:  # it had ended already
+                log.exception("slot %d failed after its request ended", s.index)
+                return
+            log.exception("request %s failed in slot %d", req.id, s.index,
+                          extra={"REQUEST_ID": req.id, "SLOT": s.index})
+            self._finish_error(s, _as_error(e))
 
     def _after_step(self, fed, advanced, emitted) -> None:
         """What each slot's sequence took in this step, for the device drafters (prompt chunks first, then
@@ -467,11 +493,19 @@ class Scheduler:
         for d in self.batch_drafters:
             d.after_step(advances, self.slots)
 
+    def _draft_room(self, s: _Slot) -> int:
+        """The most drafts slot s can use in its next step: none past the context (the device drafters would
+        run positions its sequence does not have - NaN logits, or another sequence's cache) or past
+        max_tokens. The slot's draft length is held to it, which is what the device drafters draft."""
+        return min(self.runner.n_ctx - s.n_past - 2, s.req.max_tokens - s.n_gen - 1)
+
     def _eog(self, s: _Slot) -> Collection[int]:
         return () if s.req.ignore_eos else self.runner.tokenizer.eot_ids
 
-    def _emit(self, s: _Slot, token: int, logits) -> bool:
-        """Hand a generated token to the request; False when that finished it."""
+    def _emit(self, s: _Slot, token: int, logits, at: int) -> bool:
+        """Hand a generated token, which sits at position `at` of the sequence, to the request; False when
+        that finished it (the context ends where plain decoding would end it, however many drafts the
+        step accepted before the token)."""
         req = s.req
         if s.t_first is None:
             s.t_first = time.perf_counter()
@@ -480,6 +514,8 @@ class Scheduler:
         lp, top_lp = None, None
         if req.n_probs and logits is not None:
             z = logits.astype(np.float64)
+            if not np.isfinite(z).all():  # JSON has no NaN: the request cannot be answered
+                raise ValueError("the logits of the request's row are NaN or infinite")
             logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
             lp = float(logp[token])
             best = np.argsort(-logp, kind="stable")[: req.n_probs]
@@ -492,7 +528,7 @@ class Scheduler:
         if hit:
             self._finish(s, "stop", Event("token", text, token, lp, top_lp))
             return False
-        if s.n_gen >= req.max_tokens or s.n_past + 1 >= self.runner.n_ctx:
+        if s.n_gen >= req.max_tokens or at + 1 >= self.runner.n_ctx:
             tail = s.matcher.push(s.decoder.flush())[0] + s.matcher.flush()
             self._finish(s, "length", Event("token", text + tail, token, lp, top_lp))
             return False

@@ -298,3 +298,53 @@ def test_idle_worker_keeps_its_heartbeat(runner):
     finally:
         s.drain(0)
 
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_request_whose_logits_fail_ends_alone(runner, monkeypatch, speculative):
+    """NaN logits in one request's rows (its first token, or later: sampled, or verified against its
+    drafts) end that request with an error event; the request beside it streams on with the output it has
+    alone. Once, such a failure ended every request in the step."""
+    from nextn.spec.ngram import NgramParams
+    from nextn.spec.speculator import SpecConfig
+
+    spec = SpecConfig(types=("ngram-simple",), n_max=3, adaptive=False,
+                      ngram=NgramParams(ngram_simple_size_n=1, ngram_simple_size_m=4)) if speculative else None
+    s = Scheduler(runner, 4, spec=spec)
+    for i in range(4):
+        s.cache.forget(i)
+    poison = {}  # seed of a request -> tokens it generates before its rows turn NaN
+    step = runner.step
+
+    def poisoned(ids, pos, seq, out_rows, want_logits=False):
+        top, logits = step(ids, pos, seq, out_rows, want_logits)
+        if logits is not None:
+            logits = logits.copy()
+            for j, row in enumerate(out_rows):
+                slot = s.slots[seq[row]]
+                if slot.req is not None and slot.n_gen >= poison.get(slot.req.params.seed, 10**9):
+                    logits[j] = np.nan
+        return top, logits
+
+    monkeypatch.setattr(runner, "step", poisoned)
+    s.start()
+    try:
+        sampled = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        victim = SamplingParams(seed=7, **sampled)
+        p = prompts(runner)
+        alone = collect(run(s, p[1], 40, victim, ignore_eos=True)[1])[0]
+        for i in range(4):
+            s.cache.forget(i)
+        poison.update({100: 0, 101: 2})
+        _, qv = run(s, p[1], 40, victim, ignore_eos=True)
+        _, qa = run(s, p[0], 40, SamplingParams(seed=100, **sampled), ignore_eos=True)
+        _, qb = run(s, p[3], 40, SamplingParams(seed=101, **sampled), ignore_eos=True)
+        for q, n in ((qa, 0), (qb, 2)):
+            evs = [q.get(timeout=30)]
+            while evs[-1].kind == "token":
+                evs.append(q.get(timeout=30))
+            assert evs[-1].kind == "error" and "NaN" in str(evs[-1].error)
+            assert len(evs) - 1 <= n + (3 if speculative else 0)
+        assert collect(qv)[0] == alone
+        assert s.busy_slots() == 0 and s.failure is None
+    finally:
+        s.drain(0)

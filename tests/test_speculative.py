@@ -230,3 +230,45 @@ def test_per_request_speculative_fields_keep_the_bounds_of_their_flags():
     assert (got.n_max, got.n_min, got.p_min, got.ngram.ngram_simple_size_m) == (63, 2, 1.0, 1024)
     assert isinstance(got.n_max, int) and isinstance(got.p_min, float)
 
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_drafts_stop_at_the_end_of_the_context(tmp_path, monkeypatch, temperature):
+    """Generating up to the end of a small context with long drafts: no drafter (the MTP head, the draft
+    model) ever runs a position past the context. MTP drafts there once gave NaN logits that failed the step
+    of every request. The request ends with "length" at the context's end - not earlier when the last step
+    accepted several drafts - with the tokens of plain decoding."""
+    from nextn.sampling import SamplingParams
+
+    path = make_tiny(tmp_path / "m.gguf", arch="qwen35", qtype="Q8_0", seed=5, mtp=True)
+    n_ctx = 64
+    runner = ModelRunner(path, n_ctx=n_ctx, n_seq=2, n_batch=32, mtp=True, speculative=True)
+    draft = ModelRunner(make_tiny(tmp_path / "d.gguf", arch="qwen3", qtype="Q8_0", seed=5), n_ctx=n_ctx, n_seq=2,
+                        n_batch=32)
+    seen = []
+    for r, name in ((runner, "mtp_step"), (draft, "step")):
+        inner = getattr(r, name)
+
+        def record(ids, pos, *a, _inner=inner, **k):
+            seen.append(int(np.max(pos)))
+            return _inner(ids, pos, *a, **k)
+
+        monkeypatch.setattr(r, name, record)
+    params = SamplingParams(temperature=temperature, seed=1)
+    prompts = ([5, 6, 7], list(range(5, 5 + 50)))
+    plain = [generate(runner, None, p, 400)[0] for p in prompts] if params.greedy else None
+    for types in (("draft-mtp",), ("draft-simple",)):
+        spec = SpecConfig(types=types, n_max=8, adaptive=False, draft_model="tiny")
+        sched = Scheduler(runner, 2, spec=spec, draft_runner=draft if "draft-simple" in types else None)
+        for i in range(2):
+            sched.cache.forget(i)
+        sched.start()
+        try:
+            for i, prompt in enumerate(prompts):
+                seen.clear()
+                toks, _, done = collect(run(sched, prompt, 400, params, ignore_eos=True)[1])
+                assert done.finish_reason == "length" and len(prompt) + len(toks) == n_ctx, types
+                assert plain is None or toks == plain[i], types  # the context ends where plain decoding ends
+                assert done.timings["draft_n"] > 0 and seen, types
+                assert max(seen) < n_ctx, f"{types}: a draft at position {max(seen)} of a {n_ctx}-token context"
+        finally:
+            sched.drain(0)

@@ -166,8 +166,11 @@ class SlotSpec:
         for _, d in self.drafters:
             d.extend(tokens)
 
-    def choose(self, n_other_tokens: int) -> int:
-        self.k_next = self.adaptive.choose(n_other_tokens) if self.adaptive else self.cfg.n_max
+    def choose(self, n_other_tokens: int, room: int) -> int:
+        """The draft length of the next step (`k_next`, what the device drafters draft), at most `room`: the
+        drafts the request can still use before its context or max_tokens ends."""
+        k = self.adaptive.choose(n_other_tokens) if self.adaptive else self.cfg.n_max
+        self.k_next = max(0, min(k, room))
         return self.k_next
 
     @property
