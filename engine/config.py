@@ -22,9 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nextn.errors import ConfigError, RequestError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# llama-server holds sampling values as C floats and top-k as an int32: the ranges of its request fields
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+INT32_MAX = 2**31 - 1
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")  # engine/ops/attention.py KV_TYPES; llama-server's names
 
 
@@ -69,12 +74,14 @@ class LimitsSection:
 
 @dataclass(frozen=True)
 class SamplingSection:
-    temperature: float = _f(0.8, "default temperature (0: greedy)", "--temp", lo=0.0, live=True)
-    top_k: int = _f(40, "default top-k (0: whole vocabulary)", "--top-k", lo=0, live=True)
+    temperature: float = _f(0.8, "default temperature (<= 0: greedy)", "--temp", lo=-FLOAT32_MAX, hi=FLOAT32_MAX,
+                            live=True)
+    top_k: int = _f(40, "default top-k (0: whole vocabulary)", "--top-k", lo=0, hi=INT32_MAX, live=True)
     top_p: float = _f(0.95, "default top-p (1.0: off)", "--top-p", lo=0.0, hi=1.0, live=True)
     min_p: float = _f(0.05, "default min-p (0.0: off)", "--min-p", lo=0.0, hi=1.0, live=True)
-    repeat_penalty: float = _f(1.0, "default repeat penalty (1.0: off)", "--repeat-penalty", lo=0.0, live=True)
-    seed: int = _f(-1, "default seed (-1: random)", "--seed", lo=-1, live=True)
+    repeat_penalty: float = _f(1.0, "default repeat penalty (1.0: off)", "--repeat-penalty", lo=0.0, hi=FLOAT32_MAX,
+                               live=True)
+    seed: int = _f(-1, "default seed (-1: random)", "--seed", lo=-1, hi=2**64 - 1, live=True)
 
 
 def _speculative_section():

@@ -14,6 +14,11 @@ logits.
 (accept with min(1, p/q), resample from max(0, p - q)) needs - and `sample()` draws from it with the
 sampler's own numpy Generator, so a seed reproduces a run.
 
+Extreme values: the penalties run in float32 as llama.cpp's, and a penalty at the end of its range (a
+presence penalty of -3e38, a repeat penalty of 1e-45 dividing a logit) would overflow to inf, and inf - inf
+to NaN. They saturate at the largest finite float32 instead, so the filters always see finite logits (banned
+tokens alone are -inf) and every distribution is a real one.
+
 Speed: a 150k vocabulary would cost ~0.3 ms for a full argpartition and several for a sort. Instead the
 top-k set is bracketed from a strided sample (one vectorised compare over the vocabulary keeps a few
 hundred logits) and only the survivors are partitioned and sorted; see _top_k and _head.
@@ -25,11 +30,17 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from nextn import config
 from nextn.errors import RequestError
 
 # without top-k or min-p, top-p needs the sorted head of the vocabulary holding mass top_p: windows this
 # many nats below the max logit are tried in turn before the whole vocabulary
 _WINDOWS = (8.0, 16.0, 32.0, 64.0)
+
+_F32_MAX = np.float32(config.FLOAT32_MAX)
+_BEYOND_FLOAT32 = "is beyond the range of a 32-bit float"
+# the fields that are also [sampling] settings keep the settings' bounds per request (engine/config.py)
+_SETTINGS = {k.split(".")[1] for k, _ in config.iter_fields() if k.startswith("sampling.")}
 
 
 @dataclass(frozen=True)
@@ -53,20 +64,26 @@ class SamplingParams:
             want_int = f.type in (int, "int")
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise RequestError(f"invalid {f.name}: {v!r} is not a number")
-            if not math.isfinite(v):
+            if isinstance(v, float) and not math.isfinite(v):
                 raise RequestError(f"invalid {f.name}: {v!r} is not finite")
             if want_int:
-                if float(v) != int(v):
+                if isinstance(v, float) and not v.is_integer():
                     raise RequestError(f"invalid {f.name}: {v!r} is not an integer")
                 object.__setattr__(self, f.name, int(v))
             else:
-                object.__setattr__(self, f.name, float(v))
+                try:
+                    object.__setattr__(self, f.name, float(v))
+                except OverflowError:  # an integer of hundreds of digits
+                    raise RequestError(f"invalid {f.name}: {v!r} {_BEYOND_FLOAT32}") from None
+            if f.name in _SETTINGS:  # a request cannot ask for what the flag refuses
+                config.check_request(f"sampling.{f.name}", getattr(self, f.name), f.name)
         rules = (
-            ("top_p", 0.0 <= self.top_p <= 1.0, "must be between 0 and 1"),
-            ("min_p", 0.0 <= self.min_p <= 1.0, "must be between 0 and 1"),
-            ("repeat_penalty", self.repeat_penalty > 0.0, "must be greater than 0"),
+            # the penalty divides logits as a float32: a value that is 0 there divides by zero
+            ("repeat_penalty", np.float32(self.repeat_penalty) > 0, "must be greater than 0 (as a 32-bit float)"),
             ("repeat_last_n", self.repeat_last_n >= -1, "must be -1 (whole history), 0 (off) or positive"),
-            ("seed", -1 <= self.seed < 2**64, "must be -1 (random) or between 0 and 2^64-1"),
+            # no setting of their own: llama-server's range, a float32
+            ("presence_penalty", abs(self.presence_penalty) <= config.FLOAT32_MAX, _BEYOND_FLOAT32),
+            ("frequency_penalty", abs(self.frequency_penalty) <= config.FLOAT32_MAX, _BEYOND_FLOAT32),
         )
         for name, ok, why in rules:
             if not ok:
@@ -112,21 +129,24 @@ class Sampler:
         """
         p = self.params
         logits = np.asarray(logits)
-        if self.banned.size:
-            logits = np.array(logits, dtype=np.float32, copy=True)
-            logits[self.banned[self.banned < logits.shape[0]]] = -np.inf
-        if not p.penalizes or len(history) == 0:
-            return logits
-        recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]
-        ids, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
-        keep = (ids >= 0) & (ids < logits.shape[0])
-        ids, counts = ids[keep], counts[keep]
-        out = np.array(logits, dtype=np.float32, copy=True)
-        v = out[ids]
-        v = np.where(v <= 0, v * np.float32(p.repeat_penalty), v / np.float32(p.repeat_penalty))
-        v = v - (counts * p.frequency_penalty + p.presence_penalty).astype(np.float32)
-        out[ids] = v
-        return out
+        out = None
+        if p.penalizes and len(history):
+            recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]
+            ids, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
+            keep = (ids >= 0) & (ids < logits.shape[0])
+            ids, counts = ids[keep], counts[keep]
+            out = np.array(logits, dtype=np.float32, copy=True)
+            v = out[ids]
+            rp = np.float32(p.repeat_penalty)
+            with np.errstate(over="ignore"):  # saturated below: the sampler needs finite logits
+                v = np.clip(np.where(v <= 0, v * rp, v / rp), -_F32_MAX, _F32_MAX)
+                pen = np.clip(counts * p.frequency_penalty + p.presence_penalty, -_F32_MAX, _F32_MAX)
+                v = v - pen.astype(np.float32)
+            out[ids] = np.clip(v, -_F32_MAX, _F32_MAX)
+        if self.banned.size:  # after the penalties (equal to llama.cpp's bias first: -inf stays -inf there)
+            out = np.array(logits, dtype=np.float32, copy=True) if out is None else out
+            out[self.banned[self.banned < out.shape[0]]] = -np.inf
+        return logits if out is None else out
 
     def candidates(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, probabilities) of the final distribution: ids by falling probability, probabilities
@@ -159,7 +179,8 @@ class Sampler:
             ids = ids[keep]
 
         zi = z[ids].astype(np.float64)
-        e = np.exp((zi - z_max) / p.temperature)
+        with np.errstate(over="ignore"):  # a temperature near 0: -inf for all but the top, as it should
+            e = np.exp((zi - z_max) / p.temperature)
         keep = e > 0  # -inf logits (masked tokens) carry no probability
         ids, e = ids[keep], e[keep]
         return ids, e / e.sum()

@@ -242,7 +242,11 @@ def test_large_vocab_is_fast():
     ("top_p", 1.5), ("min_p", -0.1), ("repeat_penalty", 0.0), ("repeat_last_n", -2), ("seed", -2),
     ("top_k", 1.5), ("temperature", "hot"), ("top_k", True), ("temperature", float("nan")),
     ("presence_penalty", float("inf")), ("seed", 2**64),
-])
+    # llama-server's ranges: its sampling values are 32-bit floats and top-k a 32-bit int
+    ("presence_penalty", -1e308), ("frequency_penalty", -1e308), ("frequency_penalty", 3.5e38),
+    ("repeat_penalty", 5e-324), ("repeat_penalty", 1e39), ("temperature", 1e308), ("temperature", -1e39),
+    ("top_k", 10**18), ("top_k", -1), ("seed", 10**400), ("seed", 1e300), ("temperature", 10**400),
+], ids=lambda v: repr(v)[:16])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(RequestError) as e:
         SamplingParams(**{field: value})
@@ -257,3 +261,54 @@ def test_json_numbers_are_normalized():
     d = SamplingParams()
     assert (d.temperature, d.top_k, d.top_p, d.min_p, d.repeat_penalty, d.repeat_last_n, d.seed) == \
         (0.8, 40, 0.95, 0.05, 1.0, 64, -1)
+
+
+def test_the_bounds_of_the_settings_hold_per_request():
+    """A request field that is also a [sampling] setting keeps the setting's bounds (engine/config.py)."""
+    from nextn.config import iter_fields
+
+    bounds = {k.split(".")[1]: (f.metadata["lo"], f.metadata["hi"])
+              for k, f in iter_fields() if k.startswith("sampling.")}
+    assert bounds["top_k"] == (0, 2**31 - 1) and bounds["seed"] == (-1, 2**64 - 1)
+    assert all(lo is not None and hi is not None for lo, hi in bounds.values())
+    for name, (lo, hi) in bounds.items():
+        for bad in (lo - max(1, abs(lo)), hi + max(1, abs(hi))):
+            with pytest.raises(RequestError, match=name):
+                SamplingParams(**{name: bad})
+    assert SamplingParams(seed=2**64 - 1, top_k=2**31 - 1).seed == 2**64 - 1
+
+
+EXTREME = [
+    {"presence_penalty": -3.4e38}, {"presence_penalty": 3.4e38}, {"frequency_penalty": -3.4e38},
+    {"frequency_penalty": 3.4e38}, {"repeat_penalty": 1e-45}, {"repeat_penalty": 3.4e38},
+    {"repeat_penalty": 1e-45, "presence_penalty": 3.4e38}, {"repeat_penalty": 3.4e38, "frequency_penalty": -3.4e38},
+    {"temperature": 1e-320}, {"temperature": 1e-30}, {"temperature": 3.4e38}, {"min_p": 1e-300},
+    {"top_p": 1e-300}, {"top_k": 2**31 - 1},
+]
+
+
+@pytest.mark.parametrize("extreme", EXTREME, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("chain", [OFF, {"top_k": 40, "top_p": 0.95, "min_p": 0.05}], ids=["off", "filters"])
+def test_extreme_values_in_range_still_sample(extreme, chain):
+    """Values at the ends of the ranges (penalties of +-3.4e38, a penalty of 1e-45 that divides a logit past
+    the float range, temperatures of 1e-320 or 3.4e38) once overflowed to inf and NaN and failed the whole
+    batch step: the penalized logits saturate at the largest finite float, so every draw is a real token
+    and the distribution is finite - also with banned (ignore_eos) tokens in the history."""
+    import warnings
+
+    from nextn.spec.verify import verify_sampled
+
+    z = np.random.default_rng(2).standard_normal(300).astype(np.float32) * 3
+    history = [1, 2, 2, 3, 3, 3, 0, 7]
+    for banned in ((), (0, 7)):
+        s = Sampler(SamplingParams(**{"temperature": 1.0, **chain, "seed": 1, **extreme}), banned)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow or invalid-value warnings either
+            pr = s.probs(z, history)
+            tok = s.sample(z, history)
+            n, nxt = verify_sampled([5, 9], None, np.stack([z, z, z]), s, history)
+        assert np.isfinite(pr).all() and pr.sum() == pytest.approx(1.0)
+        assert pr[tok] > 0 and not set(np.flatnonzero(pr)) & set(banned)
+        assert 0 <= n <= 2 and 0 <= nxt < len(z) and nxt not in banned
+        pen = s.penalized(z, history)
+        assert not np.isnan(pen).any() and (np.isfinite(pen) | np.isin(np.arange(len(z)), banned)).all()

@@ -511,3 +511,68 @@ def test_dead_scheduler_exits_the_process_for_a_restart(model):
     assert "Restart=on-failure" in unit and "70" not in unit.split("RestartPreventExitStatus=")[1].split("\n")[0]
     shutil.rmtree(d, ignore_errors=True)
 
+
+HOSTILE_REFUSED = [  # each once crashed the batch step (or the scheduler) and cut every other stream
+    {"presence_penalty": -1e308}, {"frequency_penalty": -1e308}, {"repeat_penalty": 5e-324},
+    {"temperature": 1e308}, {"temperature": 10**400}, {"top_k": 10**18}, {"seed": 2**64}, {"seed": -5},
+    {"speculative.n_max": 10**9}, {"speculative.p_min": 1e308},
+]
+HOSTILE_SERVED = [  # the ends of the allowed ranges: served, and harmless to the others
+    {"presence_penalty": -3.4e38}, {"frequency_penalty": 3.4e38}, {"repeat_penalty": 1e-45},
+    {"repeat_penalty": 3.4e38, "presence_penalty": 3.4e38}, {"temperature": 1e-320}, {"temperature": 3.4e38},
+    {"top_k": 2**31 - 1, "seed": 2**64 - 1},
+]
+
+
+def test_hostile_sampling_values_do_not_touch_another_stream(server):
+    """While a victim streams, requests with extreme sampling values arrive: those out of llama-server's
+    ranges get a 400 naming the field, those at the ends of the ranges are served; the victim's stream is
+    neither cut nor changed."""
+    body = {"prompt": "the victim says", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    alone = http(server).post("/v1/completions", json=body).json()["choices"][0]["text"]
+    got = {}
+
+    def victim():
+        with http(server, timeout=60) as c, c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            lines = []
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    lines.append(json.loads(line[6:]))
+                    got.setdefault("first", time.monotonic())
+            got["lines"], got["end"] = lines, time.monotonic()
+
+    hostiles = HOSTILE_REFUSED + HOSTILE_SERVED
+    results, go = {}, threading.Event()
+
+    def hostile(i, extra):
+        with http(server) as c:
+            go.wait(10)  # the victim is streaming
+            r = c.post("/v1/completions", json={"prompt": f"hostile {i}", "max_tokens": 8, "temperature": 1,
+                                                "ignore_eos": True, **extra})
+            results[i] = (r.status_code, r.json(), time.monotonic())
+
+    threads = [threading.Thread(target=hostile, args=(i, extra)) for i, extra in enumerate(hostiles)]
+    for h in threads:
+        h.start()
+    t = threading.Thread(target=victim)
+    t.start()
+    deadline = time.monotonic() + 10
+    while "first" not in got and time.monotonic() < deadline:
+        time.sleep(0.001)
+    go.set()
+    for h in threads + [t]:
+        h.join(60)
+    lines = got["lines"]
+    assert all("error" not in ev for ev in lines)
+    assert lines[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(ev["choices"][0]["text"] for ev in lines) == alone
+    for i, extra in enumerate(hostiles):
+        status, reply, _ = results[i]
+        if extra in HOSTILE_REFUSED:
+            field = next(iter(extra))
+            assert status == 400 and field in reply["error"]["message"], (extra, reply)
+            assert reply["error"]["type"] == "invalid_request_error"
+        else:
+            assert status == 200 and reply["usage"]["completion_tokens"] == 8, (extra, reply)
+    # the served ones ran beside the victim
+    assert max(results[i][2] for i in range(len(HOSTILE_REFUSED), len(hostiles))) < got["end"]

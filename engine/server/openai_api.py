@@ -51,8 +51,7 @@ def _int(body, name, default=None, lo=None):
 
 
 def _num(body, name, default):
-    v = _get(body, name, (int, float), default, what="a number")
-    return float(v)
+    return _get(body, name, (int, float), default, what="a number")  # SamplingParams checks its range
 
 
 def parse_common(body: dict, defaults, limits) -> dict:
@@ -77,7 +76,6 @@ def parse_common(body: dict, defaults, limits) -> dict:
         stop = tuple(stop)
     else:
         raise RequestError(f"invalid value for 'stop': {stop!r} (expected a string or a list of strings)")
-    seed = _int(body, "seed", defaults.seed)
     params = SamplingParams(
         temperature=_num(body, "temperature", defaults.temperature),
         top_k=_int(body, "top_k", defaults.top_k),
@@ -86,7 +84,7 @@ def parse_common(body: dict, defaults, limits) -> dict:
         repeat_penalty=_num(body, "repeat_penalty", defaults.repeat_penalty),
         presence_penalty=_num(body, "presence_penalty", 0.0),
         frequency_penalty=_num(body, "frequency_penalty", 0.0),
-        seed=seed if seed >= 0 else -1,
+        seed=_int(body, "seed", defaults.seed),  # -1: random; below is refused, as the --seed flag
     )
     so = _get(body, "stream_options", dict, {}, what="an object")
     return {

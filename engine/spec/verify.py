@@ -25,6 +25,8 @@ import math
 from collections.abc import Collection, Sequence
 
 import numpy as np
+
+from nextn import config
 from nextn.errors import ConfigError
 from nextn.sampling import Sampler
 
@@ -156,13 +158,17 @@ def _target(sampler: Sampler, logits: np.ndarray, history: list[int]) -> tuple[n
     """
     p = sampler.params
     z = np.asarray(logits)
-    if (0 < p.top_k < z.shape[-1]) or p.top_p < 1.0 or p.min_p > 0.0:
+    scale = 1.0 / p.temperature
+    # a truncating filter, or a temperature so near 0 that 1/T is no float32 (0 * inf would be NaN): the
+    # sampler's own float64 chain
+    if (0 < p.top_k < z.shape[-1]) or p.top_p < 1.0 or p.min_p > 0.0 or not scale <= config.FLOAT32_MAX:
         return sampler.candidates(z, history)
     z = sampler.penalized(z, history)
     z_max = float(z.max()) if z.ndim == 1 and z.shape[0] else math.nan
-    if not z_max > -math.inf:  # NaN, all -inf or empty: the sampler's own check and message
+    if not -math.inf < z_max < math.inf:  # NaN, +inf, all -inf or empty: the sampler's own check and message
         return sampler.candidates(z, ())
-    e = np.exp((z.astype(np.float32, copy=False) - np.float32(z_max)) * np.float32(1.0 / p.temperature))
+    with np.errstate(over="ignore"):  # saturated logits 2 * 3.4e38 apart: exp(-inf) = 0, as it should
+        e = np.exp((z.astype(np.float32, copy=False) - np.float32(z_max)) * np.float32(scale))
     return None, e / np.float32(e.sum(dtype=np.float64))
 
 
