@@ -29,9 +29,22 @@ class Engine:
         return self.runner.file.path.name
 
 
-def build(cfg, *, progress: bool = False, warm_up: bool = True) -> Engine:
+def _log_progress(step: float = 0.2):
+    """A progress reporter that logs the upload every `step` of the weights (a long load is not silent)."""
+    last = [0.0]
+
+    def report(fraction: float) -> None:
+        if fraction >= last[0] + step or fraction >= 1.0 > last[0]:
+            last[0] = fraction
+            log.info("loading weights: %d%%", round(100 * fraction))
+
+    return report
+
+
+def build(cfg, *, progress=None, warm_up: bool = True) -> Engine:
     """Load cfg.model.path (and a draft model) onto cfg.device and make the scheduler for cfg.server.parallel
-    slots. warm_up: run one token through every kernel first, so the first request does not pay for it."""
+    slots. progress: True for a progress bar, a callable given the fraction of the weights uploaded, or None
+    to log it. warm_up: run one token through every kernel first, so the first request does not pay for it."""
     from nextn.cl.runtime import DeviceChoice, Runtime
     from nextn.memory.kv_cache import KVTypes
     from nextn.runner import ModelRunner
@@ -48,7 +61,7 @@ def build(cfg, *, progress: bool = False, warm_up: bool = True) -> Engine:
     # the MTP block and the rollback state are counted in the memory check before anything is uploaded
     runner = ModelRunner(cfg.model.path, rt=rt, n_ctx=cfg.model.ctx_size or None, n_seq=cfg.server.parallel,
                          n_batch=cfg.model.batch_size, mtp=spec.uses_mtp, speculative=spec.enabled,
-                         progress=progress, kv_types=kv)
+                         progress=_log_progress() if progress is None else progress, kv_types=kv)
     log.info("device memory: %s", ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.1f} MiB"
                                             for k, v in runner.memory.items()))
     if spec.enabled:

@@ -13,6 +13,7 @@ block's positions, and the prefix reuse of the prompt cache (`reuse`, `copy_pref
 """
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ class ModelRunner:
         n_seq: int = 1,
         n_batch: int = 512,
         native_plan: bool = True,
-        progress: bool = False,
+        progress: bool | Callable[[float], None] = False,
         mtp: bool = False,
         speculative: bool = False,
         kv_types: KVTypes = KVTypes(),
@@ -69,12 +70,20 @@ class ModelRunner:
         parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
         self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
 
-        bar = None
-        if progress:
+        total = sum(i.nbytes for i in infos.values())
+        bar, on_bytes = None, None
+        if callable(progress):  # a reporter of the fraction uploaded (the server's log and status line)
+            done = [0]
+
+            def on_bytes(n):
+                done[0] += n
+                progress(done[0] / total)
+        elif progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=sum(i.nbytes for i in infos.values()), unit="B", unit_scale=True, desc="loading")
-        self.weights = arch.upload(self.rt, hp, mf, infos, progress=bar.update if bar else None, mtp=mtp)
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading")
+            on_bytes = bar.update
+        self.weights = arch.upload(self.rt, hp, mf, infos, progress=on_bytes, mtp=mtp)
         if bar:
             bar.close()
         self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows, kv_types)

@@ -160,3 +160,23 @@ def test_llama3_rope_freqs_match_reference(rt, tmp_path, arch):
     want = ReferenceModel(path).forward(prompt, 0)
     assert float((np.abs(logits - want) / want.std(axis=-1, keepdims=True)).max()) < tolerance("Q8_0")
     assert (top == want.argmax(axis=1)).all()
+
+
+def test_load_progress_is_reported(rt, models, caplog):
+    """A long load is not silent: the runner reports the fraction of the weights uploaded, and the server's
+    build logs it (issue 14 item 13)."""
+    import logging
+
+    from nextn import config
+    from nextn.build import build
+
+    path = models("qwen3", "Q8_0")
+    seen = []
+    ModelRunner(path, rt=rt, n_ctx=64, progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) > 5
+    cfg = config.load(None, {"model.path": (str(path), "test"), "model.ctx_size": (64, "test")}, system=False)
+    with caplog.at_level(logging.INFO, logger="nextn.build"):
+        build(cfg, warm_up=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading weights")]
+    assert lines and lines[-1] == "loading weights: 100%"
+    assert any(r.getMessage().startswith("device: ") for r in caplog.records)
