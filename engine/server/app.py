@@ -44,6 +44,28 @@ def socket_path(cfg) -> Path:
     return Path(cfg.server.socket) if cfg.server.socket else default_socket_path()
 
 
+def private_dir(path: Path, top: Path) -> None:
+    """Make the directories from `top` down to `path` (mode 0700), and refuse any of them that is a symlink, is
+    not owned by this user, or is writable by others: another local user could otherwise create the default
+    socket's directory first (/tmp/nextn-<uid> when XDG_RUNTIME_DIR is unset) and swap the socket, capturing
+    prompts and forging completions. The checks ssh-agent and gpg-agent make."""
+    import stat
+
+    rel = path.relative_to(top)
+    for d in [*reversed(rel.parents), rel][1:]:  # below top (XDG_RUNTIME_DIR, or /tmp itself)
+        d = top / d
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        st = d.lstat()
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
+                or st.st_mode & 0o022:
+            raise ConfigError(f"{d} is not a private directory of this user (owner uid {st.st_uid}, mode "
+                              f"{stat.S_IMODE(st.st_mode):o}): refusing to put the server's socket there; remove "
+                              f"it or set server.socket / --socket")
+
+
 def bind_unix(path: Path, mode: int, group: str) -> socket.socket:
     """Binds a listening Unix socket at `path`: replaces a stale socket file, never steals a live one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +258,10 @@ def serve(cfg, reload_args=(None, None)) -> int:
     path = None
     if not sockets:
         path = socket_path(cfg)
+        if not cfg.server.socket and not sd.under_systemd():  # the default socket: a directory only we write
+            runtime = os.environ.get("XDG_RUNTIME_DIR")
+            top = Path(runtime) if runtime else Path("/tmp")
+            private_dir(path.parent, top)
         try:
             sockets = [bind_unix(path, configmod.socket_mode(cfg), cfg.server.socket_group)]
         except OSError as e:
