@@ -40,7 +40,9 @@ def start(model, sock, *extra, env=None, wait=True):
     return p
 
 
-def wait_ready(sock, proc=None, timeout=30):
+def wait_ready(sock, proc=None, timeout=120):
+    # generous: a cold kernel cache compiles every program at start, minutes on a loaded 2-core machine (the
+    # makepkg check() runs this suite while the package builds); a ready server returns at once
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
