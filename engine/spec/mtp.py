@@ -46,7 +46,11 @@ class _Drafting:
             e = np.exp(z - z.max())
             token, q, conf = top, None, float(e[top] / e.sum())
         else:
-            q = s.sampler.probs(logits, [*s.history, *self.tokens])
+            try:
+                q = s.sampler.probs(logits, [*s.history, *self.tokens])
+            except ValueError:  # this request's draft logits are unusable: it drafts nothing, the others go on
+                self.done = True
+                return
             token = int(s.sampler.rng.choice(len(q), p=q))
             conf = float(q[token])
         if conf < s.spec.p_min:
