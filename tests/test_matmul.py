@@ -21,15 +21,23 @@ from nextn.ops.weights import SUPPORTED_TYPES, TILE_ROWS, device_bytes, repack, 
 T = GGMLQuantizationType
 RTOL = 1e-5
 
-# offsets of the half-precision scale fields inside a K-quant block
-_K_HALVES = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+# offsets of the half-precision fields (scales, offsets, mins) inside a block of the random-byte types
+_HALVES = {
+    T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+}
 
 
 def random_weight(qtype, n_rows: int, n_cols: int, rng) -> np.ndarray:
     """GGUF bytes uint8 (n_rows, row_bytes) of a random weight of the given type.
 
-    Q8_0, Q4_0 and the float types go through gguf's quantizer (F16 with a few special halves in row 0). gguf has none for the K-quants, so their
-    blocks are random bytes (every pattern is a valid block) with small half scales, some of them
+    Q8_0, Q4_0 and the float types go through gguf's quantizer (F16 with a few special halves in row 0).
+    The other types are random bytes (every pattern of quants, high bits and packed scales is a valid
+    block, and random bytes meet all of them) with small half scales of either sign, some of them
     subnormal, so that the kernels' integer half decoding meets every class of finite half.
     """
     qtype = T(qtype)
@@ -45,8 +53,8 @@ def random_weight(qtype, n_rows: int, n_cols: int, rng) -> np.ndarray:
     cols, bb = GGML_QUANT_SIZES[qtype]
     nb = n_cols // cols
     raw = rng.integers(0, 256, (n_rows, nb, bb), dtype=np.uint8)
-    for off in _K_HALVES[qtype]:
-        scale = rng.uniform(0.0, 0.01, (n_rows, nb))
+    for off in _HALVES[qtype]:
+        scale = rng.uniform(-0.01, 0.01, (n_rows, nb))
         scale[rng.random((n_rows, nb)) < 0.1] = 3e-6  # subnormal in half precision (< 6.1e-5)
         raw[:, :, off : off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_rows, nb, 2)
     return raw.reshape(n_rows, -1)
@@ -99,6 +107,9 @@ def step_vars(n_tokens: int, n_outputs: int | None = None) -> list[int]:
 SHAPES = {
     T.Q8_0: [(100, 512), (33, 96)],
     T.Q4_0: [(100, 512), (19, 64)],
+    T.Q4_1: [(100, 512), (19, 64)],
+    T.Q5_0: [(100, 512), (19, 64)],
+    T.Q5_1: [(100, 512), (19, 64)],
     T.Q4_K: [(70, 512), (21, 256)],
     T.Q5_K: [(70, 512), (21, 256)],
     T.Q6_K: [(70, 512), (21, 256)],
@@ -110,7 +121,8 @@ TYPES = sorted(SUPPORTED_TYPES, key=lambda t: t.value)
 
 
 def test_supported_types():
-    assert SUPPORTED_TYPES == {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K}
+    want = "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K Q5_K Q6_K"
+    assert SUPPORTED_TYPES == {T[name] for name in want.split()}
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -151,7 +163,7 @@ def test_matmul_all_variants(rt, mm, qtype):
                 )
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
 def test_variants_agree(rt, mm, qtype):
     """The same token through the mat-vec plan and inside 8- and 4-token groups: float rounding apart."""
     rng = np.random.default_rng(7)
@@ -247,14 +259,14 @@ def test_rejects_bad_weights(rt, mm):
         mm.matmul(w, small, small, 2)
 
 
-@pytest.mark.parametrize("qtype", [T.F16, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.F16, T.Q5_1, T.Q4_K], ids=lambda t: t.name)
 def test_integer_half_decoding(rt, qtype):
     """The fallback for compilers without clang's __fp16 vectors decodes halves with integer ops."""
     mm = MatmulOps(rt)
     mm.defines = {**mm.defines, "MM_NO_FP16_STORAGE": 1}
     rng = np.random.default_rng(11)
     n_rows, n_cols = SHAPES[qtype][0]
-    raw = random_weight(qtype, n_rows, n_cols, rng)  # F16: with special halves; Q4_K: subnormal scales
+    raw = random_weight(qtype, n_rows, n_cols, rng)  # F16: with special halves; the others: subnormal scales
     w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
     x = rng.standard_normal((3, n_cols)).astype(np.float32)
     xb, yb = rt.upload(x, "test.x"), rt.alloc(4 * 3 * n_rows, "test.y")

@@ -18,8 +18,11 @@ RMS_BOUND = {
     QT.BF16: 3e-3,
     QT.Q8_0: 8e-3,
     QT.Q6_K: 2.5e-2,
+    QT.Q5_1: 4.5e-2,
     QT.Q5_K: 4.5e-2,
+    QT.Q5_0: 5e-2,
     QT.Q4_K: 8.5e-2,
+    QT.Q4_1: 9e-2,
     QT.Q4_0: 0.1,
 }
 K_QUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
@@ -73,7 +76,7 @@ def test_special_blocks(qtype):
     assert np.abs(np.delete(d[4], 7)).max() <= 3.0 * max(RMS_BOUND[qtype], 1e-3)
 
 
-@pytest.mark.parametrize("qtype", (QT.BF16, QT.Q8_0, QT.Q4_0), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", (QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1), ids=lambda t: t.name)
 def test_gguf_py_types_are_gguf_py_bytes(qtype):
     w = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32)
     assert np.array_equal(quantize(w, qtype), np.asarray(gguf.quants.quantize(w, qtype)).view(np.uint8))

@@ -3,8 +3,8 @@
 `quantize(w, qtype)` turns a float32 matrix [n_rows, n_cols] into the bytes a GGUF file stores for it,
 uint8 [n_rows, row_bytes], block after block as llama.cpp lays them out (ggml/src/ggml-common.h).
 
-F32, F16, BF16, Q8_0 and Q4_0 go through gguf-py's own quantizers (gguf.quants), which match
-ggml-quants.c bit for bit. gguf-py 0.19 can only *de*quantize the K-quants, so Q4_K, Q5_K and Q6_K are
+F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 go through gguf-py's own quantizers (gguf.quants), which
+match ggml-quants.c bit for bit. gguf-py 0.19 can only *de*quantize the K-quants, so Q4_K, Q5_K and Q6_K are
 written here, numpy-vectorised over blocks, following quantize_row_q{4,5,6}_K_ref in ggml-quants.c: the
 same per-sub-block scale search (make_qkx2_quants for Q4_K/Q5_K, make_qx_quants for Q6_K), the same
 6-/8-bit quantization of the sub-block scales and the same bit packing. Checked against libggml's
@@ -12,8 +12,9 @@ quantize_row_q*_K_ref on Gaussian rows of mixed scale: 97-99% of blocks come out
 differ where float32 sums taken in another order tip a near tie in the scale search (same RMS error).
 
 Relative RMS error (RMS(dequant - w) / RMS(w)) on Gaussian weights, as tests/test_quantize.py checks:
-F32 0, F16 < 5e-4, BF16 < 3e-3, Q8_0 < 8e-3, Q6_K < 2.5e-2, Q5_K < 4.5e-2, Q4_K < 8.5e-2, Q4_0 < 0.1
-(measured: 2e-4, 1.6e-3, 5.3e-3, 1.8e-2, 3.6e-2, 7.1e-2, 8.6e-2).
+F32 0, F16 < 5e-4, BF16 < 3e-3, Q8_0 < 8e-3, Q6_K < 2.5e-2, Q5_1 < 4.5e-2, Q5_K < 4.5e-2, Q5_0 < 5e-2,
+Q4_K < 8.5e-2, Q4_1 < 9e-2, Q4_0 < 0.1 (measured: 2e-4, 1.6e-3, 5.3e-3, 1.8e-2, 3.8e-2, 3.6e-2, 4.3e-2,
+7.1e-2, 7.8e-2, 8.6e-2).
 """
 
 import gguf
@@ -23,7 +24,10 @@ from gguf import GGMLQuantizationType as QT
 QK_K = 256
 
 # the types nextn's kernels read; everything the tiny-model maker can write
-SUPPORTED = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+SUPPORTED = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+
+# the types gguf-py quantizes itself (bit for bit as ggml-quants.c)
+_GGUF_PY = (QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
 
 # elements quantized per numpy pass in the K-quant search: bounds the temporaries to a few tens of MB
 _CHUNK_ELEMS = 1 << 20
@@ -74,7 +78,7 @@ def quantize(weights: np.ndarray, qtype: "QT | str") -> np.ndarray:
         return w.view(np.uint8).reshape(n_rows, rb)
     if qtype == QT.F16:
         return w.astype(np.float16).view(np.uint8).reshape(n_rows, rb)
-    if qtype in (QT.BF16, QT.Q8_0, QT.Q4_0):
+    if qtype in _GGUF_PY:
         return np.asarray(gguf.quants.quantize(w, qtype), dtype=np.uint8).reshape(n_rows, rb)
     blocks_fn = {QT.Q4_K: _q4_k_blocks, QT.Q5_K: _q5_k_blocks, QT.Q6_K: _q6_k_blocks}[qtype]
     out = np.empty((n_rows, rb), dtype=np.uint8)

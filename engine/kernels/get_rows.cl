@@ -4,10 +4,11 @@
 // bad token id must not read outside the weight buffer).
 //
 // NDRange: 2-D (piece of the row, token): global = (ceil(n_pieces / WG) * WG, n_tokens), local = (WG, 1).
-//     A piece is one GGUF block (32 columns for Q8_0 / Q4_0, 256 for the K-quants) or, for F32 / F16 /
-//     BF16, 16 columns (the last one possibly shorter). Row r lives in lane r % 16 of tile r / 16, so a
-//     work-item reads every 16th byte of its tile block: a lookup touches a few rows per token and is not
-//     worth a layout of its own. Tokens >= n_tokens (the grid has at least one) return at once.
+//     A piece is one GGUF block (32 columns for Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, 256 for the K-quants)
+//     or, for F32 / F16 / BF16, 16 columns (the last one possibly shorter). Row r lives in lane r % 16 of
+//     tile r / 16, so a work-item reads every 16th byte of its tile block: a lookup touches a few rows per
+//     token and is not worth a layout of its own. Tokens >= n_tokens (the grid has at least one) return at
+//     once.
 // Variants: one entry point per weight type, kernel_get_rows_<type>.
 // Dequantization follows ggml-quants.c (dequantize_row_*), in float32.
 // Reference: tests/test_matmul.py::test_get_rows (gguf.quants.dequantize(raw)[ids]).
@@ -58,6 +59,38 @@ __kernel void kernel_get_rows_q4_0(GR_PARAMS) {
         yr[j] = d * (float)((q & 15) - 8);
         yr[j + 16] = d * (float)((q >> 4) - 8);
     }
+}
+
+__kernel void kernel_get_rows_q4_1(GR_PARAMS) {
+    GR_PROLOGUE(TB_Q4_1, 32)
+    const float d = H16(0), m = H16(Q4_1_M);
+    for (int j = 0; j < 16; j++) {
+        const int q = B8(Q4_1_QS, j);
+        yr[j] = d * (float)(q & 15) + m;
+        yr[j + 16] = d * (float)(q >> 4) + m;
+    }
+}
+
+// Q5_0 / Q5_1: q (0..31) of column j, the fifth bit from the row's 32-bit qh (ggml's little-endian uint32)
+inline void get_rows_q5(__global const uchar *tb, const int lane, __global float *yr, const int qh_off,
+                        const int qs_off, const float d, const float m) {
+    const uint h = B8(qh_off, 0) | (B8(qh_off, 1) << 8) | (B8(qh_off, 2) << 16) | ((uint)B8(qh_off, 3) << 24);
+    for (int j = 0; j < 16; j++) {
+        const int q = B8(qs_off, j);
+        yr[j] = d * (float)((q & 15) | (((h >> j) & 1) << 4)) + m;
+        yr[j + 16] = d * (float)((q >> 4) | (((h >> (j + 16)) & 1) << 4)) + m;
+    }
+}
+
+__kernel void kernel_get_rows_q5_0(GR_PARAMS) {
+    GR_PROLOGUE(TB_Q5_0, 32)
+    const float d = H16(0);
+    get_rows_q5(tb, lane, yr, Q5_0_QH, Q5_0_QS, d, -16.0f * d);  // d (q - 16)
+}
+
+__kernel void kernel_get_rows_q5_1(GR_PARAMS) {
+    GR_PROLOGUE(TB_Q5_1, 32)
+    get_rows_q5(tb, lane, yr, Q5_1_QH, Q5_1_QS, H16(0), H16(Q5_1_M));
 }
 
 // sub-block j's 6-bit scale and min from the 12 packed bytes (ggml get_scale_min_k4), for this lane

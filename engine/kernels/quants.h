@@ -3,9 +3,10 @@
 //
 // Tile layout (built on the host by engine/ops/weights.py::repack):
 //     A weight [n_rows, n_cols] is cut into tiles of TILE_ROWS = 16 consecutive rows (the last tile padded
-//     with zero rows). A tile is stored block after block (a GGUF block: 32 columns for Q8_0/Q4_0, 256
-//     for the K-quants, 1 column for F32/F16/BF16). One tile block holds the GGUF block of each of the 16
-//     rows, field by field in GGUF order, and inside a field element-major, row-minor:
+//     with zero rows). A tile is stored block after block (a GGUF block: 32 columns for Q8_0, Q4_0, Q4_1,
+//     Q5_0 and Q5_1, 256 for the K-quants, 1 column for F32/F16/BF16). One tile block
+//     holds the GGUF block of each of the 16 rows, field by field in GGUF order, and inside a field
+//     element-major, row-minor:
 //         field f, element k, row lane l  at byte  16 * off_f + (k * 16 + l) * elsize_f
 //     so one 16-byte load (or a 32-byte ushort16 load for halves) gives the same element of all 16 rows.
 //     A tile block is exactly 16 GGUF blocks long: the device holds the file's bytes, only reordered.
@@ -29,6 +30,9 @@
 #define TB_BF16 32     // 16 x bfloat16
 #define TB_Q8_0 544    // d[16] half | qs[32][16] int8
 #define TB_Q4_0 288    // d[16] half | qs[16][16] uint8 (low nibble: column j, high nibble: column j + 16)
+#define TB_Q4_1 320    // d[16] | m[16] half | qs[16][16]
+#define TB_Q5_0 352    // d[16] half | qh[4][16] (fifth bits, 8 columns a byte) | qs[16][16]
+#define TB_Q5_1 384    // d[16] | m[16] half | qh[4][16] | qs[16][16]
 #define TB_Q4_K 2304   // d[16] | dmin[16] half | scales[12][16] (6-bit packed) | qs[128][16]
 #define TB_Q5_K 2816   // d[16] | dmin[16] half | scales[12][16] | qh[32][16] | qs[128][16]
 #define TB_Q6_K 3360   // ql[128][16] | qh[64][16] | scales[16][16] int8 | d[16] half
@@ -36,6 +40,13 @@
 // Field offsets inside a tile block (bytes).
 #define Q8_0_QS 32
 #define Q4_0_QS 32
+#define Q4_1_M 32
+#define Q4_1_QS 64
+#define Q5_0_QH 32
+#define Q5_0_QS 96
+#define Q5_1_M 32
+#define Q5_1_QH 64
+#define Q5_1_QS 128
 #define QK_DMIN 32     // Q4_K / Q5_K
 #define QK_SCALES 64
 #define Q4_K_QS 256
@@ -97,6 +108,17 @@ inline float half_to_float(const ushort h) {
     }
     return as_float(as_uint(f) | (((uint)h & 0x8000u) << 16));
 }
+
+// The fifth bits of Q5_0 / Q5_1 for 16 rows: the 4 qh bytes of each row as one little-endian word (ggml's
+// uint32 qh), bit c for column c. One word per block, then a shift per column, instead of a byte load and
+// a shift per column.
+inline uint16 q5_qh(__global const uchar *qh) {
+    return convert_uint16(LD_UC16(qh, 0)) | (convert_uint16(LD_UC16(qh, 1)) << 8) |
+           (convert_uint16(LD_UC16(qh, 2)) << 16) | (convert_uint16(LD_UC16(qh, 3)) << 24);
+}
+
+// bit c of h moved to bit 4 (the fifth bit of a quant)
+#define Q5_BIT(h, c) (as_int16(((h) >> (uint)(c)) & 1u) << 4)
 
 // 6-bit scales and mins of Q4_K / Q5_K (ggml's get_scale_min_k4), for 16 rows at once.
 // q: the 12 packed scale bytes as uchar16 row vectors; j: sub-block 0..7 (compile-time after unrolling).

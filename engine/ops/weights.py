@@ -27,6 +27,11 @@ BLOCK_FIELDS: dict[GGMLQuantizationType, tuple[tuple[int, int], ...]] = {
     T.BF16: ((2, 2),),
     T.Q8_0: ((2, 2), (32, 1)),  # d, qs
     T.Q4_0: ((2, 2), (16, 1)),  # d, qs
+    T.Q4_1: ((2, 2), (2, 2), (16, 1)),  # d, m, qs
+    # qh (32 fifth bits) byte by byte: a 4-byte element would want 64-byte vector loads, and tile blocks
+    # are only 32-byte aligned
+    T.Q5_0: ((2, 2), (4, 1), (16, 1)),  # d, qh, qs
+    T.Q5_1: ((2, 2), (2, 2), (4, 1), (16, 1)),  # d, m, qh, qs
     T.Q4_K: ((2, 2), (2, 2), (12, 1), (128, 1)),  # d, dmin, scales, qs
     T.Q5_K: ((2, 2), (2, 2), (12, 1), (32, 1), (128, 1)),  # d, dmin, scales, qh, qs
     T.Q6_K: ((128, 1), (64, 1), (16, 1), (2, 2)),  # ql, qh, scales, d

@@ -1,0 +1,37 @@
+// matmul_q4_1_f32.cl - y (+)= x . W^T for a Q4_1 weight in the tile layout of quants.h.
+//
+// Computes y[t, r] (+)= sum_c dequant(W)[r, c] * x[t, c] for t < n_tokens, r < n_rows; x float32
+// [n_tokens, n_cols], y float32 rows of ldy floats from y_off (not aliasing x); n_cols % 32 == 0.
+// Q4_1: w = d * q + m per block of 32 columns, q 4-bit (byte j: column j low, j + 16 high), d, m half.
+// accumulate != 0 adds into y (the residual add after attn_output / ffn_down).
+//
+// NDRange, work-group contract and variants: the MM_KERNEL contract in quants.h.
+// Reference: tests/test_matmul.py::reference (gguf.quants.dequantize(raw), then x @ W.T in float64).
+
+#include "quants.h"
+
+static __attribute__((always_inline)) inline void tile_q4_1(const int TT, const int NA, MM_TILE_PARAMS) {
+    MM_ACC_DECL
+    for (int b = 0; b < nb; b++) {
+        __global const uchar *tb = wt + (size_t)b * TB_Q4_1;
+        MM_PREFETCH(tb, TB_Q4_1)
+        __global const uchar *qs = tb + Q4_1_QS;
+        __global const float *xb = x + b * 32;
+        MM_PART_DECL(s)
+        const int U = MM_UNROLL(16, 2);
+        _Pragma("unroll 1") for (int j = 0; j < 16; j += U) {
+            _Pragma("unroll") for (int k = 0; k < U; k++) {
+                const int16 q = convert_int16(LD_UC16(qs, j + k));
+                MM_COL(s, convert_float16(q & 15), xb + j + k, (2 * k) % NA)
+                MM_COL(s, convert_float16(q >> 4), xb + j + k + 16, (2 * k + 1) % NA)
+            }
+        }
+        // the offset m is a float per row: applied once per block as m sum(x), as the K-quants' mins are
+        const float16 d = half16_to_float16(LD_US16(tb, 0));
+        MM_BLOCK_END_MIN(s, d, half16_to_float16(LD_US16(tb + Q4_1_M, 0)), xb, 32)
+    }
+    MM_STORE(y)
+}
+
+MM_KERNEL(kernel_matmul_q4_1_f32, tile_q4_1, 32, TB_Q4_1)
+MM_KERNEL_ID(kernel_matmul_id_q4_1_f32, tile_q4_1, 32, TB_Q4_1)
