@@ -29,14 +29,17 @@ class Engine:
         return self.runner.file.path.name
 
 
-def _log_progress(step: float = 0.2):
-    """A progress reporter that logs the upload every `step` of the weights (a long load is not silent)."""
+def log_progress(step: float = 0.2, also=None):
+    """A progress reporter that logs the upload every `step` of the weights (a long load is not silent), and
+    passes the percentage to `also` (the server's systemd status line) as well."""
     last = [0.0]
 
     def report(fraction: float) -> None:
         if fraction >= last[0] + step or fraction >= 1.0 > last[0]:
             last[0] = fraction
             log.info("loading weights: %d%%", round(100 * fraction))
+            if also is not None:
+                also(round(100 * fraction))
 
     return report
 
@@ -61,7 +64,7 @@ def build(cfg, *, progress=None, warm_up: bool = True) -> Engine:
     # the MTP block and the rollback state are counted in the memory check before anything is uploaded
     runner = ModelRunner(cfg.model.path, rt=rt, n_ctx=cfg.model.ctx_size or None, n_seq=cfg.server.parallel,
                          n_batch=cfg.model.batch_size, mtp=spec.uses_mtp, speculative=spec.enabled,
-                         progress=_log_progress() if progress is None else progress, kv_types=kv)
+                         progress=log_progress() if progress is None else progress, kv_types=kv)
     log.info("device memory: %s", ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.1f} MiB"
                                             for k, v in runner.memory.items()))
     if spec.enabled:

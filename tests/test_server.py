@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -323,6 +324,7 @@ def test_sd_notify_ready_watchdog_stopping_and_sighup(model):
     p = start(model, d / "s.sock", "--config", cfg, env=env, wait=False)
     assert read_until(lambda m: "READY=1" in m)
     assert any("STATUS=loading" in m for m in msgs)
+    assert any(re.search(r"STATUS=loading \S+: 100%", m) for m in msgs)  # the load's progress (systemctl status)
     assert read_until(lambda m: "WATCHDOG=1" in m, timeout=5)
     h = http(d / "s.sock")
     assert h.get("/health").status_code == 200

@@ -115,9 +115,12 @@ class State:
 
 
 def _load_model(state: State, on_failure, beat_every: float | None) -> None:
-    from nextn.build import build
+    from nextn.build import build, log_progress
 
-    engine = build(state.cfg)  # the model, its MTP block / draft model, and the scheduler (engine/build.py)
+    # the model, its MTP block / draft model, and the scheduler (engine/build.py); systemctl status shows the
+    # load's progress
+    status = log_progress(also=lambda pct: sd.notify(f"STATUS=loading {Path(state.cfg.model.path).name}: {pct}%"))
+    engine = build(state.cfg, progress=status)
     state.runner = engine.runner
     state.model_name = engine.model_name
     state.scheduler = engine.scheduler
