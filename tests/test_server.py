@@ -195,6 +195,17 @@ def post(path, body: bytes, extra=b""):
     (b'{"messages": [{"role": 1}]}', 400, b"messages[0]"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, b"n = 1"),
     (b'\xff\xfe', 400, b"not valid JSON"),
+    # issue 14 items 6 and 16: these were 500s, or silently ignored with a 200
+    (b"[" * 1000 + b"]" * 1000, 400, b"nested too deeply"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}", 400, b"not valid JSON"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": []}}', 400,
+     b"may not set 'messages'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"add_generation_prompt": false}}',
+     400, b"may not set 'add_generation_prompt'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400, b"'tools'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}', 400,
+     b"'response_format'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 100}}', 400, b"'logit_bias'"),
 ])
 def test_raw_malformed_requests(server, body, status, message):
     out = raw(server, post(b"/v1/chat/completions", body))
@@ -209,6 +220,12 @@ def test_huge_body_is_413_and_bad_http_is_400(server):
     big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
     assert raw(server, big, timeout=1).startswith(b"HTTP/1.1 413")
     assert raw(server, b"GARBAGE\r\n\r\n").split(b"\r\n")[0].endswith(b" 400 Bad Request")  # aiohttp answers the parser error
+
+
+def test_a_body_that_is_not_the_gzip_it_claims_is_400(server):
+    out = raw(server, post(b"/v1/completions", b"not gzip at all", b"Content-Encoding: gzip\r\n"))
+    assert out.startswith(b"HTTP/1.1 400"), out[:200]
+    assert b'"invalid_request_error"' in out
 
 
 def test_half_sent_request_does_not_hurt_the_server(server):

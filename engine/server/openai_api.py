@@ -1,7 +1,9 @@
 """OpenAI request parsing and response shapes (chat.completion, text_completion, their stream chunks).
 
-Parsing is strict about types and lenient about unknown fields (clients send many we do not use). Every
-problem raises RequestError naming the field, which the app turns into a 400 in OpenAI's error shape.
+Parsing is strict about types and lenient about unknown fields (clients send many we do not use), except
+OpenAI fields that change the answer and that nextn does not implement (tools, response_format, logit_bias
+...): those are refused, so a client never takes an ignored setting for an applied one. Every problem raises
+RequestError naming the field, which the app turns into a 400 in OpenAI's error shape.
 Responses carry llama-server's `timings` next to OpenAI's `usage`.
 """
 
@@ -54,10 +56,18 @@ def _num(body, name, default):
     return _get(body, name, (int, float), default, what="a number")  # SamplingParams checks its range
 
 
+# OpenAI request fields that change what a client gets back and that nextn does not implement yet
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias", "json_schema",
+               "grammar", "parallel_tool_calls", "audio", "modalities", "prediction", "best_of", "suffix", "echo")
+
+
 def parse_common(body: dict, defaults, limits) -> dict:
     """Sampling, length and stream fields shared by both endpoints; `defaults`/`limits` are config sections."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, False, [], {}, ""):
+            raise RequestError(f"'{name}' is not supported by nextn (yet); remove it from the request")
     n = _int(body, "n", 1)
     if n != 1:
         raise RequestError("invalid value for 'n': only n = 1 is supported")
@@ -122,6 +132,9 @@ def parse_chat(body: dict, tokenizer, defaults, limits) -> Parsed:
             raise RequestError(f"invalid value for 'messages[{i}]': expected an object with a string 'role'")
         clean.append({**m, "content": _content_text(m.get("content"), i)})
     kwargs = _get(body, "chat_template_kwargs", dict, {}, what="an object")
+    for name in ("messages", "add_generation_prompt"):  # the request's own, not overridable through the kwargs
+        if name in kwargs:
+            raise RequestError(f"invalid value for 'chat_template_kwargs': it may not set '{name}'")
     text = tokenizer.apply_chat_template(clean, add_generation_prompt=True, **kwargs)
     prompt = tokenizer.encode(text, add_special=False, parse_special=True)
     n_probs = 0

@@ -12,7 +12,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from nextn.errors import NextnError, Overloaded, RequestError
 from nextn.server import metrics, openai_api
@@ -50,7 +51,10 @@ async def read_json(request, limit: int):
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     data = bytearray()
     while True:
-        chunk = await request.content.read(65536)
+        try:
+            chunk = await request.content.read(65536)
+        except (RequestPayloadError, http_exceptions.HttpProcessingError) as e:  # e.g. not the gzip it claims
+            raise RequestError(f"the body cannot be read: {e}") from None
         if not chunk:
             break
         data += chunk
@@ -59,6 +63,10 @@ async def read_json(request, limit: int):
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer longer than Python's digit limit
         raise RequestError(f"the body is not valid JSON: {e}") from None
 
 
