@@ -597,3 +597,18 @@ def test_hostile_sampling_values_do_not_touch_another_stream(server):
             assert status == 200 and reply["usage"]["completion_tokens"] == 8, (extra, reply)
     # the served ones ran beside the victim
     assert max(results[i][2] for i in range(len(HOSTILE_REFUSED), len(hostiles))) < got["end"]
+
+
+def test_metrics_print_exact_values():
+    """Counters print as exact integers (":g" once printed 1019871 tokens as 1.02e+06; issue 14 item 17)."""
+    from types import SimpleNamespace
+
+    from nextn.scheduler import Counters
+    from nextn.server import metrics
+
+    c = Counters(predicted_tokens_total=1019871, predicted_seconds_total=12.345678901)
+    sched = SimpleNamespace(counters=c, queue_depth=lambda: 0, busy_slots=lambda: 1, n_slots=4)
+    text = metrics.render(sched)
+    assert "nextn_predicted_tokens_total 1019871\n" in text
+    assert "nextn_predicted_seconds_total 12.345678901\n" in text
+    assert "e+" not in text

@@ -36,5 +36,8 @@ def render(scheduler) -> str:
     c = scheduler.counters
     lines = []
     for name, kind, help_text, get in _SERIES:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {float(get(c, scheduler)):g}"]
+        v = get(c, scheduler)
+        # exact: counts as integers, times and rates with every digit (":g" printed 1.02e+06 for 1019871)
+        text = str(v) if isinstance(v, int) else repr(float(v))
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {text}"]
     return "\n".join(lines) + "\n"
