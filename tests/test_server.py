@@ -612,3 +612,25 @@ def test_metrics_print_exact_values():
     assert "nextn_predicted_tokens_total 1019871\n" in text
     assert "nextn_predicted_seconds_total 12.345678901\n" in text
     assert "e+" not in text
+
+
+def test_a_disconnecting_stream_logs_one_line_not_a_traceback(model):
+    """Issue 14 item 7: a streaming client that goes away cost a 30-line traceback per disconnect."""
+    d = _short_dir()
+    p = start(model, d / "s.sock")
+    body = json.dumps({"prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}).encode()
+    try:
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(d / "s.sock"))
+            s.sendall(post(b"/v1/completions", body))
+            s.recv(300)  # the stream has started
+            s.close()
+        time.sleep(1.5)
+        assert http(d / "s.sock").get("/health").status_code == 200
+    finally:
+        rc, err = stop(p)
+    assert rc == 0 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "req-" in line and "slot" in line]
+    assert len([line for line in lines if "cancelled" in line]) == 3, err[-3000:]
+    shutil.rmtree(d, ignore_errors=True)

@@ -173,6 +173,7 @@ async def _completion(request, chat: bool):
     shaper = openai_api.Shaper(chat, state.model_name, state.runner.tokenizer)
     state.active += 1
     finished = False
+    resp = None
     try:
         if not p.stream:
             text, evs = [], []
@@ -215,8 +216,9 @@ async def _completion(request, chat: bool):
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
                 return resp
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
+    except ConnectionResetError:  # the client went away mid-stream: no traceback (the scheduler logs one line)
+        log.debug("request %s: the client disconnected", req.id, extra={"REQUEST_ID": req.id})
+        return resp if resp is not None else web.Response(status=499)
     finally:
         state.active -= 1
         if not finished:
