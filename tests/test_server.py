@@ -634,3 +634,28 @@ def test_a_disconnecting_stream_logs_one_line_not_a_traceback(model):
     lines = [line for line in err.splitlines() if "req-" in line and "slot" in line]
     assert len([line for line in lines if "cancelled" in line]) == 3, err[-3000:]
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed (Debian package systemd)")
+def test_first_request_under_socket_activation_waits_for_the_load(model):
+    """Issue 14 item 10: the request that activates the service waits while the model loads and is answered,
+    instead of a 503 the openai client and `nextn chat` give up on."""
+    d = _short_dir()
+    sock = d / "act.sock"
+    p = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock), sys.executable, "-m", "nextn", "serve", "-m", str(model),
+         "-np", "2", "-c", "256", "--socket", str(d / "unused.sock")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 30
+        while not sock.exists() and time.time() < deadline:
+            time.sleep(0.02)
+        r = http(sock, timeout=300).post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=20)
+    shutil.rmtree(d, ignore_errors=True)

@@ -70,6 +70,18 @@ async def read_json(request, limit: int):
         raise RequestError(f"the body is not valid JSON: {e}") from None
 
 
+LOAD_WAIT_SECONDS = 300  # how long a request waits for the model to load before a 503 (socket activation)
+
+
+async def _loaded(state: State):
+    """The scheduler once the model is loaded: a request that arrives while it loads (the first one, under
+    socket activation, is what started the service) waits for it, up to LOAD_WAIT_SECONDS, instead of a 503."""
+    deadline = time.monotonic() + LOAD_WAIT_SECONDS
+    while state.loading and not state.stopping and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return _ready(state)
+
+
 def _ready(state: State):
     if state.loading or state.scheduler is None:
         raise Overloaded("the model is loading")
@@ -153,7 +165,7 @@ async def _completion(request, chat: bool):
     from nextn.scheduler import Request
 
     state = request.app["state"]
-    sched = _ready(state)
+    sched = await _loaded(state)
     cfg = state.cfg
     body = await read_json(request, cfg.limits.max_body_bytes)
     parse = openai_api.parse_chat if chat else openai_api.parse_completion
