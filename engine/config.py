@@ -70,6 +70,9 @@ class DeviceSection:
 class LimitsSection:
     max_body_bytes: int = _f(4 << 20, "largest request body in bytes (larger: 413)", "--max-body-bytes", lo=1024, live=True)
     max_tokens: int = _f(4096, "cap on a request's max_tokens (and the default when it gives none)", "--max-tokens", lo=1, live=True)
+    max_stop_strings: int = _f(16, "most stop strings a request may give (each is matched on every token)",
+                               "--max-stop-strings", lo=0, live=True)
+    max_stop_length: int = _f(256, "longest stop string, in characters", "--max-stop-length", lo=1, live=True)
 
 
 @dataclass(frozen=True)

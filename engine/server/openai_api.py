@@ -86,6 +86,13 @@ def parse_common(body: dict, defaults, limits) -> dict:
         stop = tuple(stop)
     else:
         raise RequestError(f"invalid value for 'stop': {stop!r} (expected a string or a list of strings)")
+    # every stop string is matched on every token: bounded, so that one request cannot slow the others down
+    if len(stop) > limits.max_stop_strings:
+        raise RequestError(f"invalid value for 'stop': {len(stop)} strings, at most {limits.max_stop_strings} "
+                           f"(limits.max_stop_strings)")
+    if any(len(s) > limits.max_stop_length for s in stop):
+        raise RequestError(f"invalid value for 'stop': a string longer than {limits.max_stop_length} characters "
+                           f"(limits.max_stop_length)")
     params = SamplingParams(
         temperature=_num(body, "temperature", defaults.temperature),
         top_k=_int(body, "top_k", defaults.top_k),
