@@ -1,6 +1,8 @@
 """Tokenizer from GGUF metadata: ids as llama.cpp gives them, decoding, streaming, vocabulary facts.
 
-The reference ids are llama.cpp's own test vectors (tests/data/vocab, from llama.cpp's models/ folder).
+The reference ids are llama.cpp's own test vectors (tests/data/vocab, from llama.cpp's models/ folder);
+the pre-tokenizers those do not cover are checked against llama.cpp's pieces of sample texts
+(tests/data/vocab/pre-tokenizer-splits.json).
 """
 
 import time
@@ -8,16 +10,28 @@ import time
 import pytest
 from nextn.errors import ModelLoadError
 from nextn.tokenizer import Tokenizer
-from tokenizer_data import TINY_SPECIALS, read_vectors, tiny_meta, vocab_tokenizer
+from tokenizer_data import TINY_SPECIALS, pre_splits, read_vectors, tiny_meta, vocab_tokenizer
 
 # qwen2 is the qwen35 vocabulary with the older pre-tokenizer regex; it costs another ~6 s to load, so
-# it runs with the slow cases while qwen35, llama-bpe and llama-spm run by default.
+# it runs with the slow cases, as does command-r's 256k-token vocabulary (starcoder's regexes, which
+# refact and starcoder run by default).
 VOCABS = [
     "qwen35",
     "llama-bpe",
     "llama-spm",
+    "phi-3",  # SentencePiece too
+    "gpt-2",
+    "mpt",
+    "falcon",
+    "starcoder",
+    "refact",
+    "deepseek-coder",
+    "deepseek-llm",
     pytest.param("qwen2", marks=pytest.mark.slow),
+    pytest.param("command-r", marks=pytest.mark.slow),
 ]
+PRE = pre_splits()
+PRE_NAMES = sorted(PRE["names"])  # llama.cpp's, less those whose BPE is not byte-level
 
 MIXED = [
     "",
@@ -190,7 +204,7 @@ def test_tiny_vocabulary():
     assert merged.encode("<|im_end|>", parse_special=True) == [261]
 
 
-@pytest.mark.parametrize("pre", ["qwen2", "qwen35", "llama-bpe", "glm4", "deepseek-v3", "gpt-2", "default"])
+@pytest.mark.parametrize("pre", PRE_NAMES)
 def test_every_pre_tokenizer_splits_losslessly(pre):
     tok = Tokenizer.from_metadata(tiny_meta(merges=("Ġ t", "h e", "Ġt he"), **{"tokenizer.ggml.pre": pre}))
     for text in MIXED:
@@ -199,13 +213,57 @@ def test_every_pre_tokenizer_splits_losslessly(pre):
     assert tok.encode(" the") == [258]
 
 
+@pytest.mark.parametrize("pre", PRE_NAMES)
+def test_pre_tokenizer_as_llama_cpp(pre):
+    """llama.cpp's pieces of the sample texts, and the flags its vocab loader sets for the name."""
+    want = PRE["names"][pre]
+    meta = tiny_meta(**{"tokenizer.ggml.pre": pre})
+    del meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.add_bos_token"]  # to see the defaults
+    # "zzqj": a token that no merge makes, so it comes out whole only where merges are ignored
+    meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], "zzqj"]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], 1]
+    tok = Tokenizer.from_metadata(meta)
+    flags = {
+        "add_bos": tok.add_bos,
+        "bos": tok.bos_id is not None,
+        "ignore_merges": tok.encode("zzqj", add_special=False) == [tok.n_vocab - 1],
+        "clean_spaces": tok.clean_spaces,
+    }
+    assert flags == {k: v for k, v in want.items() if k != "splits"}
+    failures = [
+        (text, pieces, tok.pre_tokenize(text))
+        for text, pieces in zip(PRE["texts"], PRE["splits"][want["splits"]])
+        if tok.pre_tokenize(text) != pieces
+    ]
+    assert not failures, (
+        f"{len(failures)} texts split otherwise, first (text, llama.cpp, nextn): {failures[0]}"
+    )
+
+
+def test_clean_spaces_as_llama_detokenize():
+    # llama_detokenize's text for these ids (gpt-2's pre-tokenizer asks for the clean-up)
+    gpt2 = vocab_tokenizer("gpt-2")
+    text = "a , b . c ! d ? e ' f ' g 's h 'm i 're j 've k 't l 'd m 'll x ' ' ' y"
+    ids = gpt2.encode(text, add_special=False)
+    assert gpt2.decode(ids) == text
+    assert gpt2.decode(ids, clean_spaces=True) == "a, b. c! d? e'f'g's h'm i're j've k 't l 'd m 'll x'''y"
+    qwen = vocab_tokenizer("qwen35")  # qwen35's does not
+    assert not qwen.clean_spaces
+    assert qwen.decode(qwen.encode(text, add_special=False), clean_spaces=True) == text
+
+
 def test_unsupported_vocabularies_are_refused():
     with pytest.raises(ModelLoadError, match="tokenizer model 'bert'.*not supported"):
         Tokenizer.from_metadata(tiny_meta(**{"tokenizer.ggml.model": "bert"}))
     with pytest.raises(ModelLoadError, match="tokenizer model None"):
         Tokenizer.from_metadata({"general.architecture": "qwen3"})
-    with pytest.raises(ModelLoadError, match="pre-tokenizer 'made-up'.*qwen35"):
+    with pytest.raises(ModelLoadError, match="pre-tokenizer 'made-up'.*qwen35") as e:
         Tokenizer.from_metadata(tiny_meta(**{"tokenizer.ggml.pre": "made-up"}))
+    # the names offered are llama.cpp's, less the ones refused below
+    assert sorted(str(e.value).split("supported: ")[1].split(", ")) == PRE_NAMES
+    for pre in PRE["not_byte_level"]:
+        with pytest.raises(ModelLoadError, match=f"pre-tokenizer '{pre}'.*not supported .raw UTF-8 BPE"):
+            Tokenizer.from_metadata(tiny_meta(**{"tokenizer.ggml.pre": pre}))
     with pytest.raises(ModelLoadError, match="no vocabulary"):
         Tokenizer.from_metadata(tiny_meta(**{"tokenizer.ggml.tokens": []}))
 

@@ -5,6 +5,7 @@ through a cache shared by every test module that imports this one.
 """
 
 import functools
+import json
 from pathlib import Path
 
 from nextn.gguf.metadata import read_metadata
@@ -49,6 +50,12 @@ def read_vectors(name: str) -> dict[str, list[int]]:
         pos = nxt + len(sep)
     assert len(inputs) == len(lines), f"{name}: {len(inputs)} inputs but {len(lines)} output lines"
     return {s: [int(t) for t in line.split()] for s, line in zip(inputs, lines)}
+
+
+@functools.cache
+def pre_splits() -> dict:
+    """llama.cpp's pieces and flags for every pre-tokenizer name (see data/vocab/make_pre_splits.py)."""
+    return json.loads((VOCAB_DIR / "pre-tokenizer-splits.json").read_text(encoding="utf-8"))
 
 
 TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
