@@ -26,6 +26,8 @@ _HALVES = {
     T.Q4_1: (0, 2),
     T.Q5_0: (0,),
     T.Q5_1: (0, 2),
+    T.IQ4_NL: (0,),
+    T.IQ4_XS: (0,),
     T.Q4_K: (0, 2),
     T.Q5_K: (0, 2),
     T.Q6_K: (208,),
@@ -110,6 +112,8 @@ SHAPES = {
     T.Q4_1: [(100, 512), (19, 64)],
     T.Q5_0: [(100, 512), (19, 64)],
     T.Q5_1: [(100, 512), (19, 64)],
+    T.IQ4_NL: [(100, 512), (19, 64)],
+    T.IQ4_XS: [(70, 512), (21, 256)],
     T.Q4_K: [(70, 512), (21, 256)],
     T.Q5_K: [(70, 512), (21, 256)],
     T.Q6_K: [(70, 512), (21, 256)],
@@ -121,7 +125,7 @@ TYPES = sorted(SUPPORTED_TYPES, key=lambda t: t.value)
 
 
 def test_supported_types():
-    want = "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K Q5_K Q6_K"
+    want = "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL IQ4_XS Q4_K Q5_K Q6_K"
     assert SUPPORTED_TYPES == {T[name] for name in want.split()}
 
 
@@ -272,6 +276,38 @@ def test_integer_half_decoding(rt, qtype):
     xb, yb = rt.upload(x, "test.x"), rt.alloc(4 * 3 * n_rows, "test.y")
     run_launches(rt, mm.matmul(w, xb, yb, 3), step_vars(3))
     assert_close(read(rt, yb, (3, n_rows)), reference(raw, qtype, x), bound(raw, qtype, x), "integer halves")
+
+
+def default_iq4_lookup(rt) -> int:
+    """The MM_IQ4_LOOKUP that quants.h picks for this device's compiler."""
+    src = '#include "quants.h"\n__kernel void k(__global int *o) { o[0] = MM_IQ4_LOOKUP; }'
+    prg = cl.Program(rt.ctx, src).build(options=[f"-I{rt.kernel_dir}"])
+    buf, out = cl.Buffer(rt.ctx, cl.mem_flags.WRITE_ONLY, 4), np.zeros(1, np.int32)
+    prg.k(rt.queue, (1,), None, buf)
+    cl.enqueue_copy(rt.queue, out, buf)
+    return int(out[0])
+
+
+@pytest.mark.parametrize("lookup", [0, 1, 2], ids=["shuffle", "pshufb", "vpermps"])
+@pytest.mark.parametrize("qtype", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
+def test_iq4_lookup_paths(rt, qtype, lookup):
+    """Each way of looking the IQ4 levels up (quants.h iq4_levels) that this device's compiler has: the
+    default one runs in every other test, the lower ones are what other CPUs and GPUs get."""
+    if lookup > default_iq4_lookup(rt):
+        pytest.skip(f"MM_IQ4_LOOKUP={lookup} needs an instruction this device lacks")
+    mm = MatmulOps(rt)
+    mm.defines = {**mm.defines, "MM_IQ4_LOOKUP": lookup}
+    rng = np.random.default_rng(12)
+    n_rows, n_cols = SHAPES[qtype][1]
+    raw = random_weight(qtype, n_rows, n_cols, rng)
+    w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
+    x = rng.standard_normal((3, n_cols)).astype(np.float32)
+    xb = rt.upload(x, "test.x")
+    for max_tokens in (1, 3):
+        yb = rt.alloc(4 * max_tokens * n_rows, "test.y")
+        run_launches(rt, mm.matmul(w, xb, yb, max_tokens), step_vars(max_tokens))
+        assert_close(read(rt, yb, (max_tokens, n_rows)), reference(raw, qtype, x[:max_tokens]),
+                     bound(raw, qtype, x[:max_tokens]), f"MM_IQ4_LOOKUP={lookup} max_tokens={max_tokens}")
 
 
 def test_strided_output_writes_side_by_side(rt):

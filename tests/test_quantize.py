@@ -22,10 +22,13 @@ RMS_BOUND = {
     QT.Q5_K: 4.5e-2,
     QT.Q5_0: 5e-2,
     QT.Q4_K: 8.5e-2,
+    QT.IQ4_NL: 8.5e-2,
+    QT.IQ4_XS: 8.5e-2,
     QT.Q4_1: 9e-2,
     QT.Q4_0: 0.1,
 }
-K_QUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+# the 256-column types: sub-block scales packed into bits of the block
+K_QUANTS = (QT.IQ4_XS, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
 def rel_rms(a, b):
@@ -96,7 +99,8 @@ def test_k_quant_block_layout(qtype):
     ramp = np.linspace(-1.0, 2.0, 256, dtype=np.float32)
     w = np.stack([ramp, ramp[::-1], np.roll(ramp, 77)])
     d = roundtrip(w, qtype)
-    level = {QT.Q4_K: 3.0 / 15, QT.Q5_K: 3.0 / 31, QT.Q6_K: 3.0 / 63}[qtype]
+    # IQ4_XS: the widest step between its levels (24 of 127) at the largest |x|, 2
+    level = {QT.IQ4_XS: 2.0 * 24 / 127, QT.Q4_K: 3.0 / 15, QT.Q5_K: 3.0 / 31, QT.Q6_K: 3.0 / 63}[qtype]
     assert np.abs(d - w).max() <= level, f"{qtype.name}: max error {np.abs(d - w).max():.3g}"
 
 

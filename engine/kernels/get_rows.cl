@@ -4,11 +4,11 @@
 // bad token id must not read outside the weight buffer).
 //
 // NDRange: 2-D (piece of the row, token): global = (ceil(n_pieces / WG) * WG, n_tokens), local = (WG, 1).
-//     A piece is one GGUF block (32 columns for Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, 256 for the K-quants)
-//     or, for F32 / F16 / BF16, 16 columns (the last one possibly shorter). Row r lives in lane r % 16 of
-//     tile r / 16, so a work-item reads every 16th byte of its tile block: a lookup touches a few rows per
-//     token and is not worth a layout of its own. Tokens >= n_tokens (the grid has at least one) return at
-//     once.
+//     A piece is one GGUF block (32 columns for Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / IQ4_NL, 256 for the
+//     K-quants and IQ4_XS) or, for F32 / F16 / BF16, 16 columns (the last one possibly shorter). Row r
+//     lives in lane r % 16 of tile r / 16, so a work-item reads every 16th byte of its tile block: a lookup
+//     touches a few rows per token and is not worth a layout of its own. Tokens >= n_tokens (the grid has
+//     at least one) return at once.
 // Variants: one entry point per weight type, kernel_get_rows_<type>.
 // Dequantization follows ggml-quants.c (dequantize_row_*), in float32.
 // Reference: tests/test_matmul.py::test_get_rows (gguf.quants.dequantize(raw)[ids]).
@@ -91,6 +91,33 @@ __kernel void kernel_get_rows_q5_0(GR_PARAMS) {
 __kernel void kernel_get_rows_q5_1(GR_PARAMS) {
     GR_PROLOGUE(TB_Q5_1, 32)
     get_rows_q5(tb, lane, yr, Q5_1_QH, Q5_1_QS, H16(0), H16(Q5_1_M));
+}
+
+__constant float iq4_levels_lut[16] = {IQ4_LEVELS};
+
+// 32 columns of IQ4_NL / IQ4_XS: qs byte j holds the level indices of column j (low) and j + 16 (high)
+inline void get_rows_iq4(__global const uchar *tb, const int lane, __global float *yr, const int qs_off,
+                         const float d) {
+    for (int j = 0; j < 16; j++) {
+        const int q = B8(qs_off, j);
+        yr[j] = d * iq4_levels_lut[q & 15];
+        yr[j + 16] = d * iq4_levels_lut[q >> 4];
+    }
+}
+
+__kernel void kernel_get_rows_iq4_nl(GR_PARAMS) {
+    GR_PROLOGUE(TB_IQ4_NL, 32)
+    get_rows_iq4(tb, lane, yr, IQ4_NL_QS, H16(0));
+}
+
+__kernel void kernel_get_rows_iq4_xs(GR_PARAMS) {
+    GR_PROLOGUE(TB_IQ4_XS, 256)
+    const float d = H16(0);
+    const int sh = ((__global const ushort *)(tb + IQ4_XS_SH))[lane];
+    for (int j = 0; j < 8; j++) {
+        const int ls = ((B8(IQ4_XS_SL, j >> 1) >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4);
+        get_rows_iq4(tb, lane, yr + 32 * j, IQ4_XS_QS + 16 * j * TILE_ROWS, d * (float)(ls - 32));
+    }
 }
 
 // sub-block j's 6-bit scale and min from the 12 packed bytes (ggml get_scale_min_k4), for this lane

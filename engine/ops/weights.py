@@ -32,6 +32,8 @@ BLOCK_FIELDS: dict[GGMLQuantizationType, tuple[tuple[int, int], ...]] = {
     # are only 32-byte aligned
     T.Q5_0: ((2, 2), (4, 1), (16, 1)),  # d, qh, qs
     T.Q5_1: ((2, 2), (2, 2), (4, 1), (16, 1)),  # d, m, qh, qs
+    T.IQ4_NL: ((2, 2), (16, 1)),  # d, qs
+    T.IQ4_XS: ((2, 2), (2, 2), (4, 1), (128, 1)),  # d, scales_h, scales_l, qs
     T.Q4_K: ((2, 2), (2, 2), (12, 1), (128, 1)),  # d, dmin, scales, qs
     T.Q5_K: ((2, 2), (2, 2), (12, 1), (32, 1), (128, 1)),  # d, dmin, scales, qh, qs
     T.Q6_K: ((128, 1), (64, 1), (16, 1), (2, 2)),  # ql, qh, scales, d
