@@ -73,6 +73,8 @@ class LimitsSection:
     max_stop_strings: int = _f(16, "most stop strings a request may give (each is matched on every token)",
                                "--max-stop-strings", lo=0, live=True)
     max_stop_length: int = _f(256, "longest stop string, in characters", "--max-stop-length", lo=1, live=True)
+    body_timeout: float = _f(30.0, "seconds a request body may pause before the request gets a 408",
+                             "--body-timeout", lo=0.1, hi=3600.0, live=True)
 
 
 @dataclass(frozen=True)

@@ -664,3 +664,24 @@ def test_first_request_under_socket_activation_waits_for_the_load(model):
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=20)
     shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_body_that_stops_arriving_gets_a_408(model):
+    """Issue 14 item 7: a half-sent body held its connection and handler open for ever."""
+    d = _short_dir()
+    p = start(model, d / "s.sock", "--body-timeout", "1")
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(20)
+        s.connect(str(d / "s.sock"))
+        s.sendall(post(b"/v1/completions", b'{"prompt": "hello", "max_tokens": 4}')[:-10])  # the rest never comes
+        t0 = time.time()
+        out = s.recv(4096)
+        s.close()
+        assert out.startswith(b"HTTP/1.1 408"), out[:200]
+        assert b'"invalid_request_error"' in out and b"limits.body_timeout" in out
+        assert time.time() - t0 < 10
+    finally:
+        rc, err = stop(p)
+    assert rc == 0, err
+    shutil.rmtree(d, ignore_errors=True)

@@ -45,14 +45,17 @@ async def error_middleware(request, handler):
         return _error(e, 500)
 
 
-async def read_json(request, limit: int):
+async def read_json(request, limit: int, timeout: float = 30.0):
     """The body parsed as JSON; 413 over `limit` bytes (checked while reading, Content-Length or not)."""
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     data = bytearray()
     while True:
         try:
-            chunk = await request.content.read(65536)
+            # a client that stops sending mid-body does not hold a connection (and a handler) open for ever
+            chunk = await asyncio.wait_for(request.content.read(65536), timeout)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(reason=f"no body bytes for {timeout:g} s (limits.body_timeout)") from None
         except (RequestPayloadError, http_exceptions.HttpProcessingError) as e:  # e.g. not the gzip it claims
             raise RequestError(f"the body cannot be read: {e}") from None
         if not chunk:
@@ -126,7 +129,7 @@ async def metrics_handler(request):
 async def tokenize(request):
     state = request.app["state"]
     _ready(state)
-    body = await read_json(request, state.cfg.limits.max_body_bytes)
+    body = await read_json(request, state.cfg.limits.max_body_bytes, state.cfg.limits.body_timeout)
     if not isinstance(body, dict) or not isinstance(body.get("content"), str):
         raise RequestError("'content' is required: a string")
     add_special = body.get("add_special", False)
@@ -142,7 +145,7 @@ async def tokenize(request):
 async def detokenize(request):
     state = request.app["state"]
     _ready(state)
-    body = await read_json(request, state.cfg.limits.max_body_bytes)
+    body = await read_json(request, state.cfg.limits.max_body_bytes, state.cfg.limits.body_timeout)
     toks = body.get("tokens") if isinstance(body, dict) else None
     n_vocab = state.runner.n_vocab
     if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab
@@ -169,7 +172,7 @@ async def _completion(request, chat: bool):
     state = request.app["state"]
     sched = await _loaded(state)
     cfg = state.cfg
-    body = await read_json(request, cfg.limits.max_body_bytes)
+    body = await read_json(request, cfg.limits.max_body_bytes, cfg.limits.body_timeout)
     parse = openai_api.parse_chat if chat else openai_api.parse_completion
     # the chat template and the tokenizer run off the event loop: a long prompt must not stall every stream
     p = await asyncio.get_running_loop().run_in_executor(None, parse, body, state.runner.tokenizer, cfg.sampling,
