@@ -34,7 +34,10 @@ from nextn.gguf.model_file import ModelFile
 from nextn.memory.kv_cache import KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.memory.sequence import SequenceCache
-from nextn.ops.weights import upload_weight
+from nextn.models import blocks
+from nextn.models.blocks import F32
+from nextn.ops import moe
+from nextn.ops.weights import SUPPORTED_TYPES, device_bytes, upload_weight
 
 TensorTable = dict  # name -> (GGUF shape ne, frozenset of allowed GGMLQuantizationType)
 
@@ -102,9 +105,52 @@ class Architecture(ABC):
     def memory_plan(self, hp, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
                     mtp: bool = False, rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> MemoryPlan: ...
 
-    @abstractmethod
+    def group_bytes(self, infos: dict, name: str, members: list[str]) -> int:
+        """Device bytes of one device weight (the file tensors `members`, fused under `name`): vectors as
+        float32, routed experts tile-padded per expert, eh_proj as its two halves, other matrices in the tile
+        layout. An architecture with other kinds of weights extends this and upload_weight_group."""
+        first = infos[members[0]]
+        if len(first.ne) == 1:
+            return 4 * sum(infos[m].ne[0] for m in members)
+        if is_experts(name):
+            return moe.experts_bytes(first.qtype, first.ne[2], first.ne[1], first.ne[0])
+        if blocks.is_eh_proj(name):
+            return blocks.eh_proj_bytes(first)
+        return device_bytes(first.qtype, sum(infos[m].n_rows for m in members), first.n_cols)
+
+    def weights_bytes(self, hp, infos: dict, mtp: bool = False) -> tuple[int, int]:
+        """(trunk bytes, MTP block bytes) of the weights on the device."""
+        mtp_names = set(self.mtp_tensor_names(hp, infos)) if mtp else set()
+        trunk = extra = 0
+        for name, members in self.fused_groups(hp, infos, mtp).items():
+            n = self.group_bytes(infos, name, members)
+            if members[0] in mtp_names:
+                extra += n
+            else:
+                trunk += n
+        return trunk, extra
+
+    def upload_weight_group(self, rt, mf: ModelFile, infos: dict, name: str, members: list[str], out: dict) -> None:
+        """Put one device weight into `out` (the kinds of group_bytes)."""
+        first = infos[members[0]]
+        if is_experts(name):
+            out[name] = moe.upload_experts(rt, np.asarray(mf.raw(first)).reshape(-1), first.qtype, first.ne[2],
+                                           first.ne[1], first.ne[0], name)
+        elif blocks.is_eh_proj(name):
+            blocks.upload_eh_proj(rt, mf, first, name, out)
+        else:
+            out[name] = upload_group(rt, mf, infos, members, name)
+
     def upload(self, rt, hp, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
         """Device weights by name (fused groups under their device name; a tied head shares the embedding)."""
+        out = {}
+        for name, members in self.fused_groups(hp, infos, mtp).items():
+            self.upload_weight_group(rt, mf, infos, name, members, out)
+            if progress is not None:
+                progress(sum(infos[m].nbytes for m in members))
+        if "output.weight" not in out:
+            out["output.weight"] = out["token_embd.weight"]  # tied embeddings: the same device buffers
+        return out
 
     @abstractmethod
     def make_cache(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
@@ -145,6 +191,22 @@ def mtp_architectures() -> list[str]:
 
 
 # -- loading helpers shared by the architectures ---------------------------------------------------------------
+
+EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def is_experts(name: str) -> bool:
+    """A routed experts' 3-D tensor (uploaded per expert, tile-padded)."""
+    return any(f".{t}." in name for t in EXPERT_TENSORS)
+
+
+def head_tensors(hp, mf: ModelFile) -> TensorTable:
+    """The embedding, the final norm and (unless tied to the embedding) the output head, as every decoder has."""
+    t = {"token_embd.weight": ((hp.n_embd, hp.n_vocab), SUPPORTED_TYPES), "output_norm.weight": ((hp.n_embd,), F32)}
+    if mf.has("output.weight"):
+        t["output.weight"] = ((hp.n_embd, hp.n_vocab), SUPPORTED_TYPES)
+    return t
+
 
 def fused_groups(infos: dict, candidates) -> dict[str, list[str]]:
     """Device weight name -> the file tensors concatenated (by rows) into it. A candidate group (Q|K|V,

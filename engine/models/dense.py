@@ -13,10 +13,9 @@ from nextn.gguf.model_file import ModelFile
 from nextn.memory.kv_cache import KVCache, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
-from nextn.models.base import Architecture, upload_group
-from nextn.models.blocks import ANY, F32, AttentionShape
+from nextn.models.base import Architecture, head_tensors
+from nextn.models.blocks import F32, AttentionShape
 from nextn.ops import norm
-from nextn.ops.weights import device_bytes
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,7 @@ class Dense(Architecture):
         if mf.has("blk.0.attn_qkv.weight"):
             raise ModelLoadError(f"{mf.path}: fused attn_qkv tensors are not supported for {mf.arch}")
         e = hp.n_embd
-        t = {
-            "token_embd.weight": ((e, hp.n_vocab), ANY),
-            "output_norm.weight": ((e,), F32),
-        }
-        if mf.has("output.weight"):
-            t["output.weight"] = ((e, hp.n_vocab), ANY)
+        t = head_tensors(hp, mf)
         if mf.has("rope_freqs.weight"):  # Llama 3.1 / 3.2: one divisor per rotated pair, shared by the layers
             t["rope_freqs.weight"] = ((hp.n_rot // 2,), F32)
         a = self._attention(hp)
@@ -125,32 +119,10 @@ class Dense(Architecture):
             out += [*blocks.qkv_fusion(b), blocks.gate_up_fusion(b)]
         return out
 
-    def weights_bytes(self, hp: DenseHParams, infos: dict) -> int:
-        """Device bytes the weights will occupy (norms as float32, matrices in their device layout)."""
-        total = 0
-        for members in self.fused_groups(hp, infos, False).values():
-            first = infos[members[0]]
-            if len(first.ne) == 1:
-                total += 4 * sum(infos[m].ne[0] for m in members)
-            else:
-                total += device_bytes(first.qtype, sum(infos[m].n_rows for m in members), first.n_cols)
-        return total
-
-    def upload(self, rt, hp: DenseHParams, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
-        """Every tensor; matrices as DeviceWeight (fused groups concatenated), 1-D norms as float32."""
-        out = {}
-        for name, members in self.fused_groups(hp, infos, False).items():
-            out[name] = upload_group(rt, mf, infos, members, name)
-            if progress is not None:
-                progress(sum(infos[m].nbytes for m in members))
-        if "output.weight" not in out:
-            out["output.weight"] = out["token_embd.weight"]  # tied embeddings: the same device buffers
-        return out
-
     def memory_plan(self, hp: DenseHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
                     mtp: bool = False, rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> MemoryPlan:
         return MemoryPlan(
-            weights=self.weights_bytes(hp, infos),
+            weights=self.weights_bytes(hp, infos)[0],
             kv_cache=KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer)),
             activations=StepBuffers.bytes_needed(hp, n_batch, max_outputs),
         )

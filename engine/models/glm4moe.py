@@ -25,10 +25,9 @@ from nextn.gguf.model_file import ModelFile
 from nextn.memory.kv_cache import KVCache, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
-from nextn.models.base import Architecture, upload_group
+from nextn.models.base import Architecture, head_tensors
 from nextn.models.blocks import ANY, F32, AttentionShape, MtpBuffers
 from nextn.ops import moe, norm
-from nextn.ops.weights import device_bytes
 
 GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values
 
@@ -162,20 +161,6 @@ def _layer_tensors(hp: Glm4MoeHParams, il: int) -> dict:
     return t
 
 
-EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-
-
-def _group_bytes(infos: dict, name: str, members: list[str]) -> int:
-    first = infos[members[0]]
-    if len(first.ne) == 1:
-        return 4 * sum(infos[m].ne[0] for m in members)
-    if any(f".{t}." in name for t in EXPERT_TENSORS):
-        return moe.experts_bytes(first.qtype, first.ne[2], first.ne[1], first.ne[0])
-    if blocks.is_eh_proj(name):
-        return blocks.eh_proj_bytes(first)
-    return device_bytes(first.qtype, sum(infos[m].n_rows for m in members), first.n_cols)
-
-
 class StepBuffers:
     """Device buffers of one batch. x has one row more than max_tokens, never written: the zero hidden state
     the MTP block gets for position 0. gate_up / act serve the dense FFN and the shared expert."""
@@ -222,9 +207,7 @@ class Glm4Moe(Architecture):
 
     def tensor_table(self, hp: Glm4MoeHParams, mf: ModelFile, mtp: bool = False) -> dict:
         e = hp.n_embd
-        t = {"token_embd.weight": ((e, hp.n_vocab), ANY), "output_norm.weight": ((e,), F32)}
-        if mf.has("output.weight"):
-            t["output.weight"] = ((e, hp.n_vocab), ANY)
+        t = head_tensors(hp, mf)
         for il in range(hp.n_layer):
             t.update(_layer_tensors(hp, il))
         if mtp:
@@ -239,35 +222,6 @@ class Glm4Moe(Architecture):
             b = f"blk.{il}."
             out += blocks.qkv_fusion(b)
             out.append(blocks.gate_up_fusion(b, "_shexp" if hp.is_moe(il) else ""))
-        return out
-
-    def weights_bytes(self, hp: Glm4MoeHParams, infos: dict, mtp: bool = False) -> tuple[int, int]:
-        """(trunk bytes, MTP block bytes) on the device."""
-        mtp_names = set(self.mtp_tensor_names(hp, infos)) if mtp else set()
-        trunk = extra = 0
-        for name, members in self.fused_groups(hp, infos, mtp).items():
-            n = _group_bytes(infos, name, members)
-            if members[0] in mtp_names:
-                extra += n
-            else:
-                trunk += n
-        return trunk, extra
-
-    def upload(self, rt, hp: Glm4MoeHParams, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
-        out = {}
-        for name, members in self.fused_groups(hp, infos, mtp).items():
-            first = infos[members[0]]
-            if any(f".{t}." in name for t in EXPERT_TENSORS):
-                out[name] = moe.upload_experts(rt, np.asarray(mf.raw(first)).reshape(-1), first.qtype,
-                                               first.ne[2], first.ne[1], first.ne[0], name)
-            elif blocks.is_eh_proj(name):
-                blocks.upload_eh_proj(rt, mf, first, name, out)
-            else:
-                out[name] = upload_group(rt, mf, infos, members, name)
-            if progress is not None:
-                progress(sum(infos[m].nbytes for m in members))
-        if "output.weight" not in out:
-            out["output.weight"] = out["token_embd.weight"]
         return out
 
     def memory_plan(self, hp: Glm4MoeHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int,

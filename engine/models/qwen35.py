@@ -29,7 +29,7 @@ from nextn.memory.hybrid_cache import HybridCache
 from nextn.memory.kv_cache import KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
-from nextn.models.base import Architecture, upload_group
+from nextn.models.base import Architecture, head_tensors
 from nextn.models.blocks import ANY, F32, AttentionShape, MtpBuffers
 from nextn.ops import delta_net, elementwise, moe, norm
 from nextn.ops.weights import device_bytes, upload_weight
@@ -223,35 +223,8 @@ def _layer_tensors(hp: HybridHParams, mf: ModelFile, il: int) -> dict:
 
 # -- device weights ------------------------------------------------------------------------------------------
 
-EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 PLAIN_F32 = ("ssm_conv1d.weight",)  # read by kernels as plain float32 arrays, not as matmul weights
-
-
-def _kind(name: str) -> str:
-    """How a device weight is uploaded (and sized)."""
-    if name.endswith(PLAIN_F32):
-        return "plain"
-    if name.endswith("ffn_gate_inp_shexp.weight"):
-        return "shexp_gate"
-    if any(f".{t}." in name for t in EXPERT_TENSORS):
-        return "experts"
-    if blocks.is_eh_proj(name):
-        return "eh_proj"
-    return "default"
-
-
-def _group_bytes(infos: dict, members: list[str]) -> int:
-    first = infos[members[0]]
-    kind = _kind(members[0])
-    if kind == "shexp_gate":
-        return device_bytes(first.qtype, 1, first.ne[0])
-    if len(first.ne) == 1 or kind == "plain":
-        return 4 * int(np.prod(first.ne))
-    if kind == "experts":
-        return moe.experts_bytes(first.qtype, first.ne[2], first.ne[1], first.ne[0])
-    if kind == "eh_proj":
-        return blocks.eh_proj_bytes(first)
-    return device_bytes(first.qtype, sum(infos[m].n_rows for m in members), first.n_cols)
+SHEXP_GATE = "ffn_gate_inp_shexp.weight"  # [n_embd] used as a 1-row matmul weight: one logit per token
 
 
 # -- step buffers --------------------------------------------------------------------------------------------
@@ -360,9 +333,7 @@ class Qwen35(Architecture):
 
     def tensor_table(self, hp: HybridHParams, mf: ModelFile, mtp: bool = False) -> dict:
         e = hp.n_embd
-        t = {"token_embd.weight": ((e, hp.n_vocab), ANY), "output_norm.weight": ((e,), F32)}
-        if mf.has("output.weight"):
-            t["output.weight"] = ((e, hp.n_vocab), ANY)
+        t = head_tensors(hp, mf)
         for il in range(hp.n_layer):
             t.update(_layer_tensors(hp, mf, il))
         if mtp:
@@ -382,38 +353,22 @@ class Qwen35(Architecture):
             out.append(blocks.gate_up_fusion(b, "_shexp" if hp.moe else ""))
         return out
 
-    def weights_bytes(self, hp: HybridHParams, infos: dict, mtp: bool = False) -> tuple[int, int]:
-        """(trunk bytes, MTP block bytes) on the device."""
-        mtp_names = set(self.mtp_tensor_names(hp, infos)) if mtp else set()
-        trunk = extra = 0
-        for members in self.fused_groups(hp, infos, mtp).values():
-            n = _group_bytes(infos, members)
-            if members[0] in mtp_names:
-                extra += n
-            else:
-                trunk += n
-        return trunk, extra
+    def group_bytes(self, infos: dict, name: str, members: list[str]) -> int:
+        first = infos[members[0]]
+        if name.endswith(PLAIN_F32):
+            return 4 * int(np.prod(first.ne))
+        if name.endswith(SHEXP_GATE):
+            return device_bytes(first.qtype, 1, first.ne[0])
+        return super().group_bytes(infos, name, members)
 
-    def upload(self, rt, hp: HybridHParams, mf: ModelFile, infos: dict, progress=None, mtp: bool = False) -> dict:
-        out = {}
-        for name, members in self.fused_groups(hp, infos, mtp).items():
-            first, kind = infos[members[0]], _kind(name)
-            if kind == "plain":
-                out[name] = rt.upload(np.array(mf.array_f32(first)), name)
-            elif kind == "shexp_gate":  # [n_embd] used as a 1-row matmul weight: one logit per token
-                out[name] = upload_weight(rt, mf.raw(first).reshape(1, -1), first.qtype, 1, first.ne[0], name)
-            elif kind == "experts":
-                out[name] = moe.upload_experts(rt, np.asarray(mf.raw(first)).reshape(-1), first.qtype,
-                                               first.ne[2], first.ne[1], first.ne[0], name)
-            elif kind == "eh_proj":
-                blocks.upload_eh_proj(rt, mf, first, name, out)
-            else:
-                out[name] = upload_group(rt, mf, infos, members, name)
-            if progress is not None:
-                progress(sum(infos[m].nbytes for m in members))
-        if "output.weight" not in out:
-            out["output.weight"] = out["token_embd.weight"]
-        return out
+    def upload_weight_group(self, rt, mf: ModelFile, infos: dict, name: str, members: list[str], out: dict) -> None:
+        first = infos[members[0]]
+        if name.endswith(PLAIN_F32):
+            out[name] = rt.upload(np.array(mf.array_f32(first)), name)
+        elif name.endswith(SHEXP_GATE):
+            out[name] = upload_weight(rt, mf.raw(first).reshape(1, -1), first.qtype, 1, first.ne[0], name)
+        else:
+            super().upload_weight_group(rt, mf, infos, name, members, out)
 
     def memory_plan(self, hp: HybridHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int,
                     max_outputs: int, mtp: bool = False, rollback_rows: int = 0,
