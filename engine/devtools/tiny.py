@@ -78,9 +78,16 @@ _FILE_TYPE = {
     QT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
     QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+    QT.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
+    QT.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S,
     QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
     QT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
     QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+    QT.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL,
+    QT.IQ4_XS: gguf.LlamaFileType.MOSTLY_IQ4_XS,
 }
 
 CHATML_TEMPLATE = (
