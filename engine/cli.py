@@ -95,9 +95,8 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from nextn.model_info import describe
-
     from nextn.memory.kv_cache import KVTypes
+    from nextn.model_info import describe
 
     kv = KVTypes(args.cache_type_k, args.cache_type_v, args.cache_type_k, args.cache_type_v)
     print(describe(args.file, n_ctx=args.ctx_size, as_json=args.json, kv_types=kv))

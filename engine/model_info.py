@@ -5,7 +5,7 @@ import json
 from collections import Counter
 
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVTypes
+from nextn.memory.kv_cache import F16_KV, KVTypes
 from nextn.models import architecture
 from nextn.runner import MAX_OUTPUTS
 
@@ -14,7 +14,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def model_summary(path, n_ctx: int | None = None, n_batch: int = 512, kv_types: KVTypes = KVTypes()) -> dict:
+def model_summary(path, n_ctx: int | None = None, n_batch: int = 512, kv_types: KVTypes = F16_KV) -> dict:
     mf = ModelFile(path)
     arch = architecture(mf.arch, mf.path)
     hp = arch.hparams(mf)
@@ -59,7 +59,7 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512, kv_types: 
     return summary
 
 
-def describe(path, n_ctx: int | None = None, as_json: bool = False, kv_types: KVTypes = KVTypes()) -> str:
+def describe(path, n_ctx: int | None = None, as_json: bool = False, kv_types: KVTypes = F16_KV) -> str:
     s = model_summary(path, n_ctx, kv_types=kv_types)
     if as_json:
         return json.dumps(s, indent=2)

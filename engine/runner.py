@@ -23,7 +23,7 @@ from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
 from nextn.cl.runtime import Runtime
 from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVTypes
+from nextn.memory.kv_cache import F16_KV, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import architecture
 from nextn.ops.matmul import MatmulOps
@@ -46,7 +46,7 @@ class ModelRunner:
         progress: bool | Callable[[float], None] = False,
         mtp: bool = False,
         speculative: bool = False,
-        kv_types: KVTypes = KVTypes(),
+        kv_types: KVTypes = F16_KV,
     ):
         t0 = time.perf_counter()
         self.file = mf = ModelFile(path)
@@ -71,7 +71,7 @@ class ModelRunner:
         self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
 
         total = sum(i.nbytes for i in infos.values())
-        bar, on_bytes = None, None
+        bar = None
         if callable(progress):  # a reporter of the fraction uploaded (the server's log and status line)
             done = [0]
 
@@ -83,6 +83,8 @@ class ModelRunner:
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading")
             on_bytes = bar.update
+        else:
+            on_bytes = None
         self.weights = arch.upload(self.rt, hp, mf, infos, progress=on_bytes, mtp=mtp)
         if bar:
             bar.close()

@@ -14,7 +14,7 @@ does whichever the position asks for and refuses anything else.
 import numpy as np
 import pyopencl as cl
 
-from nextn.memory.kv_cache import KVCache, KVTypes
+from nextn.memory.kv_cache import KVCache, F16_KV, KVTypes
 from nextn.memory.sequence import SequenceCache
 from nextn.ops import delta_net as dn
 
@@ -23,7 +23,7 @@ class HybridCache(SequenceCache):
     holds_recurrent_state = True
 
     def __init__(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
-                 kv_types: KVTypes = KVTypes()):
+                 kv_types: KVTypes = F16_KV):
         super().__init__(n_seq, n_ctx)
         self.rt = rt
         self.attn_layers = hp.attention_layers(mtp)
@@ -60,7 +60,7 @@ class HybridCache(SequenceCache):
 
     @staticmethod
     def bytes_needed(hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
-                     kv_types: KVTypes = KVTypes()) -> dict[str, int]:
+                     kv_types: KVTypes = F16_KV) -> dict[str, int]:
         """Device bytes by part: kv_cache (trunk), mtp_kv_cache, recurrent_state, snapshots, rollback."""
         n_attn = len(hp.attention_layers(False))
         kv = KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(n_attn))

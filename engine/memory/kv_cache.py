@@ -39,6 +39,9 @@ class KVTypes:
         return [(self.k, self.v)] * n_layer + ([(self.mtp_k, self.mtp_v)] if mtp else [])
 
 
+F16_KV = KVTypes()  # the default: every row in half precision
+
+
 class KVCache(SequenceCache):
     def __init__(self, rt, n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int, types: list[tuple[str, str]]):
         """types: (k, v) row types of each layer (KVTypes.layers)."""

@@ -31,7 +31,7 @@ import numpy as np
 from nextn.cl.launch import Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVTypes
+from nextn.memory.kv_cache import F16_KV, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.memory.sequence import SequenceCache
 from nextn.models import blocks
@@ -103,7 +103,7 @@ class Architecture(ABC):
 
     @abstractmethod
     def memory_plan(self, hp, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
-                    mtp: bool = False, rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> MemoryPlan: ...
+                    mtp: bool = False, rollback_rows: int = 0, kv_types: KVTypes = F16_KV) -> MemoryPlan: ...
 
     def group_bytes(self, infos: dict, name: str, members: list[str]) -> int:
         """Device bytes of one device weight (the file tensors `members`, fused under `name`): vectors as
@@ -154,7 +154,7 @@ class Architecture(ABC):
 
     @abstractmethod
     def make_cache(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
-                   kv_types: KVTypes = KVTypes()) -> SequenceCache: ...
+                   kv_types: KVTypes = F16_KV) -> SequenceCache: ...
 
     @abstractmethod
     def step_buffers(self, rt, hp, max_tokens: int, max_outputs: int):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from nextn.cl.launch import Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVCache, KVTypes
+from nextn.memory.kv_cache import KVCache, F16_KV, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
 from nextn.models.base import Architecture, head_tensors
@@ -120,7 +120,7 @@ class Dense(Architecture):
         return out
 
     def memory_plan(self, hp: DenseHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int, max_outputs: int,
-                    mtp: bool = False, rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> MemoryPlan:
+                    mtp: bool = False, rollback_rows: int = 0, kv_types: KVTypes = F16_KV) -> MemoryPlan:
         return MemoryPlan(
             weights=self.weights_bytes(hp, infos)[0],
             kv_cache=KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer)),
@@ -128,7 +128,7 @@ class Dense(Architecture):
         )
 
     def make_cache(self, rt, hp: DenseHParams, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
-                   kv_types: KVTypes = KVTypes()) -> KVCache:
+                   kv_types: KVTypes = F16_KV) -> KVCache:
         # a KV cache rolls back by its lengths alone: rejected draft positions are overwritten later
         return KVCache(rt, n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer))
 

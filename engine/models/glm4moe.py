@@ -22,7 +22,7 @@ import pyopencl as cl
 from nextn.cl.launch import Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVCache, KVTypes
+from nextn.memory.kv_cache import KVCache, F16_KV, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
 from nextn.models.base import Architecture, head_tensors
@@ -226,7 +226,7 @@ class Glm4Moe(Architecture):
 
     def memory_plan(self, hp: Glm4MoeHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int,
                     max_outputs: int, mtp: bool = False, rollback_rows: int = 0,
-                    kv_types: KVTypes = KVTypes()) -> MemoryPlan:
+                    kv_types: KVTypes = F16_KV) -> MemoryPlan:
         trunk, mtp_w = self.weights_bytes(hp, infos, mtp)
         kv = KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer))
         mtp_kv = KVCache.bytes_needed(n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(0, True))
@@ -240,7 +240,7 @@ class Glm4Moe(Architecture):
         )
 
     def make_cache(self, rt, hp: Glm4MoeHParams, n_seq: int, n_ctx: int, mtp: bool = False,
-                   rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> KVCache:
+                   rollback_rows: int = 0, kv_types: KVTypes = F16_KV) -> KVCache:
         # the MTP block's KV is layer n_layer; rejected drafts roll back by the lengths alone
         return KVCache(rt, n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer, mtp))
 

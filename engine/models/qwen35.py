@@ -26,7 +26,7 @@ from nextn.cl.launch import VAR_N_SAVED, VAR_N_TOKENS, Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.hybrid_cache import HybridCache
-from nextn.memory.kv_cache import KVTypes
+from nextn.memory.kv_cache import F16_KV, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
 from nextn.models.base import Architecture, head_tensors
@@ -372,7 +372,7 @@ class Qwen35(Architecture):
 
     def memory_plan(self, hp: HybridHParams, infos: dict, n_seq: int, n_ctx: int, n_batch: int,
                     max_outputs: int, mtp: bool = False, rollback_rows: int = 0,
-                    kv_types: KVTypes = KVTypes()) -> MemoryPlan:
+                    kv_types: KVTypes = F16_KV) -> MemoryPlan:
         trunk, mtp_w = self.weights_bytes(hp, infos, mtp)
         cache = HybridCache.bytes_needed(hp, n_seq, n_ctx, mtp, rollback_rows, kv_types)
         return MemoryPlan(
@@ -388,7 +388,7 @@ class Qwen35(Architecture):
         )
 
     def make_cache(self, rt, hp: HybridHParams, n_seq: int, n_ctx: int, mtp: bool = False,
-                   rollback_rows: int = 0, kv_types: KVTypes = KVTypes()) -> HybridCache:
+                   rollback_rows: int = 0, kv_types: KVTypes = F16_KV) -> HybridCache:
         return HybridCache(rt, hp, n_seq, n_ctx, mtp, rollback_rows, kv_types)
 
     def step_buffers(self, rt, hp: HybridHParams, max_tokens: int, max_outputs: int) -> StepBuffers:
