@@ -14,7 +14,7 @@ does whichever the position asks for and refuses anything else.
 import numpy as np
 import pyopencl as cl
 
-from nextn.memory.kv_cache import KVCache, F16_KV, KVTypes
+from nextn.memory.kv_cache import F16_KV, KVCache, KVTypes
 from nextn.memory.sequence import SequenceCache
 from nextn.ops import delta_net as dn
 

@@ -22,7 +22,7 @@ import pyopencl as cl
 from nextn.cl.launch import Launch
 from nextn.errors import ModelLoadError
 from nextn.gguf.model_file import ModelFile
-from nextn.memory.kv_cache import KVCache, F16_KV, KVTypes
+from nextn.memory.kv_cache import F16_KV, KVCache, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import blocks
 from nextn.models.base import Architecture, head_tensors
