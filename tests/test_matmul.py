@@ -16,6 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
 from nextn.ops.matmul import MatmulOps
+from nextn.ops.moe import upload_experts
 from nextn.ops.weights import SUPPORTED_TYPES, TILE_ROWS, device_bytes, repack, upload_weight
 
 T = GGMLQuantizationType
@@ -28,6 +29,8 @@ _HALVES = {
     T.Q5_1: (0, 2),
     T.IQ4_NL: (0,),
     T.IQ4_XS: (0,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
     T.Q4_K: (0, 2),
     T.Q5_K: (0, 2),
     T.Q6_K: (208,),
@@ -114,6 +117,8 @@ SHAPES = {
     T.Q5_1: [(100, 512), (19, 64)],
     T.IQ4_NL: [(100, 512), (19, 64)],
     T.IQ4_XS: [(70, 512), (21, 256)],
+    T.Q2_K: [(70, 512), (21, 256)],
+    T.Q3_K: [(70, 512), (21, 256)],
     T.Q4_K: [(70, 512), (21, 256)],
     T.Q5_K: [(70, 512), (21, 256)],
     T.Q6_K: [(70, 512), (21, 256)],
@@ -125,7 +130,7 @@ TYPES = sorted(SUPPORTED_TYPES, key=lambda t: t.value)
 
 
 def test_supported_types():
-    want = "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL IQ4_XS Q4_K Q5_K Q6_K"
+    want = "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL IQ4_XS Q2_K Q3_K Q4_K Q5_K Q6_K"
     assert SUPPORTED_TYPES == {T[name] for name in want.split()}
 
 
@@ -167,7 +172,28 @@ def test_matmul_all_variants(rt, mm, qtype):
                 )
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_id(rt, mm, qtype):
+    """The expert-indexed entry of every type's kernel file (tests/test_ops_moe.py covers its contract in
+    detail for Q8_0): experts with a partial last tile, an empty expert, the three chunkings."""
+    rng = np.random.default_rng(20 + qtype.value)
+    n_expert, (rows, n_cols) = 3, SHAPES[qtype][1]
+    raw = random_weight(qtype, n_expert * rows, n_cols, rng)
+    w = dequantize(raw, qtype, n_expert * rows, n_cols).reshape(n_expert, rows, n_cols)
+    dw = upload_experts(rt, raw, qtype, n_expert, rows, n_cols, "test.experts")
+    for max_tokens, counts in ((1, [1, 0, 1]), (16, [3, 0, 13]), (80, [70, 0, 9])):
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        n = int(bounds[-1])
+        x = rng.standard_normal((n, n_cols)).astype(np.float32)
+        xb, yb, bb = rt.upload(x, "test.x"), rt.alloc(4 * n * rows, "test.y"), rt.upload(bounds, "test.bounds")
+        run_launches(rt, mm.matmul_id(dw, xb, yb, bb, max_tokens, n), step_vars(max(counts)))
+        we = w[np.repeat(np.arange(n_expert), counts)]
+        ref = np.einsum("sc,src->sr", x.astype(np.float64), we)
+        scale = np.einsum("sc,src->sr", np.abs(x).astype(np.float64), np.abs(we)) + 1e-30
+        assert_close(read(rt, yb, (n, rows)), ref, scale, f"{qtype.name} max_tokens={max_tokens}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q3_K, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
 def test_variants_agree(rt, mm, qtype):
     """The same token through the mat-vec plan and inside 8- and 4-token groups: float rounding apart."""
     rng = np.random.default_rng(7)
@@ -251,7 +277,7 @@ def test_get_rows(rt, mm, qtype):
 
 def test_rejects_bad_weights(rt, mm):
     with pytest.raises(ValueError, match="not supported"):
-        device_bytes(T.Q2_K, 16, 256)
+        device_bytes(T.IQ2_XXS, 16, 256)
     with pytest.raises(ValueError, match="multiple of 256"):
         device_bytes(T.Q4_K, 16, 300)
     raw = np.zeros((16, 34), np.uint8)

@@ -26,9 +26,11 @@ RMS_BOUND = {
     QT.IQ4_XS: 8.5e-2,
     QT.Q4_1: 9e-2,
     QT.Q4_0: 0.1,
+    QT.Q3_K: 0.16,
+    QT.Q2_K: 0.31,
 }
 # the 256-column types: sub-block scales packed into bits of the block
-K_QUANTS = (QT.IQ4_XS, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+K_QUANTS = (QT.IQ4_XS, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
 def rel_rms(a, b):
@@ -100,7 +102,8 @@ def test_k_quant_block_layout(qtype):
     w = np.stack([ramp, ramp[::-1], np.roll(ramp, 77)])
     d = roundtrip(w, qtype)
     # IQ4_XS: the widest step between its levels (24 of 127) at the largest |x|, 2
-    level = {QT.IQ4_XS: 2.0 * 24 / 127, QT.Q4_K: 3.0 / 15, QT.Q5_K: 3.0 / 31, QT.Q6_K: 3.0 / 63}[qtype]
+    level = {QT.IQ4_XS: 2.0 * 24 / 127, QT.Q2_K: 3.0 / 3, QT.Q3_K: 3.0 / 7, QT.Q4_K: 3.0 / 15, QT.Q5_K: 3.0 / 31,
+             QT.Q6_K: 3.0 / 63}[qtype]
     assert np.abs(d - w).max() <= level, f"{qtype.name}: max error {np.abs(d - w).max():.3g}"
 
 
@@ -126,6 +129,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown tensor type"):
         parse_qtype("Q3_Z")
     with pytest.raises(ValueError, match="not supported"):
-        parse_qtype(QT.Q2_K)
+        parse_qtype(QT.IQ2_XXS)
     with pytest.raises(ValueError, match="1-D or 2-D"):
         quantize(np.zeros((2, 2, 32), np.float32), QT.Q8_0)

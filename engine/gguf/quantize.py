@@ -4,19 +4,22 @@
 uint8 [n_rows, row_bytes], block after block as llama.cpp lays them out (ggml/src/ggml-common.h).
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 go through gguf-py's own quantizers (gguf.quants), which
-match ggml-quants.c bit for bit. gguf-py 0.19 can only *de*quantize the K-quants, so Q4_K, Q5_K and Q6_K are
-written here, numpy-vectorised over blocks, following quantize_row_q{4,5,6}_K_ref in ggml-quants.c: the
+match ggml-quants.c bit for bit. gguf-py 0.19 can only *de*quantize the K-quants and the IQ4 types, so they
+are written here, numpy-vectorised over blocks. Q4_K, Q5_K and Q6_K follow quantize_row_q{4,5,6}_K_ref: the
 same per-sub-block scale search (make_qkx2_quants for Q4_K/Q5_K, make_qx_quants for Q6_K), the same
 6-/8-bit quantization of the sub-block scales and the same bit packing. Checked against libggml's
 quantize_row_q*_K_ref on Gaussian rows of mixed scale: 97-99% of blocks come out byte-identical, the rest
 differ where float32 sums taken in another order tip a near tie in the scale search (same RMS error).
-IQ4_NL and IQ4_XS likewise follow quantize_iq4_nl / quantize_iq4_xs without an importance matrix (the
-scale search of quantize_row_iq4_nl_impl on the 16 non-linear levels, ntry 7): 99-100% byte-identical.
+Q2_K and Q3_K follow quantize_row_q{2,3}_K_ref (make_qkx2_quants with |x| weights and absolute error for
+Q2_K's sub-blocks of 16, make_q3_quants for Q3_K's), IQ4_NL and IQ4_XS quantize_iq4_nl / quantize_iq4_xs
+without an importance matrix (the scale search of quantize_row_iq4_nl_impl on the 16 non-linear levels,
+ntry 7): 99-100% of blocks byte-identical with libggml's on the same rows.
 
 Relative RMS error (RMS(dequant - w) / RMS(w)) on Gaussian weights, as tests/test_quantize.py checks:
 F32 0, F16 < 5e-4, BF16 < 3e-3, Q8_0 < 8e-3, Q6_K < 2.5e-2, Q5_1 < 4.5e-2, Q5_K < 4.5e-2, Q5_0 < 5e-2,
-Q4_K < 8.5e-2, IQ4_NL < 8.5e-2, IQ4_XS < 8.5e-2, Q4_1 < 9e-2, Q4_0 < 0.1 (measured: 2e-4, 1.6e-3, 5.3e-3,
-1.8e-2, 3.8e-2, 3.6e-2, 4.3e-2, 7.1e-2, 7.6e-2, 7.7e-2, 7.8e-2, 8.6e-2).
+Q4_K < 8.5e-2, IQ4_NL < 8.5e-2, IQ4_XS < 8.5e-2, Q4_1 < 9e-2, Q4_0 < 0.1, Q3_K < 0.16, Q2_K < 0.31
+(measured: 2e-4, 1.6e-3, 5.3e-3, 1.8e-2, 3.8e-2, 3.6e-2, 4.3e-2, 7.1e-2, 7.6e-2, 7.7e-2, 7.8e-2, 8.6e-2,
+0.152, 0.296).
 """
 
 import gguf
@@ -27,8 +30,8 @@ QK_K = 256
 
 # the types nextn's kernels read; everything the tiny-model maker can write
 SUPPORTED = (
-    QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q4_K,
-    QT.Q5_K, QT.Q6_K,
+    QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q2_K,
+    QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
 )
 
 # the types gguf-py quantizes itself (bit for bit as ggml-quants.c)
@@ -88,6 +91,8 @@ def quantize(weights: np.ndarray, qtype: "QT | str") -> np.ndarray:
     blocks_fn = {
         QT.IQ4_NL: _iq4_nl_blocks,
         QT.IQ4_XS: _iq4_xs_blocks,
+        QT.Q2_K: _q2_k_blocks,
+        QT.Q3_K: _q3_k_blocks,
         QT.Q4_K: _q4_k_blocks,
         QT.Q5_K: _q5_k_blocks,
         QT.Q6_K: _q6_k_blocks,
@@ -122,13 +127,22 @@ def _f16_round(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
-def _make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Asymmetric (scale, min) search for sub-blocks x [n, 32]; ggml-quants.c make_qkx2_quants.
+def _make_qkx2_quants(
+    x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, w: np.ndarray | None = None,
+    use_mad: bool = False,
+):
+    """Asymmetric (scale, min) search for sub-blocks x [n, k]; ggml-quants.c make_qkx2_quants.
 
     Tries nstep+1 candidate inverse scales around nmax/(max-min), fits scale and min by weighted least
-    squares for each rounding, and keeps the best. Returns (scale [n], -min [n] >= 0).
+    squares for each rounding, and keeps the one of least weighted squared (use_mad: absolute) error.
+    Weights w [n, k] default to Q4_K's / Q5_K's, av_x + |x|. Returns (scale [n], -min [n] >= 0).
     """
-    w = np.sqrt(np.mean(x * x, axis=1, keepdims=True)) + np.abs(x)  # weights: av_x + |x|
+    if w is None:
+        w = np.sqrt(np.mean(x * x, axis=1, keepdims=True)) + np.abs(x)
+
+    def error(diff):
+        return (w * (np.abs(diff) if use_mad else diff**2)).sum(axis=1)
+
     xmin = np.minimum(x.min(axis=1), 0.0)
     xmax = x.max(axis=1)
     rng = xmax - xmin
@@ -140,7 +154,7 @@ def _make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nste
     iscale = nmax / safe_rng
     scale = 1.0 / iscale
     L = np.clip(np.rint(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
-    best_err = (w * (scale[:, None] * L + xmin[:, None] - x) ** 2).sum(axis=1)
+    best_err = error(scale[:, None] * L + xmin[:, None] - x)
     best_scale, best_min = scale, xmin.copy()
     for step in range(nstep + 1):
         # as in llama.cpp, the candidate grid follows the best min found so far (max - min grows as it
@@ -159,7 +173,7 @@ def _make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nste
         pos = this_min > 0  # the min must not be positive: refit the scale alone through 0
         this_min = np.where(pos, 0.0, this_min)
         this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), this_scale)
-        err = (w * (this_scale[:, None] * La + this_min[:, None] - x) ** 2).sum(axis=1)
+        err = error(this_scale[:, None] * La + this_min[:, None] - x)
         better = ok & (err < best_err)
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, this_scale, best_scale)
@@ -359,3 +373,95 @@ def _iq4_xs_blocks(x: np.ndarray) -> np.ndarray:
          _iq4_nibbles(L.reshape(nb, 256))],
         axis=1,
     )
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """2-bit levels [nb, 256] -> qs [nb, 64] as Q2_K / Q3_K store them: byte 32 n + l holds levels
+    128 n + 32 g + l at bits 2 g, 2 g + 1 (g = 0..3)."""
+    L4 = L.reshape(L.shape[0], 2, 4, 32).astype(np.uint8)
+    return (L4[:, :, 0] | (L4[:, :, 1] << 2) | (L4[:, :, 2] << 4) | (L4[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _q2_k_blocks(x: np.ndarray) -> np.ndarray:
+    """block_q2_K: scales[16] (scale | min << 4), qs[64], d (f16), dmin (f16); value = d*sc*q - dmin*m
+    for sub-block j of 16, q in 0..3. quantize_row_q2_K_ref: make_qkx2_quants per sub-block with weights
+    |x| and absolute error, then 4-bit scales and mins against the largest of each."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 16, 16)
+    scales, mins = _make_qkx2_quants(sub, 3, -0.5, 0.1, 15, w=np.abs(sub), use_mad=True)
+    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+    max_scale, max_min = scales.max(axis=1), mins.max(axis=1)
+    inv_scale = np.where(max_scale > 0, 15.0 / np.where(max_scale > 0, max_scale, 1.0), 0.0)
+    inv_min = np.where(max_min > 0, 15.0 / np.where(max_min > 0, max_min, 1.0), 0.0)
+    ls = np.rint(inv_scale[:, None] * scales).astype(np.uint8)
+    lm = np.rint(inv_min[:, None] * mins).astype(np.uint8)
+    d = np.where(max_scale > 0, max_scale / 15.0, 0.0).astype(np.float32)
+    dmin = np.where(max_min > 0, max_min / 15.0, 0.0).astype(np.float32)
+
+    # final levels against the scales as stored; a zero scale decodes every level to -dmin m: level 0
+    dl = _f16_round(d)[:, None] * ls.astype(np.float32)  # [nb, 16]
+    ml = _f16_round(dmin)[:, None] * lm.astype(np.float32)
+    safe_dl = np.where(dl != 0, dl, 1.0)
+    L = np.clip(np.rint((x.reshape(nb, 16, 16) + ml[..., None]) / safe_dl[..., None]), 0, 3)
+    L = np.where((dl != 0)[..., None], L, 0).reshape(nb, 256)
+    return np.concatenate([ls | (lm << 4), _pack_2bit(L), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
+
+
+def _make_q3_quants(x: np.ndarray, nmax: int = 4) -> np.ndarray:
+    """Symmetric scale for sub-blocks x [n, 16]; ggml-quants.c make_q3_quants(do_rmse=true): levels
+    nearest to -nmax x / max (max: the value of largest |x|), then up to 5 sweeps that move one level at a
+    time when that raises sum(w x l)^2 / sum(w l^2) (weights x^2), in ggml's element order. Returns the
+    signed scale [n] (0 for an all-zero sub-block)."""
+    n = x.shape[0]
+    vmax = x[np.arange(n), np.abs(x).argmax(axis=1)]
+    empty = np.abs(vmax) < 1e-15  # ggml's GROUP_MAX_EPS
+    iscale = -nmax / np.where(empty, 1.0, vmax)
+    L = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    sumlx = (w * x * L).sum(axis=1)
+    suml2 = (w * L * L).sum(axis=1)
+    for _ in range(5):  # a sweep that changes nothing leaves the state as it is: no need to stop early
+        for i in range(x.shape[1]):
+            xi, wi, li = x[:, i], w[:, i], L[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            pos = slx > 0
+            new_l = np.clip(np.rint(xi * sl2 / np.where(pos, slx, 1.0)), -nmax, nmax - 1)
+            slx_new = slx + wi * xi * new_l
+            sl2_new = sl2 + wi * new_l * new_l
+            take = pos & (new_l != li) & (sl2_new > 0) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            L[:, i] = np.where(take, new_l, li)
+            sumlx = np.where(take, slx_new, sumlx)
+            suml2 = np.where(take, sl2_new, suml2)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1.0), 0.0)
+    return np.where(empty, 0.0, scale).astype(np.float32)
+
+
+def _q3_k_blocks(x: np.ndarray) -> np.ndarray:
+    """block_q3_K: hmask[32], qs[64], scales[12], d (f16); value = d * (sc - 32) * (q - 4) for sub-block
+    j of 16, q in 0..7: its low 2 bits in qs, its third bit as bit j // 32 of hmask[j % 32]; sc 6-bit, the
+    low nibble in scales[j % 8] (high half for j >= 8), the high 2 bits in scales[8 + j % 4] at bit
+    2 (j // 4). quantize_row_q3_K_ref: make_q3_quants per sub-block, then 6-bit scales against the
+    largest."""
+    nb = x.shape[0]
+    scales = _make_q3_quants(x.reshape(nb * 16, 16)).reshape(nb, 16)
+    max_scale = scales[np.arange(nb), np.abs(scales).argmax(axis=1)]
+    empty = max_scale == 0
+    iscale = np.where(empty, 0.0, -32.0 / np.where(empty, 1.0, max_scale))
+    ls = np.clip(np.rint(iscale[:, None] * scales), -32, 31).astype(np.int32) + 32  # 0..63
+    d = np.where(empty, 0.0, 1.0 / np.where(empty, 1.0, iscale)).astype(np.float32)
+
+    dl = _f16_round(d)[:, None] * (ls - 32).astype(np.float32)  # [nb, 16]
+    safe_dl = np.where(dl != 0, dl, 1.0)
+    L = np.clip(np.rint(x.reshape(nb, 16, 16) / safe_dl[..., None]), -4, 3) + 4
+    L = np.where((dl != 0)[..., None], L, 4).astype(np.uint8).reshape(nb, 256)  # a zero scale: level 0
+
+    hmask = np.zeros((nb, 32), np.uint8)
+    for k in range(8):
+        hmask |= (L[:, 32 * k : 32 * k + 32] >> 2) << k
+    packed = np.zeros((nb, 12), np.uint8)
+    packed[:, :8] = (ls[:, :8] & 15) | ((ls[:, 8:] & 15) << 4)
+    hi = (ls >> 4).astype(np.uint8)
+    for k in range(4):
+        packed[:, 8:] |= hi[:, 4 * k : 4 * k + 4] << (2 * k)
+    return np.concatenate([hmask, _pack_2bit(L & 3), packed, _f16_bytes(d)], axis=1)

@@ -166,6 +166,47 @@ __kernel void kernel_get_rows_q5_k(GR_PARAMS) {
     get_rows_qk(tb, lane, yr, Q5_K_QS, Q5_K_QH);
 }
 
+// Q2_K (hm_off < 0) and Q3_K: column 128 n + 32 g + l is bits 2g, 2g+1 of qs[32 n + l], for Q3_K with bit
+// 4 n + g of hmask[l] clear meaning -4; sub-block 8 n + 2 g + l / 16 (scale dl[j], offset ml[j]).
+inline void get_rows_k2(__global const uchar *tb, const int lane, __global float *yr, const int qs_off,
+                        const int hm_off, const float *dl, const float *ml) {
+    for (int n = 0; n < 2; n++) {
+        for (int l = 0; l < 32; l++) {
+            const int a = B8(qs_off, 32 * n + l);
+            const int h = hm_off >= 0 ? B8(hm_off, l) >> (4 * n) : 15;
+            for (int g = 0; g < 4; g++) {
+                const int j = 8 * n + 2 * g + l / 16;
+                const int q = ((a >> (2 * g)) & 3) - (((h >> g) & 1) ? 0 : 4);
+                yr[128 * n + 32 * g + l] = dl[j] * (float)q - ml[j];
+            }
+        }
+    }
+}
+
+__kernel void kernel_get_rows_q2_k(GR_PARAMS) {
+    GR_PROLOGUE(TB_Q2_K, 256)
+    const float d = H16(Q2_K_D), dmin = H16(Q2_K_DMIN);
+    float dl[16], ml[16];
+    for (int j = 0; j < 16; j++) {
+        dl[j] = d * (float)(B8(0, j) & 15);
+        ml[j] = dmin * (float)(B8(0, j) >> 4);
+    }
+    get_rows_k2(tb, lane, yr, Q2_K_QS, -1, dl, ml);
+}
+
+__kernel void kernel_get_rows_q3_k(GR_PARAMS) {
+    GR_PROLOGUE(TB_Q3_K, 256)
+    const float d = H16(Q3_K_D);
+    float dl[16], ml[16];
+    for (int j = 0; j < 16; j++) {
+        const int lo = (B8(Q3_K_SC, j & 7) >> (4 * (j >> 3))) & 15;
+        const int hi = (B8(Q3_K_SC, 8 + (j & 3)) >> (2 * (j >> 2))) & 3;
+        dl[j] = d * (float)((lo | (hi << 4)) - 32);
+        ml[j] = 0.0f;
+    }
+    get_rows_k2(tb, lane, yr, Q3_K_QS, 0, dl, ml);
+}
+
 __kernel void kernel_get_rows_q6_k(GR_PARAMS) {
     GR_PROLOGUE(TB_Q6_K, 256)
     const float d = H16(Q6_K_D);

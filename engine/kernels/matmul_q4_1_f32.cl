@@ -17,18 +17,18 @@ static __attribute__((always_inline)) inline void tile_q4_1(const int TT, const 
         MM_PREFETCH(tb, TB_Q4_1)
         __global const uchar *qs = tb + Q4_1_QS;
         __global const float *xb = x + b * 32;
+        const float16 d = half16_to_float16(LD_US16(tb, 0));
+        const float16 m = half16_to_float16(LD_US16(tb + Q4_1_M, 0));
         MM_PART_DECL(s)
         const int U = MM_UNROLL(16, 2);
         _Pragma("unroll 1") for (int j = 0; j < 16; j += U) {
             _Pragma("unroll") for (int k = 0; k < U; k++) {
                 const int16 q = convert_int16(LD_UC16(qs, j + k));
-                MM_COL(s, convert_float16(q & 15), xb + j + k, (2 * k) % NA)
-                MM_COL(s, convert_float16(q >> 4), xb + j + k + 16, (2 * k + 1) % NA)
+                MM_COL(s, Q_1_WEIGHT(q & 15, d, m), xb + j + k, (2 * k) % NA)
+                MM_COL(s, Q_1_WEIGHT(q >> 4, d, m), xb + j + k + 16, (2 * k + 1) % NA)
             }
         }
-        // the offset m is a float per row: applied once per block as m sum(x), as the K-quants' mins are
-        const float16 d = half16_to_float16(LD_US16(tb, 0));
-        MM_BLOCK_END_MIN(s, d, half16_to_float16(LD_US16(tb + Q4_1_M, 0)), xb, 32)
+        Q_1_BLOCK_END(s, d, m, xb)
     }
     MM_STORE(y)
 }

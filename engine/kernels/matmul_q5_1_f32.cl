@@ -18,6 +18,8 @@ static __attribute__((always_inline)) inline void tile_q5_1(const int TT, const 
         __global const uchar *qs = tb + Q5_1_QS;
         __global const float *xb = x + b * 32;
         const uint16 h = q5_qh(tb + Q5_1_QH);
+        const float16 d = half16_to_float16(LD_US16(tb, 0));
+        const float16 m = half16_to_float16(LD_US16(tb + Q5_1_M, 0));
         MM_PART_DECL(s)
         const int U = MM_UNROLL(16, 2);
         _Pragma("unroll 1") for (int j = 0; j < 16; j += U) {
@@ -25,13 +27,11 @@ static __attribute__((always_inline)) inline void tile_q5_1(const int TT, const 
                 const int16 q = convert_int16(LD_UC16(qs, j + k));
                 const int16 lo = (q & 15) | Q5_BIT(h, j + k);
                 const int16 hi = (q >> 4) | Q5_BIT(h, j + k + 16);
-                MM_COL(s, convert_float16(lo), xb + j + k, (2 * k) % NA)
-                MM_COL(s, convert_float16(hi), xb + j + k + 16, (2 * k + 1) % NA)
+                MM_COL(s, Q_1_WEIGHT(lo, d, m), xb + j + k, (2 * k) % NA)
+                MM_COL(s, Q_1_WEIGHT(hi, d, m), xb + j + k + 16, (2 * k + 1) % NA)
             }
         }
-        // the offset m once per block as m sum(x) (as Q4_1)
-        const float16 d = half16_to_float16(LD_US16(tb, 0));
-        MM_BLOCK_END_MIN(s, d, half16_to_float16(LD_US16(tb + Q5_1_M, 0)), xb, 32)
+        Q_1_BLOCK_END(s, d, m, xb)
     }
     MM_STORE(y)
 }

@@ -35,6 +35,8 @@
 #define TB_Q5_1 384    // d[16] | m[16] half | qh[4][16] | qs[16][16]
 #define TB_IQ4_NL 288  // d[16] half | qs[16][16] (4-bit indices into IQ4_LEVELS, nibbles as Q4_0)
 #define TB_IQ4_XS 2176 // d[16] | scales_h[16] ushort | scales_l[4][16] | qs[128][16]
+#define TB_Q2_K 1344   // scales[16][16] (scale | min << 4) | qs[64][16] (2-bit) | d[16] | dmin[16] half
+#define TB_Q3_K 1760   // hmask[32][16] | qs[64][16] (2-bit) | scales[12][16] (6-bit packed) | d[16] half
 #define TB_Q4_K 2304   // d[16] | dmin[16] half | scales[12][16] (6-bit packed) | qs[128][16]
 #define TB_Q5_K 2816   // d[16] | dmin[16] half | scales[12][16] | qh[32][16] | qs[128][16]
 #define TB_Q6_K 3360   // ql[128][16] | qh[64][16] | scales[16][16] int8 | d[16] half
@@ -61,6 +63,12 @@
 #define Q6_K_QH 2048
 #define Q6_K_SC 3072
 #define Q6_K_D 3328
+#define Q2_K_QS 256
+#define Q2_K_D 1280
+#define Q2_K_DMIN 1312
+#define Q3_K_QS 512
+#define Q3_K_SC 1536
+#define Q3_K_D 1728
 
 // Aligned vector loads. Every field of a tile block starts at a multiple of 16 bytes (32 for the halves)
 // and buffers are aligned far beyond that, so the kernels dereference vector pointers: with vload16 from a
@@ -169,6 +177,14 @@ static __attribute__((always_inline)) inline void scale_min_k4(const int j, __gl
     }
 }
 
+// Q3_K's signed 6-bit scale of sub-block i (0..15) for 16 rows (ggml's packing: the low nibble in byte i % 8,
+// its low half for i < 8; the high 2 bits in byte 8 + i % 4 at bit 2 (i / 4); minus 32).
+static __attribute__((always_inline)) inline float16 q3_k_scale(__global const uchar *sc, const int i) {
+    const int16 lo = (convert_int16(LD_UC16(sc, i & 7)) >> (4 * (i >> 3))) & 15;
+    const int16 hi = (convert_int16(LD_UC16(sc, 8 + (i & 3))) >> (2 * (i >> 2))) & 3;
+    return convert_float16((lo | (hi << 4)) - 32);
+}
+
 // ---- matmul driver -------------------------------------------------------------------------------------
 //
 // A tile function `tile_<type>(TT, NA, ...)` computes y[t, r0:r0+16] (+)= W[r0:r0+16, :] . x[t, :] for TT
@@ -203,6 +219,18 @@ static __attribute__((always_inline)) inline void scale_min_k4(const int j, __gl
         }                                                                                                   \
     }
 
+// NG sets of partial sums, s[g] used as one MM_PART_DECL's (sub-blocks decoded together: each load of the
+// 2-bit K-quants feeds a column of four of them)
+#define MM_PARTS_DECL(s, NG)                                                                                \
+    float16 s[4][MM_TT_MAX][MM_NA_MAX];                                                                     \
+    _Pragma("unroll") for (int g_ = 0; g_ < (NG); g_++) {                                                   \
+        _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                 \
+            _Pragma("unroll") for (int a_ = 0; a_ < NA; a_++) {                                             \
+                s[g_][t_][a_] = (float16)(0.0f);                                                            \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
 // s[t][a] += w * x[t, col] for the TT tokens; xp points at x[0, col], rows of x are n_cols apart.
 #define MM_COL(s, w, xp, a)                                                                                 \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
@@ -228,6 +256,17 @@ static __attribute__((always_inline)) inline float16 mm_part_sum(float16 *s, con
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
         acc[t_] = fma(mm_part_sum(s[t_], NA), (scale),                                                      \
                       fma((neg_min), (float16)(x_sum##NCOL((xp) + t_ * n_cols)), acc[t_]));                \
+    }
+
+// Types with an offset per block of 32 (Q4_1, Q5_1: w = d q + m). One token: raw q summed, scale and offset
+// applied once per block (the offset as m sum(x)). Several tokens: each column decoded to d q + m, one FMA
+// shared by the tokens, where a sum of x per token and block cost more (Q4_1 prompt: 40 against 95 GFLOP/s).
+#define Q_1_WEIGHT(q, d, m) (TT == 1 ? convert_float16(q) : fma(convert_float16(q), (d), (m)))
+#define Q_1_BLOCK_END(s, d, m, xb)                                                                          \
+    if (TT == 1) {                                                                                          \
+        MM_BLOCK_END_MIN(s, d, m, xb, 32)                                                                   \
+    } else {                                                                                                \
+        MM_BLOCK_END(s, (float16)(1.0f))                                                                    \
     }
 
 inline float x_sum16(__global const float *p) {

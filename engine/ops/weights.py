@@ -34,6 +34,8 @@ BLOCK_FIELDS: dict[GGMLQuantizationType, tuple[tuple[int, int], ...]] = {
     T.Q5_1: ((2, 2), (2, 2), (4, 1), (16, 1)),  # d, m, qh, qs
     T.IQ4_NL: ((2, 2), (16, 1)),  # d, qs
     T.IQ4_XS: ((2, 2), (2, 2), (4, 1), (128, 1)),  # d, scales_h, scales_l, qs
+    T.Q2_K: ((16, 1), (64, 1), (2, 2), (2, 2)),  # scales, qs, d, dmin
+    T.Q3_K: ((32, 1), (64, 1), (12, 1), (2, 2)),  # hmask, qs, scales, d
     T.Q4_K: ((2, 2), (2, 2), (12, 1), (128, 1)),  # d, dmin, scales, qs
     T.Q5_K: ((2, 2), (2, 2), (12, 1), (32, 1), (128, 1)),  # d, dmin, scales, qh, qs
     T.Q6_K: ((128, 1), (64, 1), (16, 1), (2, 2)),  # ql, qh, scales, d

@@ -1,0 +1,69 @@
+// matmul_q2_k_f32.cl - y (+)= x . W^T for a Q2_K weight in the tile layout of quants.h.
+//
+// Computes y[t, r] (+)= sum_c dequant(W)[r, c] * x[t, c] for t < n_tokens, r < n_rows; x float32
+// [n_tokens, n_cols], y float32 rows of ldy floats from y_off (not aliasing x); n_cols % 256 == 0.
+// Q2_K: super-block of 256 = 16 sub-blocks of 16, w = d * sc_j * q - dmin * m_j, q 2-bit, sc_j and m_j the
+// low and high nibble of scales[j] (ggml dequantize_row_q2_K).
+// accumulate != 0 adds into y (the residual add after attn_output / ffn_down).
+//
+// NDRange, work-group contract and variants: the MM_KERNEL contract in quants.h.
+// Reference: tests/test_matmul.py::reference (gguf.quants.dequantize(raw), then x @ W.T in float64).
+
+#include "quants.h"
+
+// Column 128 n + 32 g + l (n: half, g: group 0..3, l: 0..31) is bits 2g, 2g+1 of qs[32 n + l]; sub-block
+// 8 n + 2 g + l / 16.
+//
+// One token: each qs load feeds one column of each of the four groups (four sub-blocks summed at once,
+// 2 chains each, as Q6_K's one-token tile), raw q summed and the scale and min applied once per sub-block
+// (the min as -dmin m sum(x)). Several tokens: one group per pass, so that only one sub-block's TT x NA
+// sums are live, and each column decoded to d sc q - dmin m (one FMA shared by the tokens: a sum of x
+// per token and sub-block of 16 cost more: 78 against 160 GFLOP/s on a prompt).
+static __attribute__((always_inline)) inline void tile_q2_k(const int TT, const int NA, MM_TILE_PARAMS) {
+    const int G = TT == 1 ? 4 : 1;       // groups per pass
+    const int NC = TT == 1 ? 2 : NA;     // chains per sub-block
+    const int U = MM_UNROLL(16, 4);
+    MM_ACC_DECL
+    for (int b = 0; b < nb; b++) {
+        __global const uchar *tb = wt + (size_t)b * TB_Q2_K;
+        MM_PREFETCH(tb, TB_Q2_K)
+        const float16 d = half16_to_float16(LD_US16(tb + Q2_K_D, 0));
+        const float16 dmin = half16_to_float16(LD_US16(tb + Q2_K_DMIN, 0));
+        _Pragma("unroll 1") for (int n = 0; n < 2; n++) {
+            __global const uchar *qs = tb + Q2_K_QS + 32 * 16 * n;
+            _Pragma("unroll 1") for (int g0 = 0; g0 < 4; g0 += G) {
+                _Pragma("unroll 1") for (int hl = 0; hl < 2; hl++) {  // sub-block of 16 columns
+                    __global const float *xs = x + b * 256 + 128 * n + 32 * g0 + 16 * hl;
+                    float16 dsc[4], nm[4];  // scale and -min of each group's sub-block
+                    _Pragma("unroll") for (int g = 0; g < G; g++) {
+                        const int16 sc = convert_int16(LD_UC16(tb, 8 * n + 2 * (g0 + g) + hl));
+                        dsc[g] = d * convert_float16(sc & 15);
+                        nm[g] = -dmin * convert_float16(sc >> 4);
+                    }
+                    MM_PARTS_DECL(s, G)
+                    _Pragma("unroll 1") for (int l = 0; l < 16; l += U) {
+                        _Pragma("unroll") for (int k = 0; k < U; k++) {
+                            const int16 a = convert_int16(LD_UC16(qs, 16 * hl + l + k)) >> (2 * g0);
+                            _Pragma("unroll") for (int g = 0; g < G; g++) {
+                                const float16 q = convert_float16((a >> (2 * g)) & 3);
+                                const float16 w = TT == 1 ? q : fma(q, dsc[g], nm[g]);
+                                MM_COL(s[g], w, xs + 32 * g + l + k, (l + k) % NC)
+                            }
+                        }
+                    }
+                    _Pragma("unroll") for (int g = 0; g < G; g++) {
+                        if (TT == 1) {
+                            MM_BLOCK_END_MIN(s[g], dsc[g], nm[g], xs + 32 * g, 16)
+                        } else {
+                            MM_BLOCK_END(s[g], (float16)(1.0f))
+                        }
+                    }
+                }
+            }
+        }
+    }
+    MM_STORE(y)
+}
+
+MM_KERNEL(kernel_matmul_q2_k_f32, tile_q2_k, 256, TB_Q2_K)
+MM_KERNEL_ID(kernel_matmul_id_q2_k_f32, tile_q2_k, 256, TB_Q2_K)
