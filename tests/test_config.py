@@ -29,18 +29,35 @@ def test_defaults_without_files(etc):
     assert set(cfg.sources.values()) == {"default"}
 
 
-def test_shipped_file_loads_clean_documents_every_key_and_matches_defaults(etc):
+def test_shipped_file_documents_every_key_commented_out_at_its_default(etc):
+    """Issue 14 item 14: the shipped nextn.toml states no value of its own (upgrades replace it: no .pacnew,
+    no stale renamed key), and documents every key as `# key = default` under its doc line."""
     cfg = config.load(SHIPPED, system=False)
-    assert cfg == config.Config()  # the shipped file states the built-in defaults
-    data = tomllib.loads(SHIPPED.read_text())
+    assert cfg == config.Config()
+    assert all(not v for v in tomllib.loads(SHIPPED.read_text()).values()), "a key is set, not commented out"
     text = SHIPPED.read_text().splitlines()
+    section = None
+    found = {}
+    for n, line in enumerate(text):
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif m := re.match(r"^# ([a-z0-9_]+) = (.*)$", line):
+            found[f"{section}.{m.group(1)}"] = (n, m.group(2))
     for dotted, f in config.iter_fields():
-        section, key = dotted.split(".")
-        assert key in data[section], f"{dotted} missing from config/nextn.toml"
-        n = config._key_line(SHIPPED.read_text(), section, key)
-        assert text[n - 2].startswith("#"), f"{dotted} has no comment above it"
+        assert dotted in found, f"{dotted} missing from config/nextn.toml"
+        n, value = found[dotted]
+        assert tomllib.loads(f"v = {value}")["v"] == f.default, f"{dotted}: shown default {value} is not {f.default!r}"
+        assert text[n - 1].startswith("#") and not re.match(r"^# [a-z0-9_]+ = ", text[n - 1]), f"{dotted}: no doc line"
         if f.metadata["flag"]:
-            assert f.metadata["flag"] in text[n - 2], f"{dotted}: comment does not name {f.metadata['flag']}"
+            assert f.metadata["flag"] in text[n - 1], f"{dotted}: comment does not name {f.metadata['flag']}"
+
+
+def test_shipped_model_drop_in_loads_after_the_main_file(etc):
+    shipped_dropin = SHIPPED.parent / "conf.d" / "50-model.toml"
+    (etc / "nextn.toml").write_text(SHIPPED.read_text())
+    (etc / "conf.d" / "50-model.toml").write_text(shipped_dropin.read_text().replace('path = ""', 'path = "/m.gguf"'))
+    cfg = config.load()
+    assert cfg.model.path == "/m.gguf" and "conf.d/50-model.toml" in cfg.sources["model.path"]
 
 
 def test_load_order_and_provenance(etc, tmp_path):

@@ -210,7 +210,8 @@ def test_pkgbuild_metadata():
     assert p["arch"] == ["x86_64"]
     assert p["license"] == ["MIT"]
     assert p["source"] == [], "nothing may be fetched: the PKGBUILD builds the checkout it sits in"
-    assert p["backup"] == ["etc/nextn/nextn.toml"]
+    # nextn.toml only documents the defaults, so upgrades replace it; the user's settings live in conf.d/
+    assert p["backup"] == ["etc/nextn/conf.d/50-model.toml"]
     assert set(p["depends"]) >= {
         "python", "python-numpy", "python-gguf", "python-pyopencl", "python-tokenizers", "python-jinja",
         "python-tqdm", "python-aiohttp", "python-systemd", "python-httpx", "opencl-icd-loader",
@@ -231,7 +232,7 @@ def test_pkgbuild_follows_the_python_guidelines_and_installs_the_units():
     assert "python -m build --wheel --no-isolation" in text
     assert re.search(r'python -m installer .*--destdir="\$pkgdir" dist/\*\.whl', text)
     for dest in ("usr/lib/systemd/system/", "usr/lib/sysusers.d/nextn.conf", "usr/lib/tmpfiles.d/nextn.conf",
-                 "etc/nextn/nextn.toml", "usr/share/licenses/$pkgname/"):
+                 "etc/nextn/nextn.toml", "etc/nextn/conf.d/", "usr/share/licenses/$pkgname/"):
         assert dest in text, f"package() does not install {dest}"
     assert (ROOT / "config" / "nextn.toml").is_file(), "the package installs config/nextn.toml"
     assert "nextn developers" in (ROOT / "LICENSE").read_text()

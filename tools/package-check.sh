@@ -181,6 +181,7 @@ expect("usr/lib/sysusers.d/nextn.conf", 0o644)
 expect("usr/lib/tmpfiles.d/nextn.conf", 0o644)
 expect("etc/nextn/nextn.toml", 0o644)
 expect("etc/nextn/conf.d", 0o755, "dir")
+expect("etc/nextn/conf.d/50-model.toml", 0o644)
 expect("usr/share/licenses/nextn/LICENSE", 0o644)
 expect("usr/share/doc/nextn/install-arch.md", 0o644)
 
@@ -203,7 +204,7 @@ for line in info.splitlines():
         k, v = line.split(" = ", 1)
         fields.setdefault(k, []).append(v)
 want = {
-    "pkgname": ["nextn"], "arch": ["x86_64"], "license": ["MIT"], "backup": ["etc/nextn/nextn.toml"],
+    "pkgname": ["nextn"], "arch": ["x86_64"], "license": ["MIT"], "backup": ["etc/nextn/conf.d/50-model.toml"],
 }
 for k, v in want.items():
     if fields.get(k) != v:
@@ -267,6 +268,8 @@ say "the packaged nextn: $("$PY" -c 'import nextn; print(nextn.__file__)')"
 
 say "nextn config check /etc/nextn/nextn.toml (as packaged)"
 "$PKGDIR/usr/bin/nextn" config check "$PKGDIR/etc/nextn/nextn.toml" || die "the packaged nextn.toml does not validate"
+"$PKGDIR/usr/bin/nextn" config check "$PKGDIR/etc/nextn/conf.d/50-model.toml" \
+  || die "the packaged conf.d/50-model.toml does not validate"
 
 say "nextn generate (plain)"
 "$PKGDIR/usr/bin/nextn" generate -m "$RUN/tiny.gguf" -p "Hello" -n 8 --ignore-eos >"$RUN/out1" 2>"$RUN/err1" \
