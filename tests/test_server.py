@@ -206,6 +206,11 @@ def post(path, body: bytes, extra=b""):
     (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}', 400,
      b"'response_format'"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 100}}', 400, b"'logit_bias'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "speculative.p_min": Infinity}', 400, b"speculative.p_min"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "speculative.n_max": -Infinity}', 400, b"speculative.n_max"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "speculative.n_min": NaN}', 400, b"speculative.n_min"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, b"temperature"),
+    (b'{"a":' * 1000 + b"1" + b"}" * 1000, 400, b"nested too deeply"),
     # issue 14 item 5: 20,000 stop strings made a concurrent request 30x slower
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": [' + b",".join([b'"x"'] * 17) + b"]}", 400,
      b"at most 16"),
@@ -231,6 +236,51 @@ def test_a_body_that_is_not_the_gzip_it_claims_is_400(server):
     out = raw(server, post(b"/v1/completions", b"not gzip at all", b"Content-Encoding: gzip\r\n"))
     assert out.startswith(b"HTTP/1.1 400"), out[:200]
     assert b'"invalid_request_error"' in out
+
+
+BAD_HTTP = [  # (bytes, status): each got aiohttp's plain-text answer, or was served (unknown Content-Encoding)
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"FOO /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n", 405),  # llhttp refuses methods it does not know
+    (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost x\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nX: " + b"a" * 100000 + b"\r\n\r\n", 400),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+     400),
+    (b"GET /he\x00alth HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # TLS on the plain socket
+    (post(b"/v1/completions", b'{"prompt": "x"}', b"Content-Encoding: foo\r\n"), 415),  # was served as if identity
+    (post(b"/v1/completions", b'{"prompt": "x"}', b"Content-Encoding: gzip, gzip\r\n"), 415),
+    (post(b"/v1/completions", b"not brotli", b"Content-Encoding: br\r\n"), 4),  # 415 without Brotli, else 400
+    (post(b"/v1/completions", b"not zstd", b"Content-Encoding: zstd\r\n"), 4),
+    (post(b"/v1/completions", b"not deflate", b"Content-Encoding: deflate\r\n"), 400),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-banana\r\nContent-Length: 2\r\n\r\n{}", 417),
+]
+
+
+def test_unparseable_http_gets_an_openai_error_and_no_traceback(model):
+    """Issue 14 item 6: what aiohttp answers before any route runs (its parser's errors, an unknown method, a
+    body encoding it cannot decode, an unknown Expect) was plain text with a traceback in the log per request."""
+    d = _short_dir()
+    p = start(model, d / "s.sock")
+    try:
+        for data, status in BAD_HTTP:
+            out = raw(d / "s.sock", data, timeout=5)
+            head, _, body = out.partition(b"\r\n\r\n")
+            code = int(head.split(b" ")[1])
+            assert code == status or (status == 4 and 400 <= code < 500), (data[:60], out[:300])
+            assert b"content-type: application/json" in head.lower(), (data[:60], out[:300])
+            err = json.loads(body)["error"]
+            assert err["code"] == code and err["type"] == "invalid_request_error" and err["message"], err
+        assert http(d / "s.sock").get("/health").status_code == 200
+        # Expect: 100-continue still works
+        out = raw(d / "s.sock", post(b"/tokenize", b'{"content": "hi"}', b"Expect: 100-continue\r\n"))
+        assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), out[:200]
+    finally:
+        rc, err = stop(p)
+    assert rc == 0 and "Traceback" not in err and "Error handling request" not in err, err[-3000:]
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_half_sent_request_does_not_hurt_the_server(server):

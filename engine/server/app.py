@@ -26,7 +26,7 @@ from aiohttp import web
 from nextn import config as configmod
 from nextn.errors import ConfigError
 from nextn.server import systemd as sd
-from nextn.server.routes import make_app
+from nextn.server.routes import AppRunner, make_app
 
 log = logging.getLogger("nextn.server")
 
@@ -181,7 +181,7 @@ async def run_server(cfg, reload_args=(None, None), sockets: list[socket.socket]
                      ready: asyncio.Event | None = None) -> int:
     state = State(cfg, reload_args)
     app = make_app(state)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = AppRunner(app, access_log=None, handle_signals=False)  # errors before routing in the JSON shape too
     await runner.setup()
     sites = []
     for sock in sockets or []:

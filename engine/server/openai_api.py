@@ -31,9 +31,8 @@ class Parsed:
 
 
 def error_body(err: Exception, status: int) -> dict:
-    kinds = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-             408: "invalid_request_error", 413: "invalid_request_error", 503: "unavailable_error"}
-    kind = kinds.get(status, "server_error")
+    kind = {404: "not_found_error", 503: "unavailable_error"}.get(
+        status, "invalid_request_error" if 400 <= status < 500 else "server_error")
     message = str(err) if isinstance(err, NextnError) or status < 500 else "internal server error"
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
 

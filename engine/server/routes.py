@@ -6,13 +6,15 @@ around them (socket, loading, signals, drain) is `nextn.server.app`.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
-from aiohttp import http_exceptions, web
+from aiohttp import HttpVersion11, hdrs, http_exceptions, web, web_protocol
 from aiohttp.web_protocol import RequestPayloadError
 
 from nextn.errors import NextnError, Overloaded, RequestError
@@ -26,6 +28,87 @@ log = logging.getLogger("nextn.server")
 
 def _error(err: Exception, status: int) -> web.Response:
     return web.json_response(openai_api.error_body(err, status), status=status)
+
+
+def _http_message(e: BaseException) -> str:
+    """aiohttp's parser message on one line: 'Invalid header token: b'Host x'' (its caret lines dropped)."""
+    while not isinstance(e, http_exceptions.HttpProcessingError) and isinstance(e.__cause__, Exception):
+        e = e.__cause__  # a payload error wraps the decoder's
+    text = e.message if isinstance(e, http_exceptions.HttpProcessingError) and e.message else str(e)
+    return " ".join(w for w in (line.strip() for line in str(text).splitlines()) if w.strip("^ "))[:300]
+
+
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/1\.[01]")
+
+
+def _unknown_method(e: http_exceptions.BadHttpMethod) -> bool:
+    """A well-formed request line whose method llhttp does not know (405), not bytes that are not HTTP (400).
+    llhttp's message quotes the line: "Invalid method encountered:\n\n  b'FOO / HTTP/1.1'\n     ^"."""
+    for line in str(e.message).splitlines():
+        line = line.strip()
+        if line[:2] in ("b'", 'b"'):
+            try:
+                return _REQUEST_LINE.fullmatch(ast.literal_eval(line)) is not None
+            except (ValueError, SyntaxError):
+                return False
+    return False
+
+
+class _Connection(web_protocol.RequestHandler):
+    """aiohttp's connection, except that what it answers before any route runs - HTTP it cannot parse, an
+    unknown method, a body encoding it cannot decode - is an error in OpenAI's JSON shape (aiohttp's is plain
+    text) and costs one debug line, not a traceback: any local client can send such bytes."""
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if status >= 500:  # a handler that raised past the middleware (a bug), or timed out
+            if exc is not None:
+                self.log_exception("error handling a request", exc_info=exc)
+            return self._json(request, status, Exception(message or "internal server error"))
+        if isinstance(exc, http_exceptions.BadHttpMethod) and _unknown_method(exc):
+            status = 405  # a method nobody routes (llhttp refuses the ones it does not know while parsing)
+        elif isinstance(exc, http_exceptions.ContentEncodingError):
+            status = 415  # a Content-Encoding this server cannot decode (br / zstd without their library)
+        err = RequestError(_http_message(exc) if exc is not None else (message or "bad request"))
+        log.debug("HTTP %d before routing: %s", status, err)
+        return self._json(request, status, err)
+
+    def log_exception(self, *args, exc_info=None, **kw):
+        if isinstance(exc_info, RequestPayloadError):  # a body that cannot be decoded, answered with a 400:
+            log.debug("the rest of a body that cannot be decoded: %s", _http_message(exc_info))  # aiohttp's
+            return  # read of the rest after the response fails the same way
+        super().log_exception(*args, exc_info=exc_info, **kw)
+
+    def _json(self, request, status, err):
+        if request.writer.output_size > 0:  # a response has begun: the connection can only be closed
+            raise ConnectionError("a response was already sent, cannot send an error")
+        resp = _error(err, status)
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class AppRunner(web.AppRunner):
+    """web.AppRunner whose connections are `_Connection`s (aiohttp has no public hook for its parser errors)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # the same object; only the connections it makes differ
+        return server
+
+
+async def _expect(request):
+    """`Expect: 100-continue` as aiohttp answers it; any other expectation is a 417 in OpenAI's shape."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version == HttpVersion11:
+        if expect.lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text=json.dumps(openai_api.error_body(
+                RequestError(f"unknown Expect: {expect[:100]}"), 417)), content_type="application/json")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not begun
 
 
 @web.middleware
@@ -45,10 +128,21 @@ async def error_middleware(request, handler):
         return _error(e, 500)
 
 
+DECODED_ENCODINGS = ("identity", "gzip", "deflate", "br", "zstd")  # what aiohttp decodes (br, zstd: with their library)
+
+
+class UnsupportedEncoding(RequestError):
+    http_status = 415
+
+
 async def read_json(request, limit: int, timeout: float = 30.0):
     """The body parsed as JSON; 413 over `limit` bytes (checked while reading, Content-Length or not)."""
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding not in DECODED_ENCODINGS:  # aiohttp would hand the coded bytes on as they came
+        raise UnsupportedEncoding(f"Content-Encoding {encoding[:50]!r} is not supported: send the body "
+                                  f"uncompressed or as gzip or deflate")
     data = bytearray()
     while True:
         try:
@@ -57,7 +151,7 @@ async def read_json(request, limit: int, timeout: float = 30.0):
         except asyncio.TimeoutError:
             raise web.HTTPRequestTimeout(reason=f"no body bytes for {timeout:g} s (limits.body_timeout)") from None
         except (RequestPayloadError, http_exceptions.HttpProcessingError) as e:  # e.g. not the gzip it claims
-            raise RequestError(f"the body cannot be read: {e}") from None
+            raise RequestError(f"the body cannot be read: {_http_message(e)}") from None
         if not chunk:
             break
         data += chunk
@@ -259,16 +353,11 @@ def make_app(state: State) -> web.Application:
     # client_max_size is enforced by read_json against the live limit; aiohttp's own cap only backs it up
     app = web.Application(middlewares=[error_middleware], client_max_size=1 << 30)
     app["state"] = state
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/models", models)
-    app.router.add_get("/slots", slots)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/completions", completions)
+    for path, handler in (("/health", health), ("/v1/health", health), ("/v1/models", models), ("/models", models),
+                          ("/slots", slots), ("/metrics", metrics_handler)):
+        app.router.add_get(path, handler, expect_handler=_expect)
+    for path, handler in (("/tokenize", tokenize), ("/detokenize", detokenize),
+                          ("/v1/chat/completions", chat_completions), ("/chat/completions", chat_completions),
+                          ("/v1/completions", completions), ("/completions", completions)):
+        app.router.add_post(path, handler, expect_handler=_expect)
     return app
