@@ -236,6 +236,12 @@ def test_a_body_that_is_not_the_gzip_it_claims_is_400(server):
     out = raw(server, post(b"/v1/completions", b"not gzip at all", b"Content-Encoding: gzip\r\n"))
     assert out.startswith(b"HTTP/1.1 400"), out[:200]
     assert b'"invalid_request_error"' in out
+    # aiohttp drops the connection after it: a keep-alive client must be told, or it reuses it and gets a reset
+    # (the API fuzzer found this)
+    keep = post(b"/v1/completions", b"not deflate", b"Content-Encoding: deflate\r\n").replace(b"Connection: close",
+                                                                                               b"Connection: keep-alive")
+    out = raw(server, keep, timeout=3)
+    assert out.startswith(b"HTTP/1.1 400") and b"connection: close" in out.lower(), out[:300]
 
 
 BAD_HTTP = [  # (bytes, status): each got aiohttp's plain-text answer, or was served (unknown Content-Encoding)

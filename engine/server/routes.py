@@ -116,7 +116,10 @@ async def error_middleware(request, handler):
     try:
         return await handler(request)
     except NextnError as e:
-        return _error(e, e.http_status)
+        resp = _error(e, e.http_status)
+        if request.content.exception() is not None:  # a body that cannot be decoded: the connection cannot
+            resp.force_close()  # go on (aiohttp drops it), so say so (Connection: close) before a client reuses it
+        return resp
     except web.HTTPException as e:  # aiohttp's own (404, 405, 413 ...) in the OpenAI shape
         if e.status < 400:
             raise
