@@ -15,9 +15,9 @@ import threading
 
 import httpx
 import pytest
+from test_server import _short_dir, http, start, stop
 
 from nextn.devtools.tiny import make_tiny
-from test_server import _short_dir, http, start, stop
 
 ENDPOINTS = ["/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions", "/tokenize",
              "/detokenize"]
