@@ -305,8 +305,88 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--spec-n-max", type=int, default=4, help="draft length for --spec (default 4)")
     b.add_argument("--device", default=None)
     b.add_argument("--platform", default=None)
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, bench_command=None)
+    _bench_subcommands(b)
     return p
+
+
+def _bench_type(module: str, name: str, *extra):
+    """An argparse type from nextn.devtools.bench (imported when used): its ValueError becomes argparse's
+    message (`argument --config: unknown key 'n_mx' ... (did you mean n_max?)`)."""
+
+    def parse(text):
+        import importlib
+
+        try:
+            return getattr(importlib.import_module(f"nextn.devtools.bench.{module}"), name)(text, *extra)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _bench_subcommands(b) -> None:
+    """`nextn bench throughput | spec | parallel` (docs/bench.md); options go after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-m", "--model", default=None,
+                        help="GGUF to measure (default: a random ~300M Q8_0 model of --arch: qwen35 with its MTP "
+                             "block when a configuration uses draft-mtp, else qwen3)")
+    common.add_argument("--arch", default=None, choices=("qwen3", "qwen35", "qwen35moe", "glm4moe"))
+    common.add_argument("--type", default="Q8_0", type=str.upper, help="weight type of the default random model")
+    common.add_argument("--config", action="append", metavar="TYPES[:KEY=VALUE,...]",
+                        type=_bench_type("configs", "parse_config"),
+                        help="a speculative configuration to measure, repeatable; e.g. none, draft-mtp, "
+                             "draft-mtp:n_max=1..4,adaptive=off, ngram-mod,draft-mtp:n_max=3 (none is always "
+                             "measured: the baseline of each speed-up). Keys: n_max, n_min, p_min, adaptive, "
+                             "synth_rates (P0/P1/...), synth_len, draft_model, the ngram_* settings")
+    common.add_argument("--one-load", action="store_true",
+                        help="load the model once for all configurations (less memory; the baseline then runs "
+                             "with the MTP block and rollback state loaded)")
+    common.add_argument("-b", "--batch-size", type=int, default=None, help="tokens per step (default: serve's)")
+    common.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
+    common.add_argument("--plot", metavar="PNG", default=None, help="plot tok/s (needs matplotlib)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--compare-llama-server", metavar="PATH", default=None,
+                        help="also run the same requests against this llama-server binary on the same GGUF "
+                             "(skipped, with the reason, when it is not found)")
+    common.add_argument("--llama-server-args", metavar="ARGS", default="",
+                        help="extra llama-server flags, one string (e.g. \"-t 2\")")
+    common.add_argument("--device", default=None)
+    common.add_argument("--platform", default=None)
+    bs = b.add_subparsers(dest="bench_command", metavar="{throughput,spec,parallel}")
+
+    t = bs.add_parser("throughput", parents=[common], help="llama-bench's pp / tg tests, tg after a prompt of depth D")
+    t.add_argument("-p", "--n-prompt", type=_bench_type("common", "int_list"), default=[128, 512, 2048],
+                   metavar="N,N,...", help="prompt sizes of the pp tests (default 128,512,2048)")
+    t.add_argument("-n", "--n-gen", type=int, default=128, help="tokens decoded by the tg tests (default 128)")
+    t.add_argument("-d", "--depth", type=_bench_type("common", "int_list"), default=[0], metavar="D,D,...",
+                   help="run tg after a prompt of each depth (default 0), e.g. 0,4096,16384")
+    t.add_argument("-r", "--repeats", type=int, default=3, help="repeats of each test (default 3)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
+
+    sp = bs.add_parser("spec", parents=[common], help="the prompt suite per speculative configuration, "
+                                                       "pred / draft / acc / rate / tok/s, speed-up over none")
+    sp.add_argument("-n", "--n-predict", type=int, default=192, help="tokens per prompt (default 192)")
+    sp.add_argument("--prompts", type=_bench_type("spec", "prompt_names"), default=None, metavar="NAME,...",
+                    help="a subset of the suite (code_python, code_cpp, explain_concept, summarize, qa_factual, "
+                         "translation, creative_short, stepwise_math, long_code_review)")
+    sp.add_argument("-r", "--repeats", type=int, default=1, help="runs of the whole suite (default 1)")
+    sp.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
+    sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument("--ignore-eos", action="store_true", help="always generate --n-predict tokens")
+    sp.add_argument("--no-warmup", dest="warmup", action="store_false", help="no untimed first request")
+
+    pa = bs.add_parser("parallel", parents=[common], help="1, 2, 4, 8 concurrent requests: aggregate and "
+                                                          "per-request tok/s")
+    pa.add_argument("-c", "--concurrency", type=_bench_type("common", "int_list", 1), default=[1, 2, 4, 8],
+                    metavar="N,N,...", help="numbers of concurrent requests (default 1,2,4,8)")
+    pa.add_argument("-n", "--n-predict", type=int, default=128, help="tokens per request (default 128)")
+    pa.add_argument("--prompts", type=_bench_type("spec", "prompt_names"), default=None, metavar="NAME,...",
+                    help="the suite's prompts the requests take in turn (default: all)")
+    pa.add_argument("-r", "--repeats", type=int, default=3, help="repeats of each level (default 3)")
+    for sub in (t, sp, pa):
+        sub.set_defaults(func=cmd_bench)
 
 
 def main(argv=None) -> int:

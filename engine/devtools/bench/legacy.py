@@ -1,4 +1,4 @@
-"""`nextn bench`: prompt and decode speed, host time per step, and decode vs the memory-bandwidth bound.
+"""`nextn bench` (no subcommand) and `nextn bench --spec`: prompt and decode speed, host time per step, and decode vs the memory-bandwidth bound.
 
 Everything is measured in one process, side by side (these machines are shared and noisy): the same
 model and prompt with the Cython plan and with the plain pyopencl plan, medians of several repeats.
@@ -37,7 +37,7 @@ BENCH_MODELS = {
 BENCH_ARCHS = tuple(BENCH_MODELS)
 
 
-VOCAB = Path(__file__).resolve().parent / "data" / "ggml-vocab-qwen2.gguf"  # package data (llama.cpp's test file)
+VOCAB = Path(__file__).resolve().parent.parent / "data" / "ggml-vocab-qwen2.gguf"  # package data (llama.cpp's test file)
 
 
 def bench_model_path(arch: str = "qwen3", qtype: str = "Q8_0") -> Path:
