@@ -37,6 +37,20 @@ def int_list(text: str, lo: int = 0) -> list[int]:
     return out
 
 
+def human_bytes(n: float) -> str:
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def human_count(n: float) -> str:
+    for unit, k in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n:.0f}"
+
+
 def ratio(a, b):
     """a / b, None when either is missing or b is 0 (a ratio of the same run's two numbers)."""
     if a is None or b is None or b == 0:
@@ -180,9 +194,15 @@ class Harness:
         return next(iter(self.loads.values())).engine.runner
 
     def describe(self) -> dict:
+        from nextn.devtools.bench.legacy import unique_weights
+        from nextn.ops.weights import DeviceWeight
+
         r = self.runner
+        n_params = sum(t.n_rows * t.n_cols * getattr(t, "n_expert", 1) for t in unique_weights(r)
+                       if isinstance(t, DeviceWeight))
         return {"file": self.path.name, "path": str(self.path), "arch": r.file.arch,
-                "size_bytes": int(r.memory.weights), "device": r.rt.describe(), "n_vocab": r.n_vocab,
+                "size_bytes": int(r.memory.weights), "n_params_matrices": int(n_params), "device": r.rt.describe(),
+                "n_vocab": r.n_vocab,
                 "loads": len(self.loads), "n_slots": self.n_slots, "ctx_size": self.n_ctx,
                 "batch_size": r.n_batch}
 
@@ -250,4 +270,5 @@ def header(kind: str, h: Harness, settings: dict, configs: list[BenchConfig]) ->
 
 def print_model_line(h: Harness) -> None:
     d = h.describe()
-    print(f"model: {d['file']} ({d['arch']}, {d['size_bytes'] / 2**20:.0f} MiB weights), device: {d['device']}")
+    print(f"model: {d['file']} ({d['arch']}, {human_bytes(d['size_bytes'])} of weights, "
+          f"{human_count(d['n_params_matrices'])} parameters in matrices), device: {d['device']}")

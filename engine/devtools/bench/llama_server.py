@@ -124,7 +124,7 @@ class LlamaServer:
 
     @classmethod
     def start(cls, binary: Path, model: Path, spec_args: list[str], n_slots: int, n_ctx: int,
-              extra: list[str], timeout: float = 600.0) -> "LlamaServer":
+              extra: list[str], timeout: float = 600.0) -> LlamaServer:
         port = free_port()
         # -c is the context of all slots together in llama-server
         cmd = [str(binary), "-m", str(model), "-c", str(n_ctx * n_slots), "-np", str(n_slots),
@@ -165,11 +165,12 @@ class LlamaFleet:
     ignored: dict = field(default_factory=dict)  # label -> settings llama-server has no flag for
 
     @classmethod
-    def start(cls, binary: Path, model: Path, configs, n_slots: int, n_ctx: int, extra: str = "") -> "LlamaFleet":
+    def start(cls, binary: Path, model: Path, configs, n_slots: int, n_ctx: int, extra: str = "") -> LlamaFleet:
         fleet = cls(binary)
         extra_args = shlex.split(extra or "")
         try:
-            r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+            r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30,
+                               check=False)
             lines = (r.stdout + r.stderr).strip().splitlines()
             fleet.version = next((ln for ln in lines if ln.startswith("version")), lines[0] if lines else "")
         except (OSError, subprocess.SubprocessError):
@@ -186,7 +187,7 @@ class LlamaFleet:
         return fleet
 
     @classmethod
-    def attach(cls, clients: dict) -> "LlamaFleet":
+    def attach(cls, clients: dict) -> LlamaFleet:
         """A fleet of already running servers (label -> LlamaClient): the tests' fake server."""
         fleet = cls(Path("attached"))
         fleet.servers = {k: _Attached(c) for k, c in clients.items()}
@@ -203,7 +204,7 @@ class LlamaFleet:
         def one(i):
             try:
                 out[i] = client.complete(prompts[i], n_predict, **kw)
-            except BaseException as e:  # re-raised below, on the caller's thread
+            except Exception as e:  # noqa: BLE001 (re-raised below, on the caller's thread)
                 out[i] = e
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
@@ -214,7 +215,7 @@ class LlamaFleet:
             t.join()
         wall = time.perf_counter() - t0
         for r in out:
-            if isinstance(r, BaseException):
+            if isinstance(r, Exception):
                 raise r
         return out, wall
 

@@ -72,11 +72,12 @@ def main(args) -> int:
                         v = r.timings["predicted_per_second"]
                     if rep >= 0:
                         values[t["name"], c.label].append(v)
-                    if llama is not None and rep >= 0:
-                        lt = llama.complete(c, prompt, 1 if t["kind"] == "pp" else t["n_gen"] + 1,
-                                            cache_prompt=t["kind"] == "tg")
-                        llama_values[t["name"], c.label].append(
-                            lt["prompt_per_second"] if t["kind"] == "pp" else lt["predicted_per_second"])
+                    if llama is not None:  # the same request, its warm-up too
+                        lt = llama.complete(c, prompt, 1 if t["kind"] == "pp" else n, cache_prompt=t["kind"] == "tg",
+                                            ignore_eos=True)
+                        if rep >= 0:
+                            llama_values[t["name"], c.label].append(
+                                lt["prompt_per_second"] if t["kind"] == "pp" else lt["predicted_per_second"])
                     bar.update()
         bar.close()
     finally:
@@ -96,20 +97,20 @@ def main(args) -> int:
     base = {(r["test"]): r["tok_s"]["median"] for r in results if r["config"] == "none"}
     for r in results:
         r["vs_none"] = ratio(r["tok_s"]["median"], base.get(r["test"]))
-    d = common.header("throughput", h, {"n_prompt": list(args.n_prompt), "n_gen": args.n_gen, "depth": list(args.depth),
-                                        "repeats": args.repeats, "seed": args.seed}, configs)
+    d = common.header("throughput", h, {"n_prompt": list(args.n_prompt), "n_gen": args.n_gen,
+                                        "depth": list(args.depth), "repeats": args.repeats, "seed": args.seed}, configs)
     d["results"] = results
     d["llama_server"] = llama_info
     show_cfg = len(configs) > 1
-    headers = ["model", "size", "config", "test", "t/s", "min", "max"] if show_cfg else \
-        ["model", "size", "test", "t/s", "min", "max"]
+    headers = ["model", "size", "params"] + (["config"] if show_cfg else []) + ["test", "t/s", "min", "max"]
     if show_cfg:
         headers.append("vs none")
     if llama is not None:
         headers += ["llama-server t/s", "ratio"]
     for r in results:
         s = r["tok_s"]
-        row = [d["model"]["arch"], f"{d['model']['size_bytes'] / 2**20:.0f} MiB"]
+        m = d["model"]
+        row = [m["arch"], common.human_bytes(m["size_bytes"]), common.human_count(m["n_params_matrices"])]
         row += [r["config"]] if show_cfg else []
         row += [r["test"], fmt(s["median"], ".2f"), fmt(s["min"], ".2f"), fmt(s["max"], ".2f")]
         if show_cfg:
@@ -117,7 +118,7 @@ def main(args) -> int:
         if llama is not None:
             row += [fmt(r["llama_server"]["tok_s"]["median"], ".2f"), fmt(r["llama_server"]["ratio"], ".2f")]
         rows.append(row)
-    print(common.table(headers, rows, "ll" + ("l" if show_cfg else "") + "l" + "r" * (len(headers) - 3 - show_cfg)))
+    print(common.table(headers, rows, "lrr" + ("l" if show_cfg else "") + "l" + "r" * (len(headers) - 4 - show_cfg)))
     print(f"(median of {args.repeats}; tgN: N greedy decode steps after the prompt of depth dD)")
     common.write_json(args.json, d)
     if args.plot:
