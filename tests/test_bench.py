@@ -184,6 +184,18 @@ def test_spec(capsys, tmp_path, mtp_model):
     assert re.search(r"^\| draft-mtp:n_max=2,adaptive=off +\| +2 \| +[\d.]+ \| +[01]\.\d{3} \| +[\d.]+x \|$", out, re.MULTILINE)
 
 
+def test_one_load(capsys, tmp_path, mtp_model):
+    """By default none runs on a model loaded as `--spec-type none` would load it, draft-mtp on one with the
+    MTP block; --one-load shares one load (the same tokens come out)."""
+    docs = []
+    for extra in ((), ("--one-load",)):
+        bench(capsys, "spec", "-m", mtp_model, "--prompts", "creative_short", "-n", 8, "--config", "draft-mtp",
+              *extra, "--json", tmp_path / "s.json")
+        docs.append(json.loads((tmp_path / "s.json").read_text()))
+    assert [d["model"]["loads"] for d in docs] == [2, 1]
+    assert all(d["results"][1]["same_output_as_none"] for d in docs)
+
+
 def test_spec_synthetic_acceptance(capsys, tmp_path, mtp_model):
     bench(capsys, "spec", "-m", mtp_model, "--prompts", "qa_factual", "-n", 16, "--ignore-eos",
           "--config", "draft-mtp:n_max=2,adaptive=off,synth_rates=0.5/0.25", "--json", tmp_path / "s.json")
@@ -399,6 +411,8 @@ def test_old_bench_still_runs(capsys, mtp_model):
     """`nextn bench` and `nextn bench --spec` as the README shows them (with a tiny model)."""
     out = bench_old(capsys, "-m", mtp_model, "--n-prompt", 16, "--n-decode", 4, "--repeats", 1)
     assert "decode bound" in out and "cython" in out and "pyopencl" in out
+    out = bench_old(capsys, "--spec", "-m", mtp_model, "--n-prompt", 16, "--n-decode", 4, "--repeats", 1)
+    assert "MTP on / off" in out and "ngram-mod,draft-mtp" in out
 
 
 def bench_old(capsys, *argv):

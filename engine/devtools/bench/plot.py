@@ -47,7 +47,11 @@ def plot_throughput(doc: dict, path: str) -> None:
                 ax[1].plot([r["n_prompt"] for r in rows], [r["llama_server"]["tok_s"]["median"] for r in rows], "s--",
                            label=f"llama-server {cfg}")
     ax[0].set(xlabel="depth (tokens already in the context)", ylabel="decode tok/s", title="decode")
-    ax[1].set(xlabel="prompt tokens", ylabel="prompt tok/s", title="prompt processing", xscale="log")
+    ax[1].set(xlabel="prompt tokens", ylabel="prompt tok/s", title="prompt processing")
+    if pp:
+        ax[1].set_xscale("log", base=2)
+        sizes = sorted({r["n_prompt"] for r in pp})
+        ax[1].set_xticks(sizes, [str(n) for n in sizes])
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
@@ -76,6 +80,7 @@ def plot_spec(doc: dict, path: str) -> None:
             ax.plot([e["n_max"] for e in es], [e["llama_server"]["aggregate"]["tok_s"] for e in es], "s--",
                     label=f"llama-server {label}")
     ax.axhline(none["aggregate"]["tok_s"] or 0, color="grey", lw=0.8, ls=":", label="none")
+    ax.set_xticks(sorted({e["n_max"] for e in doc["results"]}))
     ax.set(xlabel="n-max (draft tokens per step; 0: none)", ylabel="decode tok/s (all prompts)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

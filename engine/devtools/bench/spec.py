@@ -76,7 +76,12 @@ def main(args) -> int:
     if args.config:
         configs = parse_configs(args.config)
     else:
-        has_mtp = path is None or common.file_has_mtp(path)
+        if path is None:  # the default random model of --arch (qwen35 unless told otherwise)
+            from nextn.devtools.bench.legacy import BENCH_MODELS
+
+            has_mtp = bool(BENCH_MODELS[args.arch or "qwen35"].get("mtp"))
+        else:
+            has_mtp = common.file_has_mtp(path)
         configs = parse_configs(["draft-mtp:n_max=2/3"] if has_mtp else ["ngram-mod"])
     needs_mtp = any("draft-mtp" in c.types for c in configs)
     path = common.model_path(args, needs_mtp)
