@@ -5,7 +5,9 @@ or of an unsupported type) is reported as one ModelLoadError that names the file
 anything is uploaded to the device.
 """
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,65 @@ class TensorInfo:
         return self.ne[0]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _array_of(ok):
+    return lambda v: isinstance(v, list) and all(ok(x) for x in v)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_flag(v) -> bool:
+    return isinstance(v, (bool, int))
+
+
+# What the keys read without a typed accessor (int_key / float_key) must hold ("{arch}." stands for the
+# architecture's prefix); a value of another type (GGUF arrays hold one type) is refused naming the key, before
+# a model or the tokenizer reads it.
+VALUE_TYPES = {
+    "general.architecture": ("a string", _is_str),
+    "{arch}.vocab_size": ("an integer", _is_int),
+    "{arch}.rope.scaling.type": ("a string", _is_str),
+    "{arch}.rope.dimension_sections": ("an array of integers", _array_of(_is_int)),
+    "{arch}.attention.recurrent_layers": ("an array of booleans", _array_of(_is_flag)),
+    "{arch}.attention.sliding_window_pattern": ("an array of booleans", _array_of(_is_flag)),
+    "{arch}.attention.head_count_kv": ("an integer or an array of integers",
+                                        lambda v: _is_number(v) or _array_of(_is_int)(v)),
+    "{arch}.expert_weights_norm": ("true or false", _is_flag),
+    "tokenizer.ggml.model": ("a string", _is_str),
+    "tokenizer.ggml.pre": ("a string", _is_str),
+    "tokenizer.chat_template": ("a string", _is_str),
+    "tokenizer.ggml.tokens": ("an array of strings", _array_of(_is_str)),
+    "tokenizer.ggml.merges": ("an array of strings", _array_of(_is_str)),
+    "tokenizer.ggml.token_type": ("an array of integers", _array_of(_is_int)),
+    "tokenizer.ggml.scores": ("an array of numbers", _array_of(_is_number)),
+}
+_TOKEN_ID = re.compile(r"tokenizer\.ggml\.\w+_token_id")
+_TOKENIZER_FLAG = re.compile(r"tokenizer\.ggml\.add_\w+")
+
+
+def check_value_types(meta: dict[str, Any], arch: str, path) -> None:
+    """Refuses a key of VALUE_TYPES, a tokenizer.ggml.*_token_id or a tokenizer.ggml.add_* flag whose value has
+    another type (a float where the token list belongs once raised a TypeError from inside a model)."""
+    for key, v in meta.items():
+        rule = VALUE_TYPES.get(key.replace(f"{arch}.", "{arch}.", 1) if key.startswith(f"{arch}.") else key)
+        if rule is None and _TOKEN_ID.fullmatch(key):
+            rule = ("an integer", _is_int)
+        elif rule is None and _TOKENIZER_FLAG.fullmatch(key):
+            rule = ("true or false", _is_flag)
+        if rule is not None and not rule[1](v):
+            shown = repr(v) if not isinstance(v, (list, str)) or len(v) < 8 else f"{type(v).__name__} of {len(v)}"
+            raise ModelLoadError(f"{path}: metadata key {key} must be {rule[0]}, not {shown}")
+
+
 class Metadata:
     """Typed reads of GGUF metadata (`meta`, with `arch` and `path` for the messages): a missing key or a value
     of the wrong type or range is a ModelLoadError naming the key. ModelFile reads a file's; make-tiny the
@@ -57,7 +118,7 @@ class Metadata:
         of another type or out of range is refused naming the key."""
         v = self.key(name, default)
         full = name.replace("{arch}", self.arch)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or float(v) != int(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or float(v) != int(v):
             raise ModelLoadError(f"{self.path}: metadata key {full} = {v!r} is not an integer")
         if lo is not None and int(v) < lo:
             raise ModelLoadError(f"{self.path}: metadata key {full} = {int(v)} must be at least {lo}")
@@ -131,6 +192,7 @@ class ModelFile(Metadata):
         self.arch: str = self.meta.get("general.architecture", "")
         if not self.arch:
             raise ModelLoadError(f"{self.path}: metadata has no general.architecture")
+        check_value_types(self.meta, self.arch, self.path)
 
     # -- tensors ----------------------------------------------------------------------------------------
 
