@@ -268,6 +268,13 @@ def header(kind: str, h: Harness, settings: dict, configs: list[BenchConfig]) ->
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def print_llama_skip(doc: dict) -> None:
+    """The reason --compare-llama-server was skipped (no binary), again under the results."""
+    skipped = (doc.get("llama_server") or {}).get("skipped")
+    if skipped:
+        print(f"llama-server: skipped ({skipped})")
+
+
 def print_model_line(h: Harness) -> None:
     d = h.describe()
     print(f"model: {d['file']} ({d['arch']}, {human_bytes(d['size_bytes'])} of weights, "

@@ -39,7 +39,8 @@ def find_binary(text: str) -> tuple[Path | None, str]:
         if found:
             p = Path(found)
     if not p.exists():
-        return None, f"{text}: no such file (build llama.cpp's llama-server, or give its path)"
+        where = "no such file" if os.sep in text else "no such file, and not on PATH"
+        return None, f"{text}: {where} (a llama.cpp build's llama-server binary is needed)"
     if not os.access(p, os.X_OK):
         return None, f"{p}: not executable"
     return p, ""

@@ -133,6 +133,4 @@ def print_results(doc: dict) -> None:
     print(common.table(headers, rows, ("l" if show_cfg else "") + "r" * (len(headers) - show_cfg)))
     print(f"({doc['settings']['n_predict']} tokens per request; aggregate: all generated tokens over the wall "
           f"time, prompts included; median of {doc['settings']['repeats']})")
-    skipped = doc["llama_server"].get("skipped")
-    if skipped:
-        print(f"llama-server: skipped ({skipped})")
+    common.print_llama_skip(doc)

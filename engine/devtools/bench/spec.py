@@ -201,6 +201,4 @@ def print_results(doc: dict) -> None:
                     fmt(e["ratio_vs_llama_server"], ".2f")]
         rows.append(row)
     print(common.table(headers, rows))
-    skipped = doc["llama_server"].get("skipped") if isinstance(doc.get("llama_server"), dict) else None
-    if skipped:
-        print(f"llama-server: skipped ({skipped})")
+    common.print_llama_skip(doc)

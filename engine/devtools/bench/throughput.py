@@ -120,6 +120,7 @@ def main(args) -> int:
         rows.append(row)
     print(common.table(headers, rows, "lrr" + ("l" if show_cfg else "") + "l" + "r" * (len(headers) - 4 - show_cfg)))
     print(f"(median of {args.repeats}; tgN: N greedy decode steps after the prompt of depth dD)")
+    common.print_llama_skip(d)
     common.write_json(args.json, d)
     if args.plot:
         from nextn.devtools.bench.plot import plot_throughput
