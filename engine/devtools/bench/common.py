@@ -203,7 +203,8 @@ class Harness:
         return {"file": self.path.name, "path": str(self.path), "arch": r.file.arch,
                 "size_bytes": int(r.memory.weights), "n_params_matrices": int(n_params), "device": r.rt.describe(),
                 "n_vocab": r.n_vocab,
-                "loads": len(self.loads), "n_slots": self.n_slots, "ctx_size": self.n_ctx,
+                "loads": len(self.loads), "n_slots": min(s.n_slots for s, _ in self.scheds.values()),
+                "ctx_size": self.n_ctx,
                 "batch_size": r.n_batch}
 
     def run(self, cfg: BenchConfig, requests: list, keep_cache: bool = False, timeout: float = 3600) -> list[Result]:
