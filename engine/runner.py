@@ -88,7 +88,8 @@ class ModelRunner:
         self.weights = arch.upload(self.rt, hp, mf, infos, progress=on_bytes, mtp=mtp)
         if bar:
             bar.close()
-        self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows, kv_types)
+        self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows, kv_types,
+                                     n_batch=self.n_batch)
         self._prefixes = self.cache.prefix_store()
         self.buffers = arch.step_buffers(self.rt, hp, self.n_batch, self.max_outputs)
         self.mm = MatmulOps(self.rt)
@@ -106,16 +107,19 @@ class ModelRunner:
             else None
         if replay:
             self.replay_plan = planmod.make_plan(self.rt.queue, replay, native=native_plan)
-        self.mtp_plans = {}  # (max_tokens, hidden source) -> plan of the MTP block
+        self.mtp_plans = {}  # (max_tokens, hidden source, head) -> plan of the MTP block
+        # MTP heads drafting in a chain, one per draft (step35's nextn_predict_layers), else 1 (or 0: no MTP)
+        self.mtp_heads = arch.mtp_draft_heads(hp) if mtp else 0
         if mtp:
             self.mtp_buffers = arch.mtp_buffers(self.rt, hp, self.n_batch)
-            for max_tokens in buckets:
-                for source, hidden in (("trunk", self.buffers.hidden), ("mtp", self.mtp_buffers.h)):
-                    launches = arch.build_mtp_step(self.rt, self.mm, hp, self.weights, self.buffers,
-                                                  self.mtp_buffers, self.cache, max_tokens, self.max_outputs,
-                                                  hidden)
-                    self.mtp_plans[max_tokens, source] = planmod.make_plan(self.rt.queue, launches,
-                                                                           native=native_plan)
+            for head in range(self.mtp_heads):
+                for max_tokens in buckets:
+                    for source, hidden in (("trunk", self.buffers.hidden), ("mtp", self.mtp_buffers.h)):
+                        launches = arch.build_mtp_step(self.rt, self.mm, hp, self.weights, self.buffers,
+                                                      self.mtp_buffers, self.cache, max_tokens, self.max_outputs,
+                                                      hidden, **({"head": head} if head else {}))
+                        self.mtp_plans[max_tokens, source, head] = planmod.make_plan(self.rt.queue, launches,
+                                                                                     native=native_plan)
         self.load_seconds = time.perf_counter() - t0
         # Host staging arrays, alive for the runner's life (writes are non-blocking).
         self._vars = np.zeros(N_VARS, np.int32)
@@ -156,10 +160,12 @@ class ModelRunner:
             self.cache.set_length(s, last + 1)
         return self._read_head(len(out_rows), want_logits)
 
-    def mtp_step(self, ids, pos, seq, hidden_rows, out_rows, source: str = "trunk", want_logits: bool = False):
+    def mtp_step(self, ids, pos, seq, hidden_rows, out_rows, source: str = "trunk", want_logits: bool = False,
+                 head: int = 0):
         """The MTP block over (token, hidden) pairs: ids[i] at pos[i] of sequence seq[i], paired with row
         hidden_rows[i] of the last trunk step's final hidden states (source "trunk") or of the last MTP step's
-        own output (source "mtp"); a row of -1 gives the zero hidden state (what position 0 is paired with).
+        own output (source "mtp"; with several heads, of each head's last step: mtp_hidden_row); a row of -1
+        gives the zero hidden state (what position 0 is paired with). head: which of mtp_heads runs.
         Returns (argmax, logits or None) of the draft for the token after each out row."""
         if not self.has_mtp:
             raise ValueError("the MTP block is not loaded (load with mtp=True)")
@@ -170,10 +176,14 @@ class ModelRunner:
         planmod.enqueue_write(self.rt.queue, m.hid_idx, self._hid[:n])
         self._write_batch((m.ids, m.pos, m.seq, m.out_idx), ids, pos, seq, out_rows)
         max_tokens = next(mt for mt, _ in self.plans if n <= mt)
-        self.mtp_plans[max_tokens, source].run(self._vars)
+        self.mtp_plans[max_tokens, source, head].run(self._vars)
         for s, last in self._last_positions(n):  # the MTP block's KV now holds these positions
             self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], last + 1)
         return self._read_head(len(out_rows), want_logits)
+
+    def mtp_hidden_row(self, head: int, row: int) -> int:
+        """The "mtp" source's row holding head `head`'s output of row `row` of its last step."""
+        return head * self.mtp_buffers.head_rows + row
 
     def _last_positions(self, n: int):
         """(sequence, its highest position) of each sequence in the batch just written (a loop per

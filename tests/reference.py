@@ -52,6 +52,8 @@ ARCHS = {
     "qwen35moe": ArchSpec(rope="imrope", qk_norm=True),
     # q/k norms when the file has them; run by Glm4MoeReferenceModel
     "glm4moe": ArchSpec(rope="neox", qk_norm=False),
+    # per-layer heads, sliding-window layers, head-wise gate, chained MTP blocks; run by Step35ReferenceModel
+    "step35": ArchSpec(rope="neox", qk_norm=False),
 }
 
 
@@ -148,8 +150,8 @@ class ReferenceModel:
 
         self.n_embd = int(key("embedding_length"))
         self.n_layer = int(key("block_count"))
-        self.n_head = int(key("attention.head_count"))
-        self.n_head_kv = int(key("attention.head_count_kv", self.n_head))
+        self.n_head = int(np.atleast_1d(key("attention.head_count"))[0])  # step35: per layer (its _init_arch)
+        self.n_head_kv = int(np.atleast_1d(key("attention.head_count_kv", self.n_head))[0])
         self.n_embd_head_k = int(key("attention.key_length", self.n_embd // self.n_head))
         self.n_embd_head_v = int(key("attention.value_length", self.n_embd_head_k))
         self.n_rot = int(key("rope.dimension_count", self.n_embd_head_k))
@@ -182,6 +184,8 @@ class ReferenceModel:
                 cls = HybridReferenceModel
             elif arch == "glm4moe":
                 cls = Glm4MoeReferenceModel
+            elif arch == "step35":
+                cls = Step35ReferenceModel
         return super().__new__(cls)
 
     def _init_arch(self) -> None:
@@ -723,6 +727,170 @@ class Glm4MoeReferenceModel(MtpMixin, ReferenceModel):
                 out = out + swiglu_ffn(cur, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
                                        w[b + "ffn_down_shexp.weight"])
         self._cb("ffn_out", il, out)
+        x = x + out
+        self._cb("l_out", il, x)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------- step35
+#
+# llama.cpp's src/models/step35.cpp (graph, graph_mtp) and load_arch_hparams, with the generic hparams of
+# llama-model.cpp: per-layer head counts; layer il sliding when sliding_window_pattern[il] (it then sees the
+# last sliding_window positions, rotates rope.dimension_count_swa dims (default rope.dimension_count, default
+# head_dim) at rope.freq_base_swa (default 10000) without rope_freqs), else full (half of rope.dimension_count
+# dims at rope.freq_base, angles divided by rope_freqs.weight when present); the head-wise gate; SwiGLU
+# limits; MoE where the layer has ffn_gate_inp, with sigmoid routing, exp_probs_b and a shared expert.
+
+
+def swiglu_limited(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, limit: float) -> np.ndarray:
+    """swiglu_ffn, with llama.cpp's limit when > 1e-6: min(silu(gate x), limit) * clip(up x, -limit, limit)."""
+    g, u = x @ gate.T, x @ up.T
+    a = silu(g)
+    if limit > 1e-6:
+        a, u = np.minimum(a, limit), np.clip(u, -limit, limit)
+    return (a * u) @ down.T
+
+
+def window_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
+                     window: int) -> np.ndarray:
+    """attention() where a query at p sees keys j with p - window < j <= p (window 0: all j <= p)."""
+    n, n_head, _ = q.shape
+    n_kv, n_head_kv, d_v = v.shape
+    group = n_head // n_head_kv
+    j, p = np.arange(n_kv)[None, :], np.asarray(q_pos)[:, None]
+    mask = (j <= p) & ((p - j < window) if window else True)
+    out = np.empty((n, n_head, d_v))
+    for h in range(n_head):
+        s = np.where(mask, (q[:, h, :] @ k[:, h // group, :].T) * scale, -np.inf)
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h, :] = (e / e.sum(axis=1, keepdims=True)) @ v[:, h // group, :]
+    return out
+
+
+class Step35ReferenceModel(ReferenceModel):
+    """step35: see above. forward() leaves the trunk's final hidden state before output_norm in h_nextn;
+    mtp_forward(hidden, tokens, pos, head) runs MTP block `head` (its own KV cache) and leaves its output before
+    shared_head_norm in mtp_h_nextn, the hidden input of the next head's draft (llama.cpp's chain_heads)."""
+
+    def _init_arch(self) -> None:
+        meta, arch = self.meta, self.arch
+        self.n_layer_all = n = self.n_layer
+        self.n_nextn = int(meta.get(f"{arch}.nextn_predict_layers", 0))
+        self.n_layer = n - self.n_nextn
+
+        def per_layer(key, default):
+            v = meta.get(f"{arch}.{key}", default)
+            return [x for x in v] if isinstance(v, (list, tuple, np.ndarray)) else [v] * n
+
+        self.heads = [int(x) for x in per_layer("attention.head_count", None)]
+        self.heads_kv = [int(x) for x in per_layer("attention.head_count_kv", self.heads)]
+        self.swa = [bool(x) for x in meta[f"{arch}.attention.sliding_window_pattern"]]
+        self.n_swa = int(meta[f"{arch}.attention.sliding_window"])
+        n_rot = int(meta.get(f"{arch}.rope.dimension_count", self.n_embd_head_k))
+        self.n_rot_full, self.n_rot_swa = n_rot // 2, int(meta.get(f"{arch}.rope.dimension_count_swa", n_rot))
+        self.freq_base_swa = float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))
+        self.clamp_exp = [float(x) for x in per_layer("swiglu_clamp_exp", 0.0)]
+        self.clamp_shexp = [float(x) for x in per_layer("swiglu_clamp_shexp", 0.0)]
+        self.n_expert_used = int(meta.get(f"{arch}.expert_used_count", 0))
+        self.expert_weights_scale = float(meta.get(f"{arch}.expert_weights_scale", 0.0))
+        self.expert_weights_norm = bool(meta.get(f"{arch}.expert_weights_norm", False))
+        if int(meta.get(f"{arch}.expert_gating_func", 2)) not in (0, 2):
+            raise ValueError("reference forward: step35 routes by sigmoid only")
+        self.h_nextn: np.ndarray | None = None
+        self.mtp_h_nextn: np.ndarray | None = None
+
+    def reset(self) -> None:
+        d, dv = self.n_embd_head_k, self.n_embd_head_v
+        self.k_cache = [np.zeros((0, self.heads_kv[il], d)) for il in range(self.n_layer_all)]
+        self.v_cache = [np.zeros((0, self.heads_kv[il], dv)) for il in range(self.n_layer_all)]
+
+    def forward(self, tokens, start_pos: int = 0) -> np.ndarray:
+        tokens = np.asarray(list(tokens), dtype=np.int64)
+        if len(tokens) == 0 or tokens.min() < 0 or tokens.max() >= self.n_vocab:
+            raise ValueError("forward needs token ids in range")
+        if not 0 <= start_pos <= self.n_past:
+            raise ValueError(f"start_pos {start_pos} but only {self.n_past} positions are cached")
+        for il in range(self.n_layer):
+            self.k_cache[il] = self.k_cache[il][:start_pos]
+            self.v_cache[il] = self.v_cache[il][:start_pos]
+        pos = np.arange(start_pos, start_pos + len(tokens))
+        x = self.tok_embd[tokens].astype(np.float64)
+        for il in range(self.n_layer):
+            x = self._layer(il, x, pos)
+        self.h_nextn = x  # before output_norm
+        x = rms_norm(x, self.w["output_norm.weight"], self.eps)
+        self._cb("result_norm", -1, x)
+        return x @ self.output.T
+
+    def mtp_n_past(self, head: int = 0) -> int:
+        return self.k_cache[self.n_layer + head].shape[0]
+
+    def mtp_forward(self, hidden, next_token, pos: int, head: int = 0) -> np.ndarray:
+        """Draft logits of MTP block `head` (graph_mtp at nextn_layer_offset head): hidden [n, n_embd] the
+        h_nextn rows paired with the n tokens at positions pos..; its KV cache keeps positions < pos."""
+        tokens = np.asarray(list(np.atleast_1d(next_token)), dtype=np.int64)
+        hidden = np.atleast_2d(np.asarray(hidden, dtype=np.float64))
+        if not 0 <= head < self.n_nextn or hidden.shape != (len(tokens), self.n_embd):
+            raise ValueError(f"MTP head {head} of {self.n_nextn}, hidden {list(hidden.shape)}")
+        il, w = self.n_layer + head, self.w
+        b = f"blk.{il}."
+        if not 0 <= pos <= self.mtp_n_past(head):
+            raise ValueError(f"MTP pos {pos} but only {self.mtp_n_past(head)} positions are cached")
+        self.k_cache[il] = self.k_cache[il][:pos]
+        self.v_cache[il] = self.v_cache[il][:pos]
+        embd = w.get(b + "nextn.embed_tokens.weight", self.tok_embd)
+        e_norm = rms_norm(embd[tokens].astype(np.float64), w[b + "nextn.enorm.weight"], self.eps)
+        h_norm = rms_norm(hidden, w[b + "nextn.hnorm.weight"], self.eps)
+        x = np.concatenate([e_norm, h_norm], axis=1) @ w[b + "nextn.eh_proj.weight"].T
+        x = self._layer(il, x, np.arange(pos, pos + len(tokens)))
+        self.mtp_h_nextn = x  # before shared_head_norm
+        x = rms_norm(x, w.get(b + "nextn.shared_head_norm.weight", w["output_norm.weight"]), self.eps)
+        return x @ w.get(b + "nextn.shared_head_head.weight", self.output).T
+
+    def _layer(self, il: int, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        w, b, n, d = self.w, f"blk.{il}.", len(x), self.n_embd_head_k
+        nh, nkv, swa = self.heads[il], self.heads_kv[il], self.swa[il]
+        cur = rms_norm(x, w[b + "attn_norm.weight"], self.eps)
+        q = (cur @ w[b + "attn_q.weight"].T).reshape(n, nh, d)
+        k = (cur @ w[b + "attn_k.weight"].T).reshape(n, nkv, d)
+        v = (cur @ w[b + "attn_v.weight"].T).reshape(n, nkv, self.n_embd_head_v)
+        if b + "attn_q_norm.weight" in w:
+            q = rms_norm(q, w[b + "attn_q_norm.weight"], self.eps)
+            k = rms_norm(k, w[b + "attn_k_norm.weight"], self.eps)
+        n_rot = self.n_rot_swa if swa else self.n_rot_full
+        base = self.freq_base_swa if swa else self.freq_base
+        scale = 1.0 if swa else self.freq_scale
+        factors = None if swa else self.rope_freqs
+        q = rope(q, pos, n_rot, "neox", base, scale, factors)
+        k = rope(k, pos, n_rot, "neox", base, scale, factors)
+        self.k_cache[il] = np.concatenate([self.k_cache[il], k])
+        self.v_cache[il] = np.concatenate([self.v_cache[il], v])
+        att = window_attention(q, self.k_cache[il], self.v_cache[il], pos, 1.0 / np.sqrt(d),
+                               self.n_swa if swa else 0)  # [n, nh, dv]
+        if b + "attn_gate.weight" in w:  # head-wise gate
+            att = att * sigmoid(cur @ w[b + "attn_gate.weight"].T)[:, :, None]
+        x = x + att.reshape(n, nh * self.n_embd_head_v) @ w[b + "attn_output.weight"].T
+        self._cb("ffn_inp", il, x)
+        cur = rms_norm(x, w[b + "ffn_norm.weight"], self.eps)
+        if b + "ffn_gate_inp.weight" not in w:
+            out = swiglu_limited(cur, w[b + "ffn_gate.weight"], w[b + "ffn_up.weight"], w[b + "ffn_down.weight"],
+                                 self.clamp_shexp[il])
+        else:
+            probs = sigmoid(cur @ w[b + "ffn_gate_inp.weight"].T)  # [n, n_expert]
+            out = np.zeros_like(x)
+            for t in range(n):
+                sel = np.argsort(-(probs[t] + w[b + "exp_probs_b.bias"]), kind="stable")[:self.n_expert_used]
+                wts = probs[t, sel]
+                if self.expert_weights_norm:
+                    wts = wts / max(wts.sum(), 6.103515625e-5)
+                if self.expert_weights_scale not in (0.0, 1.0):
+                    wts = wts * self.expert_weights_scale
+                for e, we in zip(sel, wts):
+                    out[t] += we * swiglu_limited(cur[t : t + 1], w[b + "ffn_gate_exps.weight"][e],
+                                                  w[b + "ffn_up_exps.weight"][e], w[b + "ffn_down_exps.weight"][e],
+                                                  self.clamp_exp[il])[0]
+            out = out + swiglu_limited(cur, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
+                                       w[b + "ffn_down_shexp.weight"], self.clamp_shexp[il])
         x = x + out
         self._cb("l_out", il, x)
         return x

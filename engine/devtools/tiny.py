@@ -51,9 +51,9 @@ from nextn.gguf.quantize import SUPPORTED, block_size, parse_qtype, quantize, ro
 from nextn.models import ARCHITECTURES
 from nextn.tokenizer import BYTE_TO_UNICODE
 
-ARCHS = ("qwen3", "qwen2", "llama", "qwen35", "qwen35moe", "glm4moe")
+ARCHS = ("qwen3", "qwen2", "llama", "qwen35", "qwen35moe", "glm4moe", "step35")
 HYBRID = ("qwen35", "qwen35moe")  # Gated DeltaNet + gated full attention
-MTP_ARCHS = ("qwen35", "qwen35moe", "glm4moe")
+MTP_ARCHS = ("qwen35", "qwen35moe", "glm4moe", "step35")
 F32_ONLY = frozenset({QT.F32})
 KEEP_F32 = ("ffn_gate_inp.weight", "ssm_conv1d.weight")  # the converter (and llama-quantize) keep these F32
 TYPES = tuple(t.name for t in SUPPORTED)
@@ -63,13 +63,17 @@ OUTPUT_GAIN = 4.0  # logit spread of the non-winning tokens; the winner leads by
 
 # defaults of the real models these stand in for (Qwen3's config.json, Llama 3's)
 _ROPE_BASE = {"qwen3": 1_000_000.0, "qwen2": 1_000_000.0, "llama": 500_000.0, "qwen35": 10_000_000.0, "qwen35moe": 10_000_000.0,
-              "glm4moe": 1_000_000.0}
-_RMS_EPS = {"qwen3": 1e-6, "qwen2": 1e-6, "llama": 1e-5, "qwen35": 1e-6, "qwen35moe": 1e-6, "glm4moe": 1e-5}
+              "glm4moe": 1_000_000.0, "step35": 5_000_000.0}
+_RMS_EPS = {"qwen3": 1e-6, "qwen2": 1e-6, "llama": 1e-5, "qwen35": 1e-6, "qwen35moe": 1e-6, "glm4moe": 1e-5,
+            "step35": 1e-5}
 # Qwen3 0.6B-4B and Qwen2.5 up to 3B tie the head to the embedding; Llama 3 8B, Qwen3.5/3.6 27B and 35B-A3B,
 # GLM-4.5 do not
-_TIED = {"qwen3": True, "qwen2": True, "llama": False, "qwen35": False, "qwen35moe": False, "glm4moe": False}
-# hybrids: 3 linear layers, then 1 full; glm4moe: 1 dense layer (leading_dense_block_count), then 2 MoE
-_N_LAYER = {"qwen3": 2, "qwen2": 2, "llama": 2, "qwen35": 4, "qwen35moe": 4, "glm4moe": 3}
+_TIED = {"qwen3": True, "qwen2": True, "llama": False, "qwen35": False, "qwen35moe": False, "glm4moe": False,
+         "step35": False}
+# hybrids: 3 linear layers, then 1 full; glm4moe: 1 dense layer (leading_dense_block_count), then 2 MoE;
+# step35: full (dense), sliding, sliding, full (MoE), as Step-3.5's pattern of one full layer then three sliding
+_N_LAYER = {"qwen3": 2, "qwen2": 2, "llama": 2, "qwen35": 4, "qwen35moe": 4, "glm4moe": 3, "step35": 4}
+STEP35_SWA_ROPE_BASE = 10_000.0  # Step-3.5's sliding layers' rope_theta
 
 # general.file_type (llama.cpp's LlamaFileType) of a file whose matrices are all of one type
 _FILE_TYPE = {
@@ -249,12 +253,17 @@ def make_tiny(
     rope_sections: "list[int] | None" = None, ssm_d_conv: int = 4, ssm_d_state: int = 16, ssm_n_group: int = 2,
     ssm_dt_rank: int = 4, n_expert: int = 8, n_expert_used: int = 2, n_ff_exp: int = 32, n_ff_shexp: int = 32,
     n_expert_shared: int = 1, n_dense_lead: int = 1, qk_norm: bool = False, qkv_bias: bool = True,
-    expert_weights_scale: float = 1.5, rope_freqs: bool = False,
+    expert_weights_scale: float = 1.5, rope_freqs: bool = False, weights: "dict | None" = None,
+    name: str | None = None, n_head_swa: int | None = None, n_swa: int = 8, n_nextn: int = 3,
+    swiglu_limit: float = 1.0,
 ) -> Path:
     """Writes a random model to `path` and returns it as a Path.
 
-    vocab: "bytes" (a small byte-level BPE with ChatML specials) or the path of a GGUF file whose
-    tokenizer.* keys are copied (n_vocab = its token count). tied: None = the arch's usual choice
+    vocab: "bytes" (a small byte-level BPE with ChatML specials), the path of a GGUF file whose
+    tokenizer.* keys are copied (n_vocab = its token count), or a callable that writes the tokenizer keys
+    (and any other metadata) with the GGUFWriter it is given and returns n_vocab.
+    weights: trained weights instead of random ones, float32 arrays by tensor name in numpy shape (every
+    tensor of the table, nothing else; tools/train/export.py). name: general.name. tied: None = the arch's usual choice
     (qwen3 tied, the others not). n_layer: None = 2 (qwen3, llama), 4 (qwen35, qwen35moe: with
     full_attention_interval 4, layers 0-2 are linear attention and layer 3 full attention) or 3 (glm4moe:
     one dense layer, then two MoE layers). The tensors are the architecture's own table
@@ -275,7 +284,14 @@ def make_tiny(
     glm4moe: n_expert, n_expert_used, n_ff_exp (also qwen35moe's), n_expert_shared (shared experts of
       n_ff_exp each), n_dense_lead (leading_dense_block_count), qk_norm (GLM-4.5 355B has q/k norms, Air not),
       qkv_bias, expert_weights_scale (routed_scaling_factor); n_rot as for qwen35 (partial_rotary_factor 0.5).
-    rope_freqs: qwen3 / qwen2 / llama: write Llama 3.1's rope_freqs.weight (a divisor per rotated pair).
+    step35: layers alternate as Step-3.5's (full when il % 4 == 0 or il is the last trunk layer, else sliding;
+      the MTP blocks sliding but the last), n_head query heads in full layers and n_head_swa (default
+      2 n_head) in sliding ones, n_swa the sliding window; layer 0 dense (n_dense_lead), the others MoE with a
+      shared expert of n_ff_shexp; qk_norm; the head-wise attention gate always; swiglu_limit the routed
+      experts' SwiGLU limit of layers >= 2 and the shared expert's / dense FFN's of layers 0 and 3 (0: none;
+      the converter writes 0 for the MTP blocks); mtp: n_nextn MTP blocks (Step-3.5-Flash has 3).
+    rope_freqs: qwen3 / qwen2 / llama / step35: write Llama 3.1's rope_freqs.weight (a divisor per rotated
+      pair; step35: its full layers').
     Raises ValueError on a bad shape, type or architecture.
     """
     if arch not in ARCHS:
@@ -326,25 +342,45 @@ def make_tiny(
             )
     path = Path(path)
     rng = _Rng(seed)
-    n_block = n_layer + (1 if mtp else 0)  # llama.cpp counts the MTP block in block_count
+    step35 = arch == "step35"
+    if step35:
+        n_head_swa = 2 * n_head if n_head_swa is None else int(n_head_swa)
+        if n_head_swa % n_head_kv or min(n_swa, n_nextn, n_head_swa) < 1:
+            raise ValueError("make-tiny: step35 needs n_head_swa a multiple of n_head_kv, n_swa, n_nextn >= 1")
+        if not 1 <= n_expert_used <= n_expert or min(n_ff_exp, n_ff_shexp) < 1:
+            raise ValueError("make-tiny: need 1 <= n_expert_used <= n_expert and positive expert sizes")
+        for what, n_cols in [("n_ff_exp", n_ff_exp), ("n_ff_shexp", n_ff_shexp), ("2*n_embd", 2 * n_embd),
+                             ("n_head_swa*head_dim", n_head_swa * head_dim)]:
+            if n_cols % block_size(gq):
+                raise ValueError(f"make-tiny: {gq.name} packs rows in blocks of {block_size(gq)}, but {what} = "
+                                 f"{n_cols} is not a multiple of it")
+    n_mtp = (n_nextn if step35 else 1) if mtp else 0
+    n_block = n_layer + n_mtp  # llama.cpp counts the MTP blocks in block_count
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(f"tiny-{arch}-{gq.name.lower()}-seed{seed}")
+    w.add_name(name or f"tiny-{arch}-{gq.name.lower()}-seed{seed}")
     w.add_block_count(n_block)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    if step35:
+        swa = [il % 4 != 0 and il != n_layer - 1 for il in range(n_layer)] + [k < n_mtp - 1 for k in range(n_mtp)]
+        w.add_head_count([n_head_swa if s else n_head for s in swa])
+        w.add_head_count_kv([n_head_kv] * n_block)
+    else:
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_head_kv)
     if hybrid:
         w.add_rope_dimension_sections(rope_sections)
     w.add_rope_freq_base(_ROPE_BASE[arch] if rope_freq_base is None else float(rope_freq_base))
+    if step35:
+        w.add_rope_freq_base_swa(STEP35_SWA_ROPE_BASE)
     w.add_layer_norm_rms_eps(_RMS_EPS[arch])
-    if arch in ("qwen35moe", "glm4moe"):
+    if arch in ("qwen35moe", "glm4moe", "step35"):
         w.add_expert_count(n_expert)
         w.add_expert_used_count(n_expert_used)
-    if arch in ("qwen3", *HYBRID) or head_dim != n_embd // n_head:
+    if arch in ("qwen3", *HYBRID, "step35") or head_dim != n_embd // n_head:
         # the converter writes these from config.json's head_dim (Qwen3 and Qwen3.5 always have one);
         # llama.cpp otherwise derives head_dim as n_embd / n_head
         w.add_key_length(head_dim)
@@ -378,8 +414,27 @@ def make_tiny(
         w.add_expert_weights_norm(True)
         if mtp:
             w.add_nextn_predict_layers(1)
+    if step35:
+        # the keys Step35Model.set_gguf_parameters adds, in its order (no rope.dimension_count: full layers
+        # rotate head_dim / 2, sliding ones head_dim)
+        w.add_sliding_window(n_swa)
+        w.add_sliding_window_pattern(swa)
+        w.add_expert_feed_forward_length(n_ff_exp)
+        w.add_expert_shared_feed_forward_length(n_ff_shexp)
+        w.add_expert_weights_scale(expert_weights_scale)
+        w.add_expert_weights_norm(True)
+        w.add_leading_dense_block_count(n_dense_lead)
+        w.add_moe_every_n_layers(1)
+        limit = float(swiglu_limit)
+        w.add_swiglu_clamp_exp([limit if 2 <= il < n_layer else 0.0 for il in range(n_block)])
+        w.add_swiglu_clamp_shexp([limit if il in (0, 3) and il < n_layer else 0.0 for il in range(n_block)])
+        if mtp:
+            w.add_nextn_predict_layers(n_mtp)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    n_vocab = _write_bytes_vocab(w) if vocab == "bytes" else _copy_vocab(w, str(vocab))
+    if callable(vocab):
+        n_vocab = vocab(w)
+    else:
+        n_vocab = _write_bytes_vocab(w) if vocab == "bytes" else _copy_vocab(w, str(vocab))
     if arch == "llama":
         w.add_vocab_size(n_vocab)
         w.add_rope_dimension_count(head_dim)
@@ -387,19 +442,32 @@ def make_tiny(
     # ---- the tensors: the architecture's own table (what the loader reads), each made by _Makers' rule for
     # its name; makers yield float32 row chunks
     glm = arch == "glm4moe"
-    if rope_freqs and arch not in ("qwen3", "qwen2", "llama"):
+    if rope_freqs and arch not in ("qwen3", "qwen2", "llama", "step35"):
         raise ValueError(f"make-tiny: rope_freqs is for the dense architectures, not {arch}")
-    view = _WrittenFile(w, arch, path, tied=tied, mtp=mtp, mtp_own_head=mtp_own_head, qk_norm=glm and qk_norm,
-                        rope_freqs=rope_freqs,
+    view = _WrittenFile(w, arch, path, tied=tied, mtp=mtp, mtp_own_head=mtp_own_head,
+                        qk_norm=(glm or step35) and qk_norm, rope_freqs=rope_freqs,
                         qkv_bias=arch == "qwen2" or glm and qkv_bias,
-                        shared_expert=bool(n_ff_shexp) if arch == "qwen35moe" else glm and n_expert_shared > 0)
+                        shared_expert=bool(n_ff_shexp) if arch == "qwen35moe" else glm and n_expert_shared > 0,
+                        moe_from=n_dense_lead if step35 else None)
     a = ARCHITECTURES[arch]
     hp = a.hparams(view)
-    makers = _Makers(arch, hp, n_layer, tied, output_gain, rng, expert_weights_scale if glm else 0.0)
+    makers = _Makers(arch, hp, n_layer, tied, output_gain, rng, expert_weights_scale if glm or step35 else 0.0)
     tensors = []
-    for name, (ne, types) in a.tensor_table(hp, view, mtp).items():
-        qt = QT.F32 if types == F32_ONLY or name.endswith(KEEP_F32) else gq
-        tensors.append((name, tuple(reversed(ne)), qt, makers.maker(name, tuple(reversed(ne)))))
+    table = a.tensor_table(hp, view, mtp)
+    if weights is not None and set(weights) != set(table):
+        raise ValueError(f"make-tiny: weights differ from the tensor table: missing {sorted(set(table) - set(weights))}, "
+                         f"extra {sorted(set(weights) - set(table))}")
+    for tname, (ne, types) in table.items():
+        qt = QT.F32 if types == F32_ONLY or tname.endswith(KEEP_F32) else gq
+        shape = tuple(reversed(ne))
+        if weights is None:
+            maker = makers.maker(tname, shape)
+        else:
+            given = np.asarray(weights[tname], np.float32)
+            if given.shape != shape:
+                raise ValueError(f"make-tiny: {tname} has shape {list(given.shape)}, the table {list(shape)}")
+            maker = (lambda rows=given.reshape(-1, shape[-1]): iter([rows]))
+        tensors.append((tname, shape, qt, maker))
 
     for name, shape, qt, _ in tensors:
         nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes(shape[-1], qt)
@@ -427,12 +495,13 @@ class _WrittenFile(Metadata):
     then exactly the list of tensors to write."""
 
     def __init__(self, writer, arch: str, path, *, tied: bool, mtp: bool, mtp_own_head: bool, qk_norm: bool,
-                 qkv_bias: bool, shared_expert: bool, rope_freqs: bool = False):
+                 qkv_bias: bool, shared_expert: bool, rope_freqs: bool = False, moe_from: int | None = None):
         self.arch, self.path = arch, Path(path)
         self.meta = {k: v.value for k, v in writer.kv_data[0].items()}
         self._tied, self._mtp, self._own_head = tied, mtp, mtp_own_head
         self._qk_norm, self._qkv_bias, self._shared_expert = qk_norm, qkv_bias, shared_expert
         self._rope_freqs = rope_freqs
+        self._moe_from = moe_from  # step35: layers from this one on have routed experts
 
     def has(self, name: str) -> bool:
         if name == "output.weight":
@@ -449,6 +518,11 @@ class _WrittenFile(Metadata):
             return self._qkv_bias
         if name.endswith("ffn_up_shexp.weight"):
             return self._shared_expert
+        if self._moe_from is not None:  # step35: what llama.cpp reads each layer's kind from
+            if name.endswith(".ffn_gate_inp.weight"):
+                return int(name.split(".")[1]) >= self._moe_from
+            if name.endswith(".attn_gate.weight"):
+                return True
         return False
 
 
@@ -472,7 +546,7 @@ class _Makers:
         self.arch, self.hp, self.tied, self.gain, self.rng = arch, hp, tied, output_gain, rng
         self.n_embd, self.n_vocab = hp.n_embd, hp.n_vocab
         self.branch = BRANCH_RMS / np.sqrt(2 * n_layer)  # each of the 2*n_layer branches; they add up
-        self.gated = arch in HYBRID
+        self.gated = arch in HYBRID or arch == "step35"  # step35: the head-wise gate
         # the tied head is token_embd itself (self-prediction, logit ~ |e|^2): output_norm sets its scale
         self.out_norm_center = output_gain / np.sqrt(hp.n_embd) if tied else 1.0
         self._embd = None  # token_embd, kept for an untied head
@@ -586,7 +660,8 @@ def main(argv=None) -> int:
     p.add_argument("--type", default="F32", type=str.upper, choices=TYPES, help="type of every 2-D weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=None, help="default: 2, 4 for qwen35 / qwen35moe, 3 for glm4moe")
+    p.add_argument("--n-layer", type=int, default=None,
+                   help="default: 2, 4 for qwen35 / qwen35moe / step35, 3 for glm4moe")
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-head-kv", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=16)
@@ -603,7 +678,8 @@ def main(argv=None) -> int:
                      help="write output.weight (default for llama)")
     p.add_argument("--rope-freq-base", type=float, default=None,
                    help="default: the arch's (qwen3 1e6, llama 5e5, qwen35 1e7)")
-    p.add_argument("--mtp", action="store_true", help="qwen35, qwen35moe, glm4moe: append the MTP (nextn) block")
+    p.add_argument("--mtp", action="store_true",
+                   help="qwen35, qwen35moe, glm4moe, step35: append the MTP (nextn) block (step35: 3 blocks)")
     a = p.parse_args(argv)
     try:
         out = make_tiny(a.out, a.arch, a.type, a.seed, a.n_embd, a.n_layer, a.n_head, a.n_head_kv, a.head_dim,

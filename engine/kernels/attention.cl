@@ -38,6 +38,12 @@
 //   the plain-C form of the K transpose that compilers other than clang get.
 // KV types: K_TYPE / V_TYPE (kv_types.h; default f16) say how kernel_attention reads a cache row; the rows
 //   are written by kernel_qkv_prep (kernel_kv_store writes f16 only).
+// Sliding window (step35's sliding layers, llama.cpp's LLAMA_SWA_TYPE_STANDARD): with SWA_W defined, token
+//   t at position p sees positions j with p - SWA_W < j <= p only; the tiles of a sequence start at the
+//   lowest position any of its tokens in the block sees. With KV_RING (kv_types.h) the cache holds KV_RING
+//   rows per sequence and position j is read from row j % KV_RING (the host keeps KV_RING >= SWA_W + the
+//   largest batch - 1, so no row a token sees was overwritten by a later token of the same step). A row
+//   whose valid columns all lie in later tiles keeps m = -INFINITY and skips the tile (step 3).
 // Reference: tests/test_ops_attention.py::ref_attention (float64 numpy over the float16 cache).
 
 #include "kv_types.h"
@@ -204,16 +210,25 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
             break;
         }
         int max_pos = -1;
+        int min_pos = INT_MAX;
         for (int tl = 0; tl < BQ; tl++) {
-            if (tok_seq[tl] == s_cur) max_pos = max(max_pos, tok_pos[tl]);
+            if (tok_seq[tl] == s_cur) {
+                max_pos = max(max_pos, tok_pos[tl]);
+                min_pos = min(min_pos, tok_pos[tl]);
+            }
         }
+#ifdef SWA_W
+        const int j_start = max(0, min_pos - SWA_W + 1);
+#else
+        const int j_start = 0;
+#endif
         s_prev = s_cur;
         __global const uchar *kb =
-            k_cache + (size_t)s_cur * n_ctx * k_pos_stride + (size_t)g * KV_ROW_BYTES(K_TYPE, D);
+            k_cache + (size_t)s_cur * KV_SEQ_ROWS(n_ctx) * k_pos_stride + (size_t)g * KV_ROW_BYTES(K_TYPE, D);
         __global const uchar *vb =
-            v_cache + (size_t)s_cur * n_ctx * v_pos_stride + (size_t)g * KV_ROW_BYTES(V_TYPE, D);
+            v_cache + (size_t)s_cur * KV_SEQ_ROWS(n_ctx) * v_pos_stride + (size_t)g * KV_ROW_BYTES(V_TYPE, D);
 
-        for (int j0 = 0; j0 <= max_pos; j0 += BC) {
+        for (int j0 = j_start; j0 <= max_pos; j0 += BC) {
             barrier(CLK_LOCAL_MEM_FENCE);  // the previous tile is no longer read
             // 1. K, V tile; positions past max_pos are zero (P is 0 there, and 0 * garbage could be NaN).
             //    A unit is VW positions x VW dims; its K block is transposed in registers.
@@ -229,8 +244,8 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                     floatv vv = (floatv)(0.0f);
                     kr[e] = (floatv)(0.0f);
                     if (j <= max_pos) {
-                        kr[e] = kv_load(kb + j * k_pos_stride, dv, K_TYPE);
-                        vv = kv_load(vb + j * v_pos_stride, dv, V_TYPE);
+                        kr[e] = kv_load(kb + KV_SLOT(j) * k_pos_stride, dv, K_TYPE);
+                        vv = kv_load(vb + KV_SLOT(j) * v_pos_stride, dv, V_TYPE);
                     }
                     vstorev(vv, dv, Vs + c * D);
                 }
@@ -250,8 +265,8 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                     const int j = j0 + c;
                     floatv kv = (floatv)(0.0f), vv = (floatv)(0.0f);
                     if (j <= max_pos) {
-                        kv = kv_load(kb + j * k_pos_stride, dv, K_TYPE);
-                        vv = kv_load(vb + j * v_pos_stride, dv, V_TYPE);
+                        kv = kv_load(kb + KV_SLOT(j) * k_pos_stride, dv, K_TYPE);
+                        vv = kv_load(vb + KV_SLOT(j) * v_pos_stride, dv, V_TYPE);
                     }
                     vstorev(kv, 0, kr[e]);
                     vstorev(vv, dv, Vs + c * D);
@@ -271,11 +286,17 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
             for (int u = lid; u < (R / RB) * (CV / CB); u += WG) {
                 const int rb = u / (CV / CB), cb = u % (CV / CB);
                 int last[RB];
+#ifdef SWA_W
+                int first[RB];  // first valid column (the window's start)
+#endif
                 bool any = false;
                 #pragma unroll
                 for (int k = 0; k < RB; k++) {
                     const int tl = (rb * RB + k) / N_REP;
                     last[k] = tok_seq[tl] == s_cur ? tok_pos[tl] - j0 : -1;  // last valid column
+#ifdef SWA_W
+                    first[k] = tok_pos[tl] - SWA_W + 1 - j0;
+#endif
                     any |= last[k] >= cb * CB * VW;
                 }
                 floatv d[RB][CB];
@@ -304,27 +325,41 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                     #pragma unroll
                     for (int b = 0; b < CB; b++) {
                         const int cv = cb * CB + b;
+#ifdef SWA_W
+                        const intv col = (intv)(cv * VW) + IOTA;
+                        const intv valid = (col <= (intv)(last[k])) & (col >= (intv)(first[k]));
+#else
                         const intv valid = (intv)(cv * VW) + IOTA <= (intv)(last[k]);
+#endif
                         vstorev(select((floatv)(-INFINITY), d[k][b], valid), cv, Sc + (rb * RB + k) * BC);
                     }
                 }
             }
             barrier(CLK_LOCAL_MEM_FENCE);
             // 3. online softmax per row. Rows without a valid column in this tile get alpha 1 and P 0, so
-            //    that step 4 may treat every row of a block alike. Every row of s_cur has position 0 valid,
-            //    so m is finite from tile 0 on.
+            //    that step 4 may treat every row of a block alike. Without SWA_W every row of s_cur has
+            //    position 0 valid, so m is finite from tile 0 on; with it, a row's first tiles may hold no
+            //    valid column (ncv = 0 there), and m is finite from its first valid tile on.
             for (int r = lid; r < R; r += WG) {
                 const int tl = r / N_REP;
                 const int last = tok_seq[tl] == s_cur ? tok_pos[tl] - j0 : -1;
+#ifdef SWA_W
+                const int first = max(0, tok_pos[tl] - SWA_W + 1 - j0);
+                const int ncv = last < first || first >= BC ? 0 : min(CV, last / VW + 1);
+                const int cv0 = ncv > 0 ? first / VW : 0;  // vectors before it hold no valid column
+#else
                 const int ncv = last < 0 ? 0 : min(CV, last / VW + 1);  // vectors holding valid columns
+                const int cv0 = 0;
+#endif
                 __local float *sr = Sc + r * BC;
                 float alpha = 1.0f;
+                for (int cv = 0; cv < cv0; cv++) vstorev((floatv)(0.0f), cv, sr);
                 if (ncv > 0) {
                     floatv mv = (floatv)(m_row[r]);
-                    for (int cv = 0; cv < ncv; cv++) mv = fmax(mv, vloadv(cv, sr));
+                    for (int cv = cv0; cv < ncv; cv++) mv = fmax(mv, vloadv(cv, sr));
                     const float mx = hmax(mv);
                     floatv sum = (floatv)(0.0f);
-                    for (int cv = 0; cv < ncv; cv++) {
+                    for (int cv = cv0; cv < ncv; cv++) {
                         const floatv e = exp2(vloadv(cv, sr) - (floatv)(mx));
                         vstorev(e, cv, sr);
                         sum += e;

@@ -4,6 +4,8 @@
 // kernel_swiglu_fused: y[t, i] = silu(gu[t, i]) * gu[t, n_ff + i]  (the gate|up projections side by side)
 // kernel_gather_rows_f4 / _f1:  y[i, :] = x[idx[i], :]    for i < n_rows        (idx int32)
 // kernel_add_bias: y[t, i] += bias[i] for i < width, t < n_tokens (rows of width floats: a projection's bias)
+// kernel_swiglu_clamp: y[t, i] = min(silu(g), limit) * clamp(u, -limit, limit)  (step35's SwiGLU limits)
+// kernel_head_gate: y[t, h * hd + d] *= sigmoid(g[t, h])  (step35's head-wise attention gate)
 //
 // NDRange:
 //   add: 1-D, work-item g handles the float4 at 4g (a scalar tail when the total is not a multiple
@@ -69,4 +71,33 @@ __kernel void kernel_add_bias(__global float *y, __global const float *bias, con
         return;
     }
     y[(size_t)t * width + i] += bias[i];
+}
+
+// step35's clamped SwiGLU (llama.cpp build_ffn / build_moe_ffn with swiglu_clamp_{shexp,exp}[il] > 0):
+// y[t, i] = min(silu(g), limit) * clamp(u, -limit, limit), g and u as kernel_swiglu_fused reads them.
+// NDRange 2-D (n_ff, n_tokens rows). Reference: tests/reference.py::swiglu_ffn (limit).
+__kernel void kernel_swiglu_clamp(__global const float *gu, __global float *y, const int n_ff, const float limit,
+                                  const int n_tokens) {
+    const int i = get_global_id(0);
+    const int t = get_global_id(1);
+    if (t >= n_tokens || i >= n_ff) {
+        return;
+    }
+    const float g = gu[(size_t)t * 2 * n_ff + i];
+    const float u = clamp(gu[(size_t)t * 2 * n_ff + n_ff + i], -limit, limit);
+    y[(size_t)t * n_ff + i] = fmin(g / (1.0f + exp(-g)), limit) * u;
+}
+
+// step35's head-wise attention gate: y float32 [n_tokens, n_head * hd], g float32 [n_tokens, n_head] (the
+// attn_gate projection): y[t, h * hd + d] *= sigmoid(g[t, h]). NDRange 2-D (n_head * hd, n_tokens rows).
+// Reference: tests/reference.py::Step35ReferenceModel._layer.
+__kernel void kernel_head_gate(__global float *y, __global const float *g, const int hd, const int n_head,
+                               const int n_tokens) {
+    const int i = get_global_id(0);
+    const int t = get_global_id(1);
+    if (t >= n_tokens || i >= n_head * hd) {
+        return;
+    }
+    const float z = g[(size_t)t * n_head + i / hd];
+    y[(size_t)t * n_head * hd + i] *= 1.0f / (1.0f + exp(-z));
 }

@@ -24,6 +24,17 @@
 #define V_TYPE KV_F16
 #endif
 
+// A sliding-window layer's cache may be a ring of KV_RING rows per sequence (ops/attention.py: ring_rows):
+// position p lives in row p % KV_RING. Without KV_RING a sequence has n_ctx rows and p lives in row p (the
+// kernels' n_ctx argument still bounds the positions either way).
+#ifdef KV_RING
+#define KV_SEQ_ROWS(n_ctx) KV_RING
+#define KV_SLOT(p) ((p) % KV_RING)
+#else
+#define KV_SEQ_ROWS(n_ctx) (n_ctx)
+#define KV_SLOT(p) (p)
+#endif
+
 #define KV_ROW_BYTES(type, d) ((type) == KV_F16 ? 2 * (d) : (type) == KV_Q8_0 ? (d) / 32 * 34 : (d) / 32 * 18)
 
 // Store the d values x (private memory) as one cache row of `type`.

@@ -5,6 +5,12 @@ Layout per layer: [n_seq, n_ctx, n_head_kv] rows of head_dim values, half precis
 (s, p) by the step's qkv_prep kernel; attention for a token at position p reads positions 0..p of its own
 sequence. So the cache needs no host bookkeeping beyond how many positions of each sequence are valid:
 truncating a sequence (rejected drafts, a prompt-cache reuse of a shorter prefix) is setting its length.
+
+Layers may differ (step35): each its own kv head count (`layer_heads`) and, for a sliding-window layer, a
+ring of `layer_rows[il]` < n_ctx rows per sequence (position p in row p % rows; ops/attention.py ring_rows)
+that keeps the last positions a token can see (`layer_window[il]`). Positions older than the ring are gone,
+so a ring cache keeps a shorter prefix (truncate, copy_prefix) only while the rows a token at its end sees
+were not overwritten since; otherwise the sequence starts over from 0 (as llama.cpp's SWA cache does).
 """
 
 from dataclasses import dataclass
@@ -43,23 +49,45 @@ F16_KV = KVTypes()  # the default: every row in half precision
 
 
 class KVCache(SequenceCache):
-    def __init__(self, rt, n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int, types: list[tuple[str, str]]):
-        """types: (k, v) row types of each layer (KVTypes.layers)."""
+    def __init__(self, rt, n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int, types: list[tuple[str, str]],
+                 *, layer_heads: list[int] | None = None, layer_rows: list[int] | None = None,
+                 layer_window: list[int] | None = None):
+        """types: (k, v) row types of each layer (KVTypes.layers). layer_heads: kv heads of each layer (default
+        n_head_kv); layer_rows: rows per sequence of each layer (default n_ctx; fewer: a sliding-window ring
+        of a layer whose layer_window is > 0)."""
         super().__init__(n_seq, n_ctx)
         self.n_layer = len(types)
         self.n_head_kv, self.head_dim = n_head_kv, head_dim
         self.types = list(types)
+        self.heads = list(layer_heads or [n_head_kv] * self.n_layer)
+        self.rows = list(layer_rows or [n_ctx] * self.n_layer)
+        self.window = list(layer_window or [0] * self.n_layer)
         self._queue = rt.queue
         self._layers = [
-            tuple(rt.alloc(n_seq * n_ctx * n_head_kv * kv_row_bytes(t, head_dim), f"kv.{il}.{part}")
+            tuple(rt.alloc(n_seq * self.rows[il] * self.heads[il] * kv_row_bytes(t, head_dim), f"kv.{il}.{part}")
                   for part, t in zip("kv", kv))
             for il, kv in enumerate(self.types)
         ]
         self._lengths = [0] * n_seq  # valid positions per sequence
+        # per sequence, one past the highest position written since it last started from 0 (rejected drafts
+        # included): a ring row of position j survives while j >= _written - rows
+        self._written = [0] * n_seq
+        self._rings = [(r, w) for r, w in zip(self.rows, self.window) if r < n_ctx]
 
     @staticmethod
-    def bytes_needed(n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int, types: list[tuple[str, str]]) -> int:
-        return sum(kv_cache_bytes(n_seq, n_ctx, n_head_kv, head_dim, k, v) for k, v in types)
+    def bytes_needed(n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int, types: list[tuple[str, str]],
+                     layer_heads: list[int] | None = None, layer_rows: list[int] | None = None) -> int:
+        heads = layer_heads or [n_head_kv] * len(types)
+        rows = layer_rows or [n_ctx] * len(types)
+        return sum(kv_cache_bytes(n_seq, r, h, head_dim, k, v) for (k, v), h, r in zip(types, heads, rows))
+
+    def layer_rows(self, il: int) -> int:
+        """Rows per sequence of layer il (n_ctx, or fewer for a sliding-window ring)."""
+        return self.rows[il]
+
+    def _keeps(self, seq: int, n: int) -> bool:
+        """Whether every ring still holds the rows a token at position n sees (n - window < j < n)."""
+        return all(max(0, n - w + 1) >= self._written[seq] - r for r, w in self._rings)
 
     @property
     def lengths(self) -> list[int]:
@@ -78,10 +106,17 @@ class KVCache(SequenceCache):
 
     def set_length(self, seq: int, n: int) -> None:
         self._lengths[seq] = n
+        self._written[seq] = max(self._written[seq], n)
 
     def truncate(self, seq: int, length: int) -> None:
-        """Forget positions >= length of `seq` (they are overwritten when decoded again)."""
-        self._lengths[seq] = min(self._lengths[seq], length)
+        """Forget positions >= length of `seq` (they are overwritten when decoded again). A ring that no longer
+        holds what position `length` sees forgets everything."""
+        n = min(self._lengths[seq], length)
+        if self._rings and n < self._lengths[seq] and not self._keeps(seq, n):
+            n = 0
+        if n == 0:
+            self._written[seq] = 0
+        self._lengths[seq] = n
 
     def seek(self, seq: int, pos: int) -> None:
         # any prefix of a KV cache is whole; positions from pos on are rewritten by the next step
@@ -103,10 +138,15 @@ class KVCache(SequenceCache):
             self._lengths[dst] = 0
             return
         n = min(n, self.lengths[src])
-        for bufs, types in zip(self._layers, self.types):
+        if self._rings and not self._keeps(src, n):
+            self.truncate(dst, 0)
+            return
+        for il, (bufs, types) in enumerate(zip(self._layers, self.types)):
             for buf, t in zip(bufs, types):
-                row = self.n_head_kv * kv_row_bytes(t, self.head_dim)  # one position of one layer's K (or V)
-                seq_bytes = self.n_ctx * row
-                cl.enqueue_copy(self._queue, buf, buf, byte_count=n * row,
+                row = self.heads[il] * kv_row_bytes(t, self.head_dim)  # one position of one layer's K (or V)
+                seq_bytes = self.rows[il] * row
+                count = n if self.rows[il] == self.n_ctx else self.rows[il]  # a ring: all of it
+                cl.enqueue_copy(self._queue, buf, buf, byte_count=count * row,
                                 src_offset=src * seq_bytes, dst_offset=dst * seq_bytes)
         self._lengths[dst] = n
+        self._written[dst] = self._written[src] if self._rings else n

@@ -2,7 +2,7 @@
 file never chooses a module to import. Adding one: docs/architecture.md's checklist."""
 
 from nextn.errors import UnsupportedArchitecture
-from nextn.models import glm4moe, llama, qwen2, qwen3, qwen35
+from nextn.models import glm4moe, llama, qwen2, qwen3, qwen35, step35
 from nextn.models.base import Architecture
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -12,6 +12,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen35": qwen35.ARCH,
     "qwen35moe": qwen35.ARCH_MOE,
     "glm4moe": glm4moe.ARCH,
+    "step35": step35.ARCH,
 }
 
 # Names other converters or older files use for an architecture nextn runs with the same math.

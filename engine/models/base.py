@@ -154,7 +154,8 @@ class Architecture(ABC):
 
     @abstractmethod
     def make_cache(self, rt, hp, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
-                   kv_types: KVTypes = F16_KV) -> SequenceCache: ...
+                   kv_types: KVTypes = F16_KV, n_batch: int = 0) -> SequenceCache:
+        """n_batch: the largest step (a sliding-window ring holds its window plus one step)."""
 
     @abstractmethod
     def step_buffers(self, rt, hp, max_tokens: int, max_outputs: int):
@@ -172,6 +173,12 @@ class Architecture(ABC):
 
     def mtp_buffers(self, rt, hp, max_tokens: int):
         raise NotImplementedError(f"{self.name} has no MTP block")
+
+    def mtp_draft_heads(self, hp) -> int:
+        """MTP heads that draft in a chain, head k the (k+1)-th draft (step35: each of its nextn_predict_layers
+        blocks, as llama.cpp's chain_heads); 1: one block drafts every position. With more than one,
+        build_mtp_step takes head=k for k >= 1."""
+        return 1
 
     def build_mtp_step(self, rt, mm, hp, w: dict, buf, mbuf, cache: SequenceCache, max_tokens: int,
                        max_outputs: int, hidden_src) -> list[Launch]:

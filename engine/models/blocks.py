@@ -56,6 +56,7 @@ class AttentionShape:
     eps: float  # of the q/k RMSNorm
     gated: bool = False  # each Q head is followed by head_dim output-gate values (qwen35)
     mrope_sections: tuple[int, int, int, int] | None = None  # qwen35's, when pairs fall on the e section
+    freq_factors: bool = True  # rope_freqs.weight divides the angles when the file has it (step35: full layers)
 
     @property
     def q_width(self) -> int:
@@ -69,12 +70,14 @@ class AttentionShape:
 
 
 def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, residual, cache, il: int, pos,
-              seq, n: int, fused: str = "attn_qkv") -> list[Launch]:
+              seq, n: int, fused: str = "attn_qkv", window: int = 0, head_gate=None) -> list[Launch]:
     """residual += attn_output(attention(rope(norm(Q)), rope(norm(K)), V) [* sigmoid(gate)]) from x_in.
 
     proj [n, a.row] takes the projections, q [n, n_head*head_dim] the prepared Q, out the attention output;
     K and V go into the cache at (seq, pos). `fused` names the fused Q|K|V device weight (qwen35 calls it
-    attn_qgkv: its linear layers have their own attn_qkv)."""
+    attn_qgkv: its linear layers have their own attn_qkv). window > 0: a sliding-window layer (its cache
+    may be a ring: cache.layer_rows). head_gate: a buffer [n, n_head] for step35's head-wise gate, out *=
+    sigmoid(attn_gate x_in) per head."""
     kv_dim = a.n_head_kv * a.head_dim
     L = projection(mm, w, b + fused + ".weight",
                    [(b + "attn_q.weight", 0), (b + "attn_k.weight", a.q_width),
@@ -83,18 +86,23 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
         L += elementwise.add_bias(rt, proj, w[b + "attn_qkv.bias"], a.row, n)
     k_cache, v_cache = cache.layer(il)
     k_type, v_type = cache.kv_types(il)
+    rows = cache.layer_rows(il) if window else None
     shape = {"n_head": a.n_head, "n_head_kv": a.n_head_kv, "head_dim": a.head_dim, "n_rot": a.n_rot, "neox": a.neox}
     # q/k norm + rope; Q to q, K and V into the cache at (seq, pos)
     L += qkv.qkv_prep(rt, proj, q, k_cache, v_cache, pos, seq, w.get(b + "attn_q_norm.weight"),
                       w.get(b + "attn_k_norm.weight"), **shape, freq_base=a.freq_base, freq_scale=a.freq_scale,
                       eps=a.eps, n_ctx=cache.n_ctx, n_seq=cache.n_seq, q_gate=a.gated,
-                      freq_factors=w.get("rope_freqs.weight"), mrope_sections=a.mrope_sections, k_type=k_type,
-                      v_type=v_type)  # Llama 3.1's per-pair frequency divisors
+                      freq_factors=w.get("rope_freqs.weight") if a.freq_factors else None,
+                      mrope_sections=a.mrope_sections, k_type=k_type, v_type=v_type,
+                      rows=rows)  # Llama 3.1's per-pair frequency divisors
     L += attn_ops.attention(rt, q, k_cache, v_cache, pos, seq, out, a.n_head, a.n_head_kv, a.head_dim,
                             cache.n_ctx, 1.0 / np.sqrt(a.head_dim), n, k_type=k_type,
-                            v_type=v_type)  # kqv_out [n_tokens, n_head*hd]
+                            v_type=v_type, window=window, rows=rows)  # kqv_out [n_tokens, n_head*hd]
     if a.gated:
         L += qkv.attn_gate(rt, proj, out, **shape, qk_norm=b + "attn_q_norm.weight" in w)
+    if head_gate is not None:  # attn_gate [n_tokens, n_head], then attn_gated
+        L += mm.matmul(w[b + "attn_gate.weight"], x_in, head_gate, n)
+        L += elementwise.head_gate(rt, out, head_gate, a.n_head, a.head_dim)
     L += mm.matmul(w[b + "attn_output.weight"], out, residual, n, accumulate=True)  # ffn_inp = x + attn
     return L
 
@@ -138,13 +146,14 @@ def qkv_fusion(b: str, fused: str = "attn_qkv") -> list[tuple[str, list[str]]]:
 # -- feed-forward --------------------------------------------------------------------------------------------
 
 def swiglu_ffn(rt, mm, w: dict, b: str, x_in, gate_up, act, out, n_ff: int, n: int, suffix: str = "",
-               accumulate: bool = True) -> list[Launch]:
+               accumulate: bool = True, limit: float = 0.0) -> list[Launch]:
     """out (+)= ffn_down{suffix}(silu(ffn_gate{suffix} x_in) * ffn_up{suffix} x_in); suffix "" for the dense FFN,
-    "_shexp" for a shared expert. gate_up [n, 2 n_ff] and act [n, n_ff] are scratch."""
+    "_shexp" for a shared expert. gate_up [n, 2 n_ff] and act [n, n_ff] are scratch. limit > 0: step35's
+    clamped SwiGLU."""
     L = projection(mm, w, f"{b}ffn_gate_up{suffix}.weight",
                    [(f"{b}ffn_gate{suffix}.weight", 0), (f"{b}ffn_up{suffix}.weight", n_ff)], x_in, gate_up, n,
                    2 * n_ff)  # ffn_gate|ffn_up [n_tokens, 2 n_ff]
-    L += elementwise.swiglu_fused(rt, gate_up, act, n_ff)  # ffn_swiglu [n_tokens, n_ff]
+    L += elementwise.swiglu_fused(rt, gate_up, act, n_ff, limit)  # ffn_swiglu [n_tokens, n_ff]
     L += mm.matmul(w[f"{b}ffn_down{suffix}.weight"], act, out, n, accumulate=accumulate)
     return L
 
@@ -227,7 +236,10 @@ def upload_eh_proj(rt, mf, info, name: str, out: dict) -> None:
 
 class MtpBuffers:
     """The MTP step's own inputs and residual stream; its scratch (cur, proj, q, ...) is the trunk's, which is
-    free once the trunk step is done. hid_idx: per MTP token, the row of the hidden source to use."""
+    free once the trunk step is done. hid_idx: per MTP token, the row of the hidden source to use. head_rows:
+    rows of h between the outputs of consecutive heads (step35's chained heads; 0 with one head)."""
+
+    head_rows = 0
 
     def __init__(self, rt, n_embd: int, max_tokens: int):
         n = max_tokens

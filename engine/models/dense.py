@@ -128,7 +128,7 @@ class Dense(Architecture):
         )
 
     def make_cache(self, rt, hp: DenseHParams, n_seq: int, n_ctx: int, mtp: bool = False, rollback_rows: int = 0,
-                   kv_types: KVTypes = F16_KV) -> KVCache:
+                   kv_types: KVTypes = F16_KV, n_batch: int = 0) -> KVCache:
         # a KV cache rolls back by its lengths alone: rejected draft positions are overwritten later
         return KVCache(rt, n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer))
 

@@ -240,7 +240,7 @@ class Glm4Moe(Architecture):
         )
 
     def make_cache(self, rt, hp: Glm4MoeHParams, n_seq: int, n_ctx: int, mtp: bool = False,
-                   rollback_rows: int = 0, kv_types: KVTypes = F16_KV) -> KVCache:
+                   rollback_rows: int = 0, kv_types: KVTypes = F16_KV, n_batch: int = 0) -> KVCache:
         # the MTP block's KV is layer n_layer; rejected drafts roll back by the lengths alone
         return KVCache(rt, n_seq, n_ctx, hp.n_head_kv, hp.head_dim, kv_types.layers(hp.n_layer, mtp))
 

@@ -388,7 +388,7 @@ class Qwen35(Architecture):
         )
 
     def make_cache(self, rt, hp: HybridHParams, n_seq: int, n_ctx: int, mtp: bool = False,
-                   rollback_rows: int = 0, kv_types: KVTypes = F16_KV) -> HybridCache:
+                   rollback_rows: int = 0, kv_types: KVTypes = F16_KV, n_batch: int = 0) -> HybridCache:
         return HybridCache(rt, hp, n_seq, n_ctx, mtp, rollback_rows, kv_types)
 
     def step_buffers(self, rt, hp: HybridHParams, max_tokens: int, max_outputs: int) -> StepBuffers:

@@ -3,6 +3,10 @@
 The cache of one layer is K and V, each [n_seq, n_ctx, n_head_kv] rows of head_dim values: token t of a batch
 is stored at (seqs[t], positions[t]) and attends to positions 0..positions[t] of its own sequence. A row is
 half precision, or quantized in ggml's q8_0 / q4_0 blocks (llama-server's --cache-type-k/-v; kv_types.h).
+
+A sliding-window layer (step35) attends to the last `window` positions only; its cache may be a ring of
+`ring_rows(window, n_batch)` rows per sequence instead of n_ctx (position p in row p % rows): memory bounded
+by the window plus one batch.
 """
 
 import numpy as np
@@ -28,6 +32,18 @@ def kv_cache_bytes(n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int, k_type
                    v_type: str = "f16") -> int:
     """Bytes of K + V of one layer."""
     return n_seq * n_ctx * n_head_kv * (kv_row_bytes(k_type, head_dim) + kv_row_bytes(v_type, head_dim))
+
+
+def ring_rows(window: int, n_batch: int, n_ctx: int) -> int:
+    """Rows per sequence of a sliding-window layer's ring: a batch of up to n_batch tokens of one sequence
+    (all stored before any attends) must not overwrite a row one of them still sees. n_ctx when that is
+    fewer (then the cache is the plain layout)."""
+    return min(n_ctx, window + n_batch - 1)
+
+
+def ring_defines(n_ctx: int, rows: int | None) -> dict:
+    """KV_RING when a layer's cache holds fewer rows than n_ctx per sequence."""
+    return {} if rows is None or rows >= n_ctx else {"KV_RING": rows}
 
 
 def kv_defines(k_type: str, v_type: str) -> dict:
@@ -98,12 +114,13 @@ def default_shape(rt, head_dim: int, n_rep: int) -> dict:
 
 def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head_kv: int, head_dim: int,
               n_ctx: int, scale: float, max_tokens: int, *, shape: dict | None = None, k_type: str = "f16",
-              v_type: str = "f16") -> list[Launch]:
+              v_type: str = "f16", window: int = 0, rows: int | None = None) -> list[Launch]:
     """out[t, h] = softmax(scale * q[t, h] . K[seq, 0..pos, h // n_rep]) V[...] for every token of the batch.
 
     q: float32 [n_tokens, n_head, head_dim]; out: float32 [n_tokens, n_head*head_dim]; positions, seqs
     int32 [n_tokens]. `shape` overrides the tile shape (WG, BQ, BC, VW, RB, CB, OB) for tests and tuning.
-    k_type / v_type: the caches' row types (KV_TYPES).
+    k_type / v_type: the caches' row types (KV_TYPES). window > 0: a token sees only the last `window`
+    positions (its own included); rows: the cache's rows per sequence when it is a ring (ring_rows).
     """
     if n_head % n_head_kv:
         raise ValueError(f"attention: n_head={n_head} is not a multiple of n_head_kv={n_head_kv}")
@@ -122,8 +139,13 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
         raise ValueError(f"attention: shape {shape} needs more local memory than the device has")
     check_buffer(q, 4 * max_tokens * n_head * head_dim, "attention q")
     check_buffer(out, 4 * max_tokens * n_head * head_dim, "attention out")
-    n_seq = min(_n_seq(k_cache, n_ctx, n_head_kv, head_dim, k_type), _n_seq(v_cache, n_ctx, n_head_kv, head_dim, v_type))
-    prg = rt.build("attention.cl", {"D": head_dim, "N_REP": n_rep, **shape, **kv_defines(k_type, v_type)})
+    seq_rows = n_ctx if rows is None else rows
+    n_seq = min(_n_seq(k_cache, seq_rows, n_head_kv, head_dim, k_type),
+                _n_seq(v_cache, seq_rows, n_head_kv, head_dim, v_type))
+    defines = {"D": head_dim, "N_REP": n_rep, **shape, **kv_defines(k_type, v_type), **ring_defines(n_ctx, rows)}
+    if window > 0:
+        defines["SWA_W"] = window
+    prg = rt.build("attention.cl", defines)
     kern = rt.kernel(prg, "kernel_attention")
     kern.set_args(q, k_cache, v_cache, positions, seqs, out, np.int32(n_head), np.int32(n_head_kv),
                   np.int32(n_ctx), np.int32(n_seq), np.float32(scale), np.int32(0))

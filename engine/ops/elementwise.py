@@ -39,13 +39,28 @@ def gather_rows(rt, x, idx, y, row_len: int, max_rows: int, token_var: int = VAR
     return [Launch(k, (chunks, 0), (0, 1), (LOCAL, 1), [(4, token_var)], token_var, name="gather_rows")]
 
 
-def swiglu_fused(rt, gate_up, y, n_ff: int) -> list[Launch]:
+def swiglu_fused(rt, gate_up, y, n_ff: int, limit: float = 0.0) -> list[Launch]:
     """y[t, i] = silu(gate_up[t, i]) * gate_up[t, n_ff + i]; gate_up float32 [n_tokens, 2 n_ff] (the gate|up
-    projections side by side)."""
+    projections side by side). limit > 0 (step35's SwiGLU limits): min(silu(gate), limit) * clamp(up, -limit,
+    limit), as llama.cpp's build_ffn / build_moe_ffn."""
+    if limit > 1e-6:  # llama.cpp's eps: smaller limits are "no limit"
+        k = rt.kernel(rt.build("elementwise.cl"), "kernel_swiglu_clamp")
+        k.set_args(gate_up, y, np.int32(n_ff), np.float32(limit), np.int32(0))
+        return [Launch(k, (n_ff, 0), (0, 1), (LOCAL, 1), [(4, VAR_N_TOKENS)], VAR_N_TOKENS,
+                       name="ffn_swiglu_limited")]
     k = rt.kernel(rt.build("elementwise.cl"), "kernel_swiglu_fused")
     k.set_args(gate_up, y, np.int32(n_ff), np.int32(0))
     # an explicit group: left to the driver, PoCL ran one work-item per group (0.13 ms for 3072 items)
     return [Launch(k, (n_ff, 0), (0, 1), (LOCAL, 1), [(3, VAR_N_TOKENS)], VAR_N_TOKENS, name="ffn_swiglu")]
+
+
+def head_gate(rt, y, g, n_head: int, head_dim: int) -> list[Launch]:
+    """y[t, h * head_dim + d] *= sigmoid(g[t, h]) for t < n_tokens: step35's head-wise attention gate; y
+    float32 [n_tokens, n_head * head_dim], g float32 [n_tokens, n_head]."""
+    k = rt.kernel(rt.build("elementwise.cl"), "kernel_head_gate")
+    k.set_args(y, g, np.int32(head_dim), np.int32(n_head), np.int32(0))
+    return [Launch(k, (n_head * head_dim, 0), (0, 1), (LOCAL, 1), [(4, VAR_N_TOKENS)], VAR_N_TOKENS,
+                   name="attn_gated")]
 
 
 def add_bias(rt, y, bias, width: int, max_tokens: int) -> list[Launch]:

@@ -203,6 +203,7 @@ def moe_ffn(
     gating: str = "softmax",
     selection_bias=None,
     norm: bool = True,
+    limit: float = 0.0,
 ) -> list[Launch]:
     """x[t] += sum_k w[t, k] * down_e(silu(gate_e(cur[t])) * up_e(cur[t])), e = the k-th routed expert of t.
 
@@ -213,7 +214,8 @@ def moe_ffn(
     expert-indexed launch instead of two). w_scale: the model's
     expert_weights_scale (applied unless 0 or 1). gating "softmax" (qwen35moe: weights always normalized) or
     "sigmoid" (GLM-4.5: experts chosen by sigmoid + selection_bias float32 [n_expert], weights normalized
-    when norm). Token count: the step variable VAR_N_TOKENS. The caller
+    when norm). limit > 0: step35's clamped SwiGLU (elementwise.swiglu_fused). Token count: the step variable
+    VAR_N_TOKENS. The caller
     keeps buf, cur, x and the weights alive as long as the launches (a kernel argument does not hold its
     buffer).
     """
@@ -297,7 +299,7 @@ def moe_ffn(
         launches += mm.matmul_id(
             up_exps, buf.xg, buf.gu, buf.bounds, max_tokens, max_pairs, y_stride=2 * n_ff, y_offset=n_ff
         )
-    launches += _per_pair(swiglu_fused(rt, buf.gu, buf.act, n_ff), n_used, max_pairs)
+    launches += _per_pair(swiglu_fused(rt, buf.gu, buf.act, n_ff, limit), n_used, max_pairs)
     yd = buf.xg  # the gathered inputs are dead now
     launches += mm.matmul_id(down_exps, buf.act, yd, buf.bounds, max_tokens, max_pairs)
 

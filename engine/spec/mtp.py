@@ -6,6 +6,11 @@ too, so its own KV stays in step with the trunk's: "catch-up"), paired with thei
 token; the last entry of a generating slot is its new token, whose draft logits give d1. d2.. come from
 feeding each draft back with the block's own hidden output. All slots draft in the same batched steps.
 
+With several MTP heads (step35's nextn_predict_layers > 1; runner.mtp_heads) they draft as llama.cpp's
+chain_heads: every head catches up on the same pairs (each keeps its own KV), head 0 gives d1, and head i
+gives d_{i+1} from the slot's drafts d1..d_i at their positions, each paired with the hidden output that
+gave it (head t-1's for d_t), so at most mtp_heads drafts per step.
+
 A greedy request takes the argmax (a point proposal); a sampled one draws from its own sampler chain over
 the draft logits and keeps the distribution for exact rejection sampling. A draft less likely than the
 slot's p_min ends that slot's drafting.
@@ -31,6 +36,7 @@ class _Drafting:
 
     row: int
     tokens: list = field(default_factory=list)
+    hidden: list = field(default_factory=list)  # chained heads: the "mtp" row that gave each draft
     probs: list = field(default_factory=list)
     done: bool = False
 
@@ -67,6 +73,7 @@ class MtpDrafter(BatchDrafter):
 
     def after_step(self, advances: list[Advance], slots) -> None:
         r = self.runner
+        heads = r.mtp_heads
         t0 = time.perf_counter()
         entries = []  # (slot, token, position, hidden row of the trunk batch)
         for a in advances:
@@ -78,6 +85,9 @@ class MtpDrafter(BatchDrafter):
         drafting = {s.index: s for s, _, _, _ in entries
                     if s.req is not None and not s.prefilling and s.spec is not None
                     and TYPE in s.spec.cfg.types and s.spec.k_next > 0}
+        # drafting slots last (each slot's entries stay in order): their last entries, whose hidden outputs
+        # feed the next drafts, are then in the last chunk, which no later chunk overwrites
+        entries.sort(key=lambda e: e[0].index in drafting)
         for s in drafting.values():
             s.spec.held[TYPE].hold([], [])
         last_row = {}
@@ -88,15 +98,20 @@ class MtpDrafter(BatchDrafter):
         for c0 in range(0, len(entries), r.n_batch):
             part = entries[c0 : c0 + r.n_batch]
             want = [i for i, (s, _, _, _) in enumerate(part) if s.index in drafting and last_row[s.index] == c0 + i]
-            top, lg = r.mtp_step([e[1] for e in part], np.asarray([e[2] for e in part], np.int32),
-                                 [e[0].index for e in part], [e[3] for e in part], want,
-                                 want_logits=self._want_logits(drafting.values()))
+            args = ([e[1] for e in part], np.asarray([e[2] for e in part], np.int32), [e[0].index for e in part],
+                    [e[3] for e in part])
+            for head in range(1, heads):  # chained heads keep their own KV in step
+                r.mtp_step(*args, [], head=head)
+            top, lg = r.mtp_step(*args, want, want_logits=self._want_logits(drafting.values()))
             for j, i in enumerate(want):
                 s = part[i][0]
-                state[s.index] = _Drafting(row=i)
+                state[s.index] = _Drafting(row=i, hidden=[r.mtp_hidden_row(0, i)])
                 state[s.index].take(s, int(top[j]), None if lg is None else lg[j])
+        if heads > 1:
+            self._chain(drafting, state, heads)
+            heads = 0  # no single-head drafting below
         # further drafts: each slot's last draft with the block's own hidden output of its row
-        for _ in range(1, max((s.spec.k_next for s in drafting.values()), default=0)):
+        for _ in range(1, max((s.spec.k_next for s in drafting.values()), default=0) if heads else 0):
             go = [s for s in drafting.values() if not state[s.index].done and len(state[s.index].tokens) < s.spec.k_next]
             if not go:
                 break
@@ -111,6 +126,31 @@ class MtpDrafter(BatchDrafter):
             drafting[idx].spec.held[TYPE].hold(st.tokens, st.probs)
         # the whole pass counts as drafting cost (its catch-up part runs at k = 0 too: conservative)
         self.step_cost.observe_draft(sum(len(st.tokens) for st in state.values()), time.perf_counter() - t0)
+
+    def _chain(self, drafting: dict, state: dict, heads: int) -> None:
+        """Drafts 2.. of chained heads: head i over each slot's d1..d_i at positions n_past+1.., d_t paired
+        with the hidden output that gave it; the last row's logits give d_{i+1}."""
+        r = self.runner
+        for i in range(1, heads):
+            go = [s for s in drafting.values() if not state[s.index].done and len(state[s.index].tokens) == i
+                  and i < s.spec.k_next]
+            if not go:
+                break
+            ids, pos, seq, hid, out = [], [], [], [], []
+            for s in go:
+                st = state[s.index]
+                for t in range(i):
+                    ids.append(st.tokens[t])
+                    pos.append(s.n_past + t + 1)
+                    seq.append(s.index)
+                    hid.append(st.hidden[t])
+                out.append(len(ids) - 1)
+            top, lg = r.mtp_step(ids, np.asarray(pos, np.int32), seq, hid, out, source="mtp",
+                                 want_logits=self._want_logits(go), head=i)
+            for j, s in enumerate(go):
+                st = state[s.index]
+                st.hidden.append(r.mtp_hidden_row(i, out[j]))
+                st.take(s, int(top[j]), None if lg is None else lg[j])
 
     @staticmethod
     def _want_logits(slots) -> bool:
