@@ -117,10 +117,6 @@ class Result:
     tokens: list[int]
     wall_s: float  # submit -> done, as a client sees it
 
-    @property
-    def decode_steps(self) -> int:
-        return max(self.timings["predicted_n"] - 1, 0)
-
 
 def load_key(spec) -> str:
     """What a runner must load for `spec`, as a --spec-type that loads just that: the draft model, the MTP

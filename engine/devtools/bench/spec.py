@@ -102,9 +102,12 @@ def main(args) -> int:
         runs = {(c.label, p["name"]): [] for c in configs for p in prompts}
         lruns = {k: [] for k in runs}
         bar = common.progress(args.repeats * len(prompts) * len(configs), "spec", not args.no_progress)
-        if args.warmup:  # every kernel and plan once per configuration, not timed
+        if args.warmup:  # every kernel and plan once per configuration (and llama-server's), not timed
             for c in configs:
                 h.run(c, [Request(ids[prompts[0]["name"]], 8, params, ignore_eos=True)])
+                if llama is not None:
+                    llama.complete(c, ids[prompts[0]["name"]], 8, temperature=args.temp, seed=args.seed,
+                                   ignore_eos=True)
         for _ in range(args.repeats):
             for p in prompts:
                 for c in configs:
