@@ -338,6 +338,19 @@ def test_compare_llama_server_missing_binary(capsys, tmp_path, plain_model):
     assert "no such file" in doc["llama_server"]["skipped"] and "llama_server" not in doc["results"][0]
 
 
+def test_compare_llama_server_that_fails_to_start(capsys, tmp_path, plain_model):
+    """A llama-server that exits at start: the command fails with its status, command line and output."""
+    binary = tmp_path / "llama-server"
+    binary.write_text(f"#!{sys.executable}\nimport sys\nprint('error: invalid argument: -m', file=sys.stderr)\n"
+                      "sys.exit(1)\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    rc = main(["bench", "throughput", "-m", str(plain_model), "-p", "8", "-n", "2", "-r", "1", "--no-progress",
+               "--compare-llama-server", str(binary)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "llama-server exited with status 1 at start" in err and "error: invalid argument" in err
+    assert f"{binary} -m {plain_model} -c " in err
+
+
 def test_parse_timings():
     t = {"prompt_n": 5, "prompt_ms": 10.0, "prompt_per_second": 500.0, "predicted_n": 9, "predicted_ms": 80.0,
          "predicted_per_second": 100.0}

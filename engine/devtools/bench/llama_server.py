@@ -129,7 +129,7 @@ class LlamaServer:
         port = free_port()
         # -c is the context of all slots together in llama-server
         cmd = [str(binary), "-m", str(model), "-c", str(n_ctx * n_slots), "-np", str(n_slots),
-               "--host", "127.0.0.1", "--port", str(port), "--no-webui", *spec_args, *extra]
+               "--host", "127.0.0.1", "--port", str(port), *spec_args, *extra]
         log = Path(tempfile.mkstemp(prefix="nextn-bench-llama-server-", suffix=".log")[1])
         with open(log, "wb") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -138,11 +138,14 @@ class LlamaServer:
         while not srv.client.healthy():
             if proc.poll() is not None:
                 tail = log.read_text(errors="replace")[-1500:]
+                log.unlink(missing_ok=True)
                 raise NextnError(f"llama-server exited with status {proc.returncode} at start "
                                  f"({shlex.join(cmd)}):\n{tail}")
             if time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-1500:]
                 srv.close()
-                raise NextnError(f"llama-server did not become healthy in {timeout:.0f} s (log: {log})")
+                raise NextnError(f"llama-server did not become healthy in {timeout:.0f} s "
+                                 f"({shlex.join(cmd)}):\n{tail}")
             time.sleep(0.2)
         return srv
 
@@ -154,6 +157,7 @@ class LlamaServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log_path.unlink(missing_ok=True)  # a failed start quoted its tail in the error already
 
 
 @dataclass
