@@ -17,7 +17,8 @@ def _version() -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="path to a GGUF model file")
+    p.add_argument("-m", "--model", default=None,
+                   help="path to a GGUF model file (default: the embedded default model, a small Python code model)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per prompt-processing step")
     p.add_argument("--device", default=None, help="OpenCL device: index or name substring (default: first GPU, else CPU)")
@@ -33,8 +34,9 @@ def _generate_config(args):
     """`nextn generate`'s flags as a configuration (one slot; no system files: the command line says all)."""
     from nextn import config
 
-    flags = {"model.path": (str(args.model), "--model"), "model.batch_size": (args.batch_size, "--batch-size"),
-             "server.parallel": (1, "generate")}
+    flags = {"model.batch_size": (args.batch_size, "--batch-size"), "server.parallel": (1, "generate")}
+    if args.model is not None:
+        flags["model.path"] = (str(args.model), "--model")
     flags.update({k: v for k, v in _overrides(args).items() if k.startswith("speculative.")})
     if args.ctx_size is not None:
         flags["model.ctx_size"] = (args.ctx_size, "--ctx-size")
@@ -52,7 +54,12 @@ def cmd_generate(args) -> int:
     from nextn.generate import GenerationStats, generate
     from nextn.sampling import SamplingParams
 
-    engine = build(_generate_config(args), progress=sys.stderr.isatty(), warm_up=False)
+    cfg = _generate_config(args)
+    if args.model is None:
+        from nextn.default_model import describe
+
+        print(f"nextn generate: {describe(cfg)}", file=sys.stderr)
+    engine = build(cfg, progress=sys.stderr.isatty(), warm_up=False)
     params = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, seed=args.seed,
@@ -328,6 +335,7 @@ def _bench_type(module: str, name: str, *extra):
 
 def _bench_subcommands(b) -> None:
     """`nextn bench throughput | spec | parallel` (docs/bench.md); options go after the subcommand."""
+    positive = _bench_type("common", "positive_int")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-m", "--model", default=None,
                         help="GGUF to measure (default: a random ~300M Q8_0 model of --arch: qwen35 with its MTP "
@@ -359,19 +367,20 @@ def _bench_subcommands(b) -> None:
     t = bs.add_parser("throughput", parents=[common], help="llama-bench's pp / tg tests, tg after a prompt of depth D")
     t.add_argument("-p", "--n-prompt", type=_bench_type("common", "int_list"), default=[128, 512, 2048],
                    metavar="N,N,...", help="prompt sizes of the pp tests (default 128,512,2048)")
-    t.add_argument("-n", "--n-gen", type=int, default=128, help="tokens decoded by the tg tests (default 128)")
+    t.add_argument("-n", "--n-gen", type=int, default=128,
+                   help="tokens decoded by the tg tests (default 128; 0: no tg tests)")
     t.add_argument("-d", "--depth", type=_bench_type("common", "int_list"), default=[0], metavar="D,D,...",
                    help="run tg after a prompt of each depth (default 0), e.g. 0,4096,16384")
-    t.add_argument("-r", "--repeats", type=int, default=3, help="repeats of each test (default 3)")
+    t.add_argument("-r", "--repeats", type=positive, default=3, help="repeats of each test (default 3)")
     t.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
 
     sp = bs.add_parser("spec", parents=[common], help="the prompt suite per speculative configuration, "
                                                        "pred / draft / acc / rate / tok/s, speed-up over none")
-    sp.add_argument("-n", "--n-predict", type=int, default=192, help="tokens per prompt (default 192)")
+    sp.add_argument("-n", "--n-predict", type=positive, default=192, help="tokens per prompt (default 192)")
     sp.add_argument("--prompts", type=_bench_type("spec", "prompt_names"), default=None, metavar="NAME,...",
                     help="a subset of the suite (code_python, code_cpp, explain_concept, summarize, qa_factual, "
                          "translation, creative_short, stepwise_math, long_code_review)")
-    sp.add_argument("-r", "--repeats", type=int, default=1, help="runs of the whole suite (default 1)")
+    sp.add_argument("-r", "--repeats", type=positive, default=1, help="runs of the whole suite (default 1)")
     sp.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
     sp.add_argument("--seed", type=int, default=42)
     sp.add_argument("--ignore-eos", action="store_true", help="always generate --n-predict tokens")
@@ -381,10 +390,10 @@ def _bench_subcommands(b) -> None:
                                                           "per-request tok/s")
     pa.add_argument("-c", "--concurrency", type=_bench_type("common", "int_list", 1), default=[1, 2, 4, 8],
                     metavar="N,N,...", help="numbers of concurrent requests (default 1,2,4,8)")
-    pa.add_argument("-n", "--n-predict", type=int, default=128, help="tokens per request (default 128)")
+    pa.add_argument("-n", "--n-predict", type=positive, default=128, help="tokens per request (default 128)")
     pa.add_argument("--prompts", type=_bench_type("spec", "prompt_names"), default=None, metavar="NAME,...",
                     help="the suite's prompts the requests take in turn (default: all)")
-    pa.add_argument("-r", "--repeats", type=int, default=3, help="repeats of each level (default 3)")
+    pa.add_argument("-r", "--repeats", type=positive, default=3, help="repeats of each level (default 3)")
     for sub in (t, sp, pa):
         sub.set_defaults(func=cmd_bench)
 

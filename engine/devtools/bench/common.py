@@ -37,6 +37,16 @@ def int_list(text: str, lo: int = 0) -> list[int]:
     return out
 
 
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return v
+
+
 def human_bytes(n: float) -> str:
     for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= k:
