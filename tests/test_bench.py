@@ -294,6 +294,10 @@ def test_compare_llama_server_spec(capsys, tmp_path, mtp_model, fake_llama_serve
     for e in doc["results"]:  # the ratio is nextn's aggregate over llama-server's, both from this run
         assert close(e["ratio_vs_llama_server"], e["aggregate"]["tok_s"] / e["llama_server"]["aggregate"]["tok_s"])
     assert "nextn/llama" in out and "llama-server tok/s" in out
+    # each configuration's prompts and aggregate from both servers
+    assert "\ndraft-mtp:n_max=2,adaptive=off (llama-server)  (speed-up over none: 2.00x)\n" in out
+    assert re.search(r"^  code_cpp +pred=  10 draft=  20 acc=  10 rate=0\.500 tok/s=200\.0$", out, re.MULTILINE)
+    assert out.count("Aggregate: {") == 4
     # one server per configuration, with the configuration as flags; the same token ids as nextn's
     info = doc["llama_server"]
     assert info["version"] == "version: 0 (fake)" and info["ignored_settings"] == {

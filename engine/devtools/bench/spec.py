@@ -178,15 +178,17 @@ def _prompt_line(r: dict) -> str:
 def print_results(doc: dict) -> None:
     llama = any("llama_server" in e for e in doc["results"])
     for e in doc["results"]:
-        print(f"\n{e['config']}" + (f"  (speed-up over none: {e['speedup_vs_none']:.2f}x)"
-                                    if e["config"] != "none" and e["speedup_vs_none"] else ""))
-        for r in e["prompts"]:
-            print(_prompt_line(r))
-        a = {k: v for k, v in e["aggregate"].items() if k in ("n_requests", "total_predicted", "total_draft",
-                                                               "total_draft_accepted", "aggregate_accept_rate",
-                                                               "wall_s_total", "tok_s")}
-        a = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in a.items()}
-        print("Aggregate: " + json.dumps(a, indent=2))
+        sides = [("nextn", e)] + ([("llama-server", e["llama_server"])] if "llama_server" in e else [])
+        for who, side in sides:
+            up = side["speedup_vs_none"]
+            print(f"\n{e['config']}" + (f" ({who})" if llama else "")
+                  + (f"  (speed-up over none: {up:.2f}x)" if e["config"] != "none" and up else ""))
+            for r in side["prompts"]:
+                print(_prompt_line(r))
+            keep = ("n_requests", "total_predicted", "total_draft", "total_draft_accepted", "aggregate_accept_rate",
+                    "wall_s_total", "tok_s")
+            a = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in side["aggregate"].items() if k in keep}
+            print("Aggregate: " + json.dumps(a, indent=2))
         if "same_output_as_none" in e:
             print(f"greedy output identical to none: {'yes' if e['same_output_as_none'] else 'NO'}")
     print()
