@@ -218,7 +218,7 @@ def test_parallel(capsys, tmp_path, plain_model):
         assert close(r["speedup_vs_first"], r["aggregate_tok_s"] / rows[0]["aggregate_tok_s"])
         p = r["per_request_tok_s"]
         assert p["n"] == r["concurrency"] and 0 < p["min"] <= p["median"] <= p["max"]
-        assert r["drafted"] == r["accepted"] == 0
+        assert r["drafted"] == r["accepted"] == 0 and r["vs_none"] == 1.0
     table = [ln for ln in out.splitlines() if ln.startswith("|")]
     assert "agg tok/s" in table[0] and "per-request tok/s" in table[0] and len(table) == 2 + 3
 
@@ -340,6 +340,19 @@ def test_compare_llama_server_missing_binary(capsys, tmp_path, plain_model):
     assert "llama-server comparison skipped: " in out and "no such file" in out
     doc = json.loads((tmp_path / "t.json").read_text())
     assert "no such file" in doc["llama_server"]["skipped"] and "llama_server" not in doc["results"][0]
+
+
+def test_parallel_configurations(capsys, tmp_path, mtp_model):
+    out = bench(capsys, "parallel", "-m", mtp_model, "-c", "1,2", "-n", 6, "-r", 1, "--config", "draft-mtp:n_max=2",
+                "--json", tmp_path / "p.json")
+    rows = json.loads((tmp_path / "p.json").read_text())["results"]
+    assert [(r["config"], r["concurrency"]) for r in rows] == [("none", 1), ("none", 2), ("draft-mtp:n_max=2", 1),
+                                                               ("draft-mtp:n_max=2", 2)]
+    for r in rows:
+        base = next(b for b in rows if b["config"] == "none" and b["concurrency"] == r["concurrency"])
+        assert close(r["vs_none"], r["aggregate_tok_s"] / base["aggregate_tok_s"])
+        assert 0 <= r["accepted"] <= r["drafted"]
+    assert "vs none" in out
 
 
 def test_compare_llama_server_that_fails_to_start(capsys, tmp_path, plain_model):

@@ -110,6 +110,9 @@ def build_results(configs, levels, runs: dict, lruns: dict | None) -> list[dict]
                 row["llama_server"] = {**lm, "speedup_vs_first": ratio(lm["aggregate_tok_s"], lone)}
                 row["ratio_vs_llama_server"] = ratio(m["aggregate_tok_s"], lm["aggregate_tok_s"])
             out.append(row)
+    none = {r["concurrency"]: r["aggregate_tok_s"] for r in out if r["config"] == "none"}
+    for r in out:
+        r["vs_none"] = ratio(r["aggregate_tok_s"], none.get(r["concurrency"]))
     return out
 
 
@@ -117,15 +120,16 @@ def print_results(doc: dict) -> None:
     llama = any("llama_server" in r for r in doc["results"])
     show_cfg = len({r["config"] for r in doc["results"]}) > 1
     first = doc["settings"]["concurrency"][0]
-    headers = (["config"] if show_cfg else []) + ["requests", "agg tok/s", f"vs {first}", "per-request tok/s",
-                                                  "min", "max"]
+    headers = (["config"] if show_cfg else []) + ["requests", "agg tok/s", f"vs {first}"] + \
+        (["vs none"] if show_cfg else []) + ["per-request tok/s", "min", "max"]
     if llama:
         headers += ["llama-server agg tok/s", "nextn/llama"]
     rows = []
     for r in doc["results"]:
         p = r["per_request_tok_s"]
         row = ([r["config"]] if show_cfg else []) + [
-            r["concurrency"], fmt(r["aggregate_tok_s"], ".2f"), fmt(r["speedup_vs_first"], ".2f") + "x",
+            r["concurrency"], fmt(r["aggregate_tok_s"], ".2f"), fmt(r["speedup_vs_first"], ".2f") + "x"] + (
+            [fmt(r["vs_none"], ".2f") + "x"] if show_cfg else []) + [
             fmt(p["median"], ".2f"), fmt(p["min"], ".2f"), fmt(p["max"], ".2f")]
         if llama:
             row += [fmt(r["llama_server"]["aggregate_tok_s"], ".2f"), fmt(r["ratio_vs_llama_server"], ".2f")]
