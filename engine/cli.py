@@ -17,7 +17,8 @@ def _version() -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="path to a GGUF model file")
+    p.add_argument("-m", "--model", default=None,
+                   help="path to a GGUF model file (default: the embedded default model, a small Python code model)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: min(train, 4096))")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per prompt-processing step")
     p.add_argument("--device", default=None, help="OpenCL device: index or name substring (default: first GPU, else CPU)")
@@ -33,8 +34,9 @@ def _generate_config(args):
     """`nextn generate`'s flags as a configuration (one slot; no system files: the command line says all)."""
     from nextn import config
 
-    flags = {"model.path": (str(args.model), "--model"), "model.batch_size": (args.batch_size, "--batch-size"),
-             "server.parallel": (1, "generate")}
+    flags = {"model.batch_size": (args.batch_size, "--batch-size"), "server.parallel": (1, "generate")}
+    if args.model is not None:
+        flags["model.path"] = (str(args.model), "--model")
     flags.update({k: v for k, v in _overrides(args).items() if k.startswith("speculative.")})
     if args.ctx_size is not None:
         flags["model.ctx_size"] = (args.ctx_size, "--ctx-size")
@@ -52,7 +54,12 @@ def cmd_generate(args) -> int:
     from nextn.generate import GenerationStats, generate
     from nextn.sampling import SamplingParams
 
-    engine = build(_generate_config(args), progress=sys.stderr.isatty(), warm_up=False)
+    cfg = _generate_config(args)
+    if args.model is None:
+        from nextn.default_model import describe
+
+        print(f"nextn generate: {describe(cfg)}", file=sys.stderr)
+    engine = build(cfg, progress=sys.stderr.isatty(), warm_up=False)
     params = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, seed=args.seed,

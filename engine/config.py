@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from nextn import default_model
 from nextn.errors import ConfigError, RequestError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -52,7 +53,7 @@ class ServerSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    path: str = _f("", "GGUF model file", "--model")
+    path: str = _f("", "GGUF model file (empty: the embedded default model, nextn.default_model)", "--model")
     ctx_size: int = _f(0, "context size per slot in tokens (0: min(trained context, 4096))", "--ctx-size", lo=0)
     batch_size: int = _f(512, "tokens per step (prompt chunks and decode tokens of all slots)", "--batch-size", lo=1)
     cache_type_k: str = _f("f16", "KV cache type of K: f16, q8_0 or q4_0 (quantized halves or quarters the "
@@ -335,6 +336,9 @@ def load(config_file: str | Path | None = None, overrides: dict[str, tuple[Any, 
             raise ConfigError(f"{src}: unknown setting {dotted}{_did_you_mean(dotted, sources)}")
         values[dotted] = check_value(dotted, value, src)
         sources[dotted] = src
+    if not values.get("model.path"):  # no model configured: the one nextn ships
+        values["model.path"] = str(default_model.path())
+        sources["model.path"] = default_model.SOURCE
     kwargs = {}
     for section, cls in _SECTION_CLASSES.items():
         sec = {k.split(".")[1]: v for k, v in values.items() if k.split(".")[0] == section}

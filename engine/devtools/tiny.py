@@ -253,13 +253,17 @@ def make_tiny(
     rope_sections: "list[int] | None" = None, ssm_d_conv: int = 4, ssm_d_state: int = 16, ssm_n_group: int = 2,
     ssm_dt_rank: int = 4, n_expert: int = 8, n_expert_used: int = 2, n_ff_exp: int = 32, n_ff_shexp: int = 32,
     n_expert_shared: int = 1, n_dense_lead: int = 1, qk_norm: bool = False, qkv_bias: bool = True,
-    expert_weights_scale: float = 1.5, rope_freqs: bool = False, n_head_swa: int | None = None,
-    n_swa: int = 8, n_nextn: int = 3, swiglu_limit: float = 1.0,
+    expert_weights_scale: float = 1.5, rope_freqs: bool = False, weights: "dict | None" = None,
+    name: str | None = None, n_head_swa: int | None = None, n_swa: int = 8, n_nextn: int = 3,
+    swiglu_limit: float = 1.0,
 ) -> Path:
     """Writes a random model to `path` and returns it as a Path.
 
-    vocab: "bytes" (a small byte-level BPE with ChatML specials) or the path of a GGUF file whose
-    tokenizer.* keys are copied (n_vocab = its token count). tied: None = the arch's usual choice
+    vocab: "bytes" (a small byte-level BPE with ChatML specials), the path of a GGUF file whose
+    tokenizer.* keys are copied (n_vocab = its token count), or a callable that writes the tokenizer keys
+    (and any other metadata) with the GGUFWriter it is given and returns n_vocab.
+    weights: trained weights instead of random ones, float32 arrays by tensor name in numpy shape (every
+    tensor of the table, nothing else; tools/train/export.py). name: general.name. tied: None = the arch's usual choice
     (qwen3 tied, the others not). n_layer: None = 2 (qwen3, llama), 4 (qwen35, qwen35moe: with
     full_attention_interval 4, layers 0-2 are linear attention and layer 3 full attention) or 3 (glm4moe:
     one dense layer, then two MoE layers). The tensors are the architecture's own table
@@ -355,7 +359,7 @@ def make_tiny(
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(f"tiny-{arch}-{gq.name.lower()}-seed{seed}")
+    w.add_name(name or f"tiny-{arch}-{gq.name.lower()}-seed{seed}")
     w.add_block_count(n_block)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
@@ -427,7 +431,10 @@ def make_tiny(
         if mtp:
             w.add_nextn_predict_layers(n_mtp)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    n_vocab = _write_bytes_vocab(w) if vocab == "bytes" else _copy_vocab(w, str(vocab))
+    if callable(vocab):
+        n_vocab = vocab(w)
+    else:
+        n_vocab = _write_bytes_vocab(w) if vocab == "bytes" else _copy_vocab(w, str(vocab))
     if arch == "llama":
         w.add_vocab_size(n_vocab)
         w.add_rope_dimension_count(head_dim)
@@ -446,9 +453,21 @@ def make_tiny(
     hp = a.hparams(view)
     makers = _Makers(arch, hp, n_layer, tied, output_gain, rng, expert_weights_scale if glm or step35 else 0.0)
     tensors = []
-    for name, (ne, types) in a.tensor_table(hp, view, mtp).items():
-        qt = QT.F32 if types == F32_ONLY or name.endswith(KEEP_F32) else gq
-        tensors.append((name, tuple(reversed(ne)), qt, makers.maker(name, tuple(reversed(ne)))))
+    table = a.tensor_table(hp, view, mtp)
+    if weights is not None and set(weights) != set(table):
+        raise ValueError(f"make-tiny: weights differ from the tensor table: missing {sorted(set(table) - set(weights))}, "
+                         f"extra {sorted(set(weights) - set(table))}")
+    for tname, (ne, types) in table.items():
+        qt = QT.F32 if types == F32_ONLY or tname.endswith(KEEP_F32) else gq
+        shape = tuple(reversed(ne))
+        if weights is None:
+            maker = makers.maker(tname, shape)
+        else:
+            given = np.asarray(weights[tname], np.float32)
+            if given.shape != shape:
+                raise ValueError(f"make-tiny: {tname} has shape {list(given.shape)}, the table {list(shape)}")
+            maker = (lambda rows=given.reshape(-1, shape[-1]): iter([rows]))
+        tensors.append((tname, shape, qt, maker))
 
     for name, shape, qt, _ in tensors:
         nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes(shape[-1], qt)

@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from nextn import config as configmod
+from nextn import default_model
 from nextn.errors import ConfigError
 from nextn.server import systemd as sd
 from nextn.server.routes import AppRunner, make_app
@@ -202,7 +203,7 @@ async def run_server(cfg, reload_args=(None, None), sockets: list[socket.socket]
     if interval:
         tasks.append(asyncio.create_task(_watchdog(state, interval)))
     sd.notify(f"STATUS=loading {cfg.model.path}")
-    log.info("listening on %s; loading %s", ", ".join(str(s.name) for s in sites), cfg.model.path)
+    log.info("listening on %s; loading %s", ", ".join(str(s.name) for s in sites), default_model.describe(cfg))
     try:
         load = loop.run_in_executor(None, _load_model, state, lambda e: loop.call_soon_threadsafe(failed.set),
                                     interval)
