@@ -107,7 +107,7 @@ def service_problems(text: str) -> list[str]:
     if not {"render", "video"} <= set(list_setting(unit, svc, "SupplementaryGroups")):
         problems.append("SupplementaryGroups lacks render or video: no GPU access")
     allow = [" ".join(v.split()) for v in unit.get(svc, {}).get("DeviceAllow", [])]
-    for dev in ("char-drm rw", "char-kfd rw"):
+    for dev in ("char-drm rw", "char-kfd rw", "char-nvidia* rw"):
         if dev not in allow:
             problems.append(f"DeviceAllow={dev} missing: GPU compute nodes blocked")
     for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
@@ -244,6 +244,22 @@ def test_install_doc_has_the_users_path():
                 "systemctl enable --now nextn.socket", "curl --unix-socket /run/nextn/nextn.sock",
                 "usermod -aG nextn"):
         assert cmd in doc
+
+
+def test_install_doc_covers_gpu_access_as_the_unit_grants_it():
+    """docs/install-arch.md's GPU section (issue 14 item 12) names what the unit grants, and the unit grants it."""
+    doc = (ROOT / "docs" / "install-arch.md").read_text()
+    gpu = doc.split("## The GPU under systemd")[1].split("\n## ")[0]
+    for needed in ("SupplementaryGroups=render video", "DeviceAllow=char-drm rw", "DeviceAllow=char-kfd rw",
+                   "DeviceAllow=char-nvidia* rw", "/dev/kfd", "/dev/dri/renderD*", "/dev/nvidia-uvm",
+                   "nvidia-modprobe -u -c=0", "/etc/modules-load.d/nvidia-uvm.conf", "grep 'device:'",
+                   "exit status 69", "no OpenCL device matches", "[device]"):
+        assert needed in gpu, needed
+    unit = service_text()
+    for line in ("SupplementaryGroups=render video", "DeviceAllow=char-drm rw", "DeviceAllow=char-kfd rw",
+                 "DeviceAllow=char-nvidia* rw", "DevicePolicy=closed"):
+        assert f"\n{line}\n" in unit, line
+    assert "69" not in unit.split("RestartPreventExitStatus=")[1].split("\n")[0]  # a device may appear later
 
 
 def _systemd_analyze():

@@ -372,6 +372,22 @@ def test_health_503_while_loading_and_bad_model(model, tmp_path):
     shutil.rmtree(d, ignore_errors=True)
 
 
+def test_a_configured_device_that_is_missing_is_an_error_not_a_fallback(model):
+    """Issue 14 item 12: the log names the device a server uses; a device named in the configuration that is not
+    there ends the start with EX_UNAVAILABLE (69) and the list of what there is, instead of using another."""
+    d = _short_dir()
+    p = start(model, d / "s.sock", wait=False)
+    wait_ready(d / "s.sock", p)
+    rc, err = stop(p)
+    assert rc == 0 and re.search(r"nextn\.build: device: .+ \(.+, .+, [0-9.]+ GiB\)", err), err[-2000:]
+    p = start(model, d / "s2.sock", "--device", "no-such-gpu", wait=False)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 69, err[-2000:]
+    assert "no OpenCL device matches platform=None device='no-such-gpu' (available: platform 0" in err
+    assert "Traceback" not in err
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def notify_listener(d):
     path = d / "notify"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -193,6 +193,12 @@ class ModelFile(Metadata):
         if not self.arch:
             raise ModelLoadError(f"{self.path}: metadata has no general.architecture")
         check_value_types(self.meta, self.arch, self.path)
+        # every block has tensors of its own: a block count past the tensor count is a broken file, and a model
+        # would otherwise build a table of 2**31 layers before it noticed the missing tensors
+        n_block = self.meta.get(f"{self.arch}.block_count")
+        if isinstance(n_block, (int, float)) and not isinstance(n_block, bool) and n_block > len(self.tensors):
+            raise ModelLoadError(f"{self.path}: metadata key {self.arch}.block_count = {n_block} is more than the "
+                                 f"file's {len(self.tensors)} tensors")
 
     # -- tensors ----------------------------------------------------------------------------------------
 
