@@ -83,9 +83,10 @@ def table(headers: list[str], rows: list[list], align: str | None = None) -> str
     width = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
 
     def line(cols):
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cols, width, align)) + " |"
+        padded = (c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cols, width, align, strict=True))
+        return "| " + " | ".join(padded) + " |"
 
-    sep = "| " + " | ".join("-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(width, align)) + " |"
+    sep = "| " + " | ".join("-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(width, align, strict=True)) + " |"
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 

@@ -178,7 +178,8 @@ def parse_config(text: str) -> list[BenchConfig]:
     if not types and pairs:
         raise ValueError(f"{text!r}: 'none' takes no settings")
     keys = [k for k, _ in pairs]
-    return [BenchConfig(types, tuple(zip(keys, combo))) for combo in itertools.product(*(v for _, v in pairs))]
+    combos = itertools.product(*(v for _, v in pairs))
+    return [BenchConfig(types, tuple(zip(keys, combo, strict=True))) for combo in combos]
 
 
 def parse_configs(texts, default: tuple[str, ...] = ("none",)) -> list[BenchConfig]:

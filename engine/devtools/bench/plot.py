@@ -68,7 +68,7 @@ def plot_spec(doc: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     none = doc["results"][0]
     groups: dict[str, list] = {}
-    for e, c in zip(doc["results"], doc["configs"]):
+    for e, c in zip(doc["results"], doc["configs"], strict=True):
         if e["config"] != "none":
             cfg = BenchConfig(tuple(c["types"]), tuple((k, tuple(v) if isinstance(v, list) else v)
                                                        for k, v in c["params"].items()))

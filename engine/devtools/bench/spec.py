@@ -152,7 +152,8 @@ def build_results(configs, prompts, runs: dict, lruns: dict | None, base_spec, g
         synthetic = c.spec(base_spec).synthetic
         if greedy and not synthetic and not c.is_none:  # lossless: greedy output must equal none's
             none_rows = [_row(p["name"], runs["none", p["name"]]) for p in prompts]
-            entry["same_output_as_none"] = all(a["tokens"] == b["tokens"] for a, b in zip(rows, none_rows))
+            entry["same_output_as_none"] = all(a["tokens"] == b["tokens"]
+                                               for a, b in zip(rows, none_rows, strict=True))
         if lruns is not None:
             lrows = [_row(p["name"], lruns[c.label, p["name"]]) for p in prompts]
             entry["llama_server"] = {"prompts": lrows, "aggregate": aggregate(lrows)}
