@@ -281,6 +281,15 @@ def test_mtp_chain_drafts_up_to_one_token_per_block(spec_runner):
 
 
 @pytest.mark.slow
+def test_sampled_speculation_keeps_the_distribution(tmp_path):
+    """Temperature > 0 with the chained blocks drafting (n-max 3 over 3 blocks): the chi-square test of
+    tests/test_speculative.py on a step35 model."""
+    from test_speculative import test_sampled_output_distribution_unchanged_by_speculation as check
+
+    check(tmp_path, "step35")
+
+
+@pytest.mark.slow
 def test_server_parallel_four_slots_with_mtp_and_prompt_cache(models):
     """`nextn serve` with 4 slots, draft-mtp over the three chained blocks and the prompt cache (prompts
     longer than a sliding layer's ring, repeated: hits that keep, and ones that cannot keep, a prefix): every
