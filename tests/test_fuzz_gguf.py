@@ -293,7 +293,10 @@ WRONG_TYPES = [  # each raised a TypeError, ValueError or OverflowError from ins
     ("qwen35.rope.dimension_sections", T["i32"], None, 3),
     ("qwen35.rope.dimension_sections", T["arr"], T["str"], ["a", "b", "c", "d"]),
     ("qwen35.feed_forward_length", T["f32"], None, float("inf")),
-    ("qwen35.block_count", T["u32"], None, 2**31),  # not a type error: a table of 2**31 layers took minutes
+    ("qwen35.block_count", T["u32"], None, 2**31),  # not type errors: a table of 2**31 layers took minutes,
+    ("qwen35.rope.dimension_count", T["u32"], None, 2**31),  # and so did a loop over 2**30 rotated pairs
+    ("qwen35.rope.dimension_count", T["f32"], None, 3.5e38),
+    ("qwen35.rope.dimension_count", T["u32"], None, 4096),  # a ValueError from qkv_prep, where the head has 16
 ]
 
 

@@ -199,6 +199,21 @@ class ModelFile(Metadata):
         if isinstance(n_block, (int, float)) and not isinstance(n_block, bool) and n_block > len(self.tensors):
             raise ModelLoadError(f"{self.path}: metadata key {self.arch}.block_count = {n_block} is more than the "
                                  f"file's {len(self.tensors)} tensors")
+        self._check_rope_dims()
+
+    def _check_rope_dims(self) -> None:
+        """RoPE turns pairs within one head, in every architecture (llama.cpp: n_rot <= n_embd_head_k): a larger
+        rope.dimension_count is a broken file (2**31 of them made a model loop over its pairs for minutes)."""
+        m, a = self.meta, self.arch
+        n_rot = m.get(f"{a}.rope.dimension_count")
+        head = m.get(f"{a}.attention.key_length")
+        if head is None:
+            n_embd, n_head = m.get(f"{a}.embedding_length"), m.get(f"{a}.attention.head_count")
+            if _is_int(n_embd) and _is_int(n_head) and n_head > 0:
+                head = n_embd // n_head
+        if _is_number(n_rot) and _is_number(head) and n_rot > head:
+            raise ModelLoadError(f"{self.path}: metadata key {a}.rope.dimension_count = {n_rot!r} is more than the "
+                                 f"head size {head!r}")
 
     # -- tensors ----------------------------------------------------------------------------------------
 
