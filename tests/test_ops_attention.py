@@ -189,3 +189,43 @@ def test_attention_timing(rt):
         flops = 4 * n_head * d * sum(pos0 + i + 1 for i in range(n_tokens))
         print(f"\nattention {label}: min {t * 1e3:.3f} ms (median {t_med * 1e3:.3f}), "
               f"{kv_bytes / t / 1e9:.1f} GB/s of KV, {flops / t / 1e9:.1f} GFLOP/s")
+
+
+@pytest.mark.parametrize("shape,window", [(None, 40), (GPU_SHAPE, 5), (ODD_SHAPE, 1), (ODD_SHAPE, 40)])
+def test_sliding_window_over_a_ring(rt, shape, window):
+    """SWA_W / KV_RING (step35's sliding layers): a token at p sees positions p - window < j <= p only, read
+    from row j % rows of a ring of rows per sequence; a prompt chunk whose first tokens see tiles the last ones
+    do not (rows whose valid columns all lie in later tiles), a decode token of another sequence, and tokens
+    nearer position 0 than the window."""
+    rng = np.random.default_rng(window)
+    head_dim, n_head, n_head_kv, n_ctx = 32, 4, 2, 512
+    pos = np.asarray(list(range(30, 46)) + [100, 3, 0], np.int32)
+    seq = np.asarray([0] * 16 + [1, 2, 3], np.int32)
+    rows = window + 20  # >= window + the most tokens of one sequence - 1
+    n_seq, n = 4, len(pos)
+    keys = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)  # by position
+    vals = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
+    k_ring = np.zeros((n_seq, rows, n_head_kv, head_dim), np.float16)
+    v_ring = np.zeros_like(k_ring)
+    for s in range(n_seq):
+        for p in range(int(pos[seq == s].max()) + 1):  # in order: later positions overwrite earlier ones
+            k_ring[s, p % rows], v_ring[s, p % rows] = keys[s, p], vals[s, p]
+    q = rng.standard_normal((n, n_head, head_dim)).astype(np.float32)
+    b = {name: rt.upload(a, name) for name, a in dict(q=q, kc=k_ring, vc=v_ring, pos=pos, seq=seq).items()}
+    b["out"] = rt.upload(np.zeros((n, n_head * head_dim), np.float32), "out")
+    scale = 1.0 / np.sqrt(head_dim)
+    launches = attention(rt, b["q"], b["kc"], b["vc"], b["pos"], b["seq"], b["out"], n_head, n_head_kv, head_dim,
+                         n_ctx, scale, n, shape=shape, window=window, rows=rows)
+    run_launches(rt, launches, [n, n, 0, 0])
+    out = np.empty((n, n_head * head_dim), np.float32)
+    cl.enqueue_copy(rt.queue, out, b["out"])
+    want = np.zeros((n, n_head, head_dim))
+    for t in range(n):
+        lo = max(0, int(pos[t]) - window + 1)
+        k = keys[seq[t], lo : pos[t] + 1].astype(np.float64)
+        v = vals[seq[t], lo : pos[t] + 1].astype(np.float64)
+        for h in range(n_head):
+            sc = scale * (k[:, h // (n_head // n_head_kv)] @ q[t, h].astype(np.float64))
+            p = np.exp(sc - sc.max())
+            want[t, h] = (p / p.sum()) @ v[:, h // (n_head // n_head_kv)]
+    np.testing.assert_allclose(out, want.reshape(n, -1), rtol=0, atol=2e-5)
