@@ -7,6 +7,7 @@ import json
 import queue
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,29 @@ class _Loaded:
     owner: object = None  # the scheduler whose prompt cache last described the runner's sequences
 
 
+def _scheduler_class():
+    """The server's Scheduler, with its device work - each step (the trunk, verification, rollback, the MTP
+    catch-up) and admission (the prompt cache's prefix reuse) - under the harness's lock. Several
+    schedulers share a runner here, and a worker may still finish the step that answered its last request
+    (the MTP head catching up) while the next request goes to another scheduler: the lock keeps their
+    device work, and the harness's cache resets, one at a time (on other runners too, so that trailing
+    work is not timed in the next run). Uncontended, it costs a lock per step."""
+    from nextn.scheduler import Scheduler
+
+    class BenchScheduler(Scheduler):
+        device_lock: threading.Lock
+
+        def _step(self) -> None:
+            with self.device_lock:
+                super()._step()
+
+        def _admit(self) -> None:
+            with self.device_lock:
+                super()._admit()
+
+    return BenchScheduler
+
+
 @dataclass
 class Harness:
     """The model loaded once per kind of load the configurations need (plain; + rollback state; + the MTP
@@ -159,10 +183,10 @@ class Harness:
     one_load: bool = False
     loads: dict = field(default_factory=dict)
     scheds: dict = field(default_factory=dict)  # config label -> (Scheduler, load key)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the schedulers' device work, one at a time
 
     def __post_init__(self):
         from nextn.build import build
-        from nextn.scheduler import Scheduler
         from nextn.spec.speculator import from_config
 
         self.base_spec = from_config(self._config("none").speculative)  # serve's defaults; --config overrides
@@ -178,9 +202,12 @@ class Harness:
         for key in dict.fromkeys(keys.values()):
             cfg = self._config(key, draft_model if "draft-simple" in key else "")
             self.loads[key] = _Loaded(build(cfg, progress=False, warm_up=True))
+        scheduler = _scheduler_class()
         for c in self.configs:
-            eng = self.loads[keys[c.label]].engine
-            s = Scheduler(eng.runner, self.n_slots, max_queue=64, spec=specs[c.label], draft_runner=eng.draft)
+            loaded = self.loads[keys[c.label]]
+            eng = loaded.engine
+            s = scheduler(eng.runner, self.n_slots, max_queue=64, spec=specs[c.label], draft_runner=eng.draft)
+            s.device_lock = self.lock
             s.start()
             self.scheds[c.label] = (s, keys[c.label])
 
@@ -220,8 +247,9 @@ class Harness:
         sched, key = self.scheds[cfg.label]
         loaded = self.loads[key]
         if not keep_cache or loaded.owner is not sched:
-            for slot in range(sched.n_slots):  # the scheduler is idle: its worker waits for a request
-                sched.cache.forget(slot)
+            with self.lock:  # no worker is in a step (one may still finish the one that answered)
+                for slot in range(sched.n_slots):
+                    sched.cache.forget(slot)
         loaded.owner = sched
         done: queue.Queue = queue.Queue()
         tokens: list[list[int]] = [[] for _ in requests]
