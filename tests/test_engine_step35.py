@@ -128,7 +128,10 @@ def test_ring_memory_rollback_and_prefix_reuse(rt, models):
     ref = ReferenceModel(path)
     want = ref.forward(prompt + ids[:2] + [4], 0)[-1]
     assert spread_error(got[-1], want) < tolerance("Q8_0")
-    assert runner.reuse(0, 20) == 0  # positions 13..19 were overwritten (the ring holds 24..62)
+    with pytest.raises(ValueError, match="sliding-window layer no longer holds"):
+        runner.eval(0, [4], 20)  # positions 13..19 were overwritten (the ring holds 24..62): not silently
+    runner.eval(0, prompt + ids[:2] + [4], 0, want_logits=False)
+    assert runner.reuse(0, 20) == 0  # the same as a prompt-cache decision: start over
     assert runner.reuse(0, 0) == 0
     runner.eval(0, prompt, 0, want_logits=False)
     assert runner.reuse(0, 50) == 50  # 43..49 still held

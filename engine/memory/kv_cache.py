@@ -120,7 +120,11 @@ class KVCache(SequenceCache):
 
     def seek(self, seq: int, pos: int) -> None:
         # any prefix of a KV cache is whole; positions from pos on are rewritten by the next step
+        before = self._lengths[seq]
         self.truncate(seq, pos)
+        if self._rings and pos < before and self._lengths[seq] != pos:
+            raise ValueError(f"sequence {seq}: a sliding-window layer no longer holds what position {pos} sees "
+                             f"(its ring has moved on); continue from 0")
 
     def prefix_store(self):
         from nextn.memory.prompt_cache import KVPrefixStore

@@ -51,6 +51,7 @@ class DraftModel(BatchDrafter):
         held = self.tokens[slot]
         keep = min(common_prefix(held, seq_tokens), len(seq_tokens) - 1)  # recompute at least the last
         self.runner.truncate(slot, keep)
+        keep = self.runner.seq_length(slot)  # less when a sliding-window ring could not keep that much
         top, _ = self.runner.eval(slot, seq_tokens[keep:], keep, want_logits=False)
         self.tokens[slot] = list(seq_tokens)
         return int(top[-1])
