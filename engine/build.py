@@ -64,7 +64,8 @@ def build(cfg, *, progress=None, warm_up: bool = True) -> Engine:
     # the MTP block and the rollback state are counted in the memory check before anything is uploaded
     runner = ModelRunner(cfg.model.path, rt=rt, n_ctx=cfg.model.ctx_size or None, n_seq=cfg.server.parallel,
                          n_batch=cfg.model.batch_size, mtp=spec.uses_mtp, speculative=spec.enabled,
-                         progress=log_progress() if progress is None else progress, kv_types=kv)
+                         progress=log_progress() if progress is None else progress, kv_types=kv,
+                         batch_invariant=cfg.model.batch_invariant)
     log.info("device memory: %s", ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.1f} MiB"
                                             for k, v in runner.memory.items()))
     if spec.enabled:
@@ -77,7 +78,8 @@ def build(cfg, *, progress=None, warm_up: bool = True) -> Engine:
     draft = None
     if spec.uses_draft_model:
         draft = ModelRunner(spec.draft_model, rt=rt, n_ctx=runner.n_ctx, n_seq=cfg.server.parallel,
-                            n_batch=cfg.model.batch_size, kv_types=KVTypes(sp.draft_type_k, sp.draft_type_v))
+                            n_batch=cfg.model.batch_size, kv_types=KVTypes(sp.draft_type_k, sp.draft_type_v),
+                            batch_invariant=cfg.model.batch_invariant)
         log.info("draft model %s: %.1f MiB", Path(spec.draft_model).name, draft.memory.total / 2**20)
     scheduler = Scheduler(runner, cfg.server.parallel, cfg.server.max_queue, spec=spec, draft_runner=draft)
     return Engine(runner, scheduler, spec, draft)

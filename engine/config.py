@@ -59,6 +59,10 @@ class ModelSection:
     cache_type_k: str = _f("f16", "KV cache type of K: f16, q8_0 or q4_0 (quantized halves or quarters the "
                            "cache of long contexts)", "--cache-type-k", choices=KV_CACHE_TYPES)
     cache_type_v: str = _f("f16", "KV cache type of V: f16, q8_0 or q4_0", "--cache-type-v", choices=KV_CACHE_TYPES)
+    batch_invariant: bool = _f(True, "a request's logits are bit-identical alone, batched with others and in "
+                               "speculative verify steps (one arithmetic for every batch size in the matmul "
+                               "kernels; off: the one-token shortcuts, which round differently)",
+                               "--batch-invariant")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class ModelRunner:
         mtp: bool = False,
         speculative: bool = False,
         kv_types: KVTypes = F16_KV,
+        batch_invariant: bool = True,
     ):
         t0 = time.perf_counter()
         self.file = mf = ModelFile(path)
@@ -92,7 +93,7 @@ class ModelRunner:
                                      n_batch=self.n_batch)
         self._prefixes = self.cache.prefix_store()
         self.buffers = arch.step_buffers(self.rt, hp, self.n_batch, self.max_outputs)
-        self.mm = MatmulOps(self.rt)
+        self.mm = MatmulOps(self.rt, batch_invariant=batch_invariant)
         buckets = sorted({1, min(VERIFY_TOKENS, self.n_batch), self.n_batch})
         self.plans = []  # (max_tokens, plan), smallest first
         self.launches = {}  # max_tokens -> the plan's Launch list (bench swaps plan kinds over the same launches)

@@ -193,22 +193,40 @@ def test_matmul_id(rt, mm, qtype):
         assert_close(read(rt, yb, (n, rows)), ref, scale, f"{qtype.name} max_tokens={max_tokens}")
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q3_K, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
-def test_variants_agree(rt, mm, qtype):
-    """The same token through the mat-vec plan and inside 8- and 4-token groups: float rounding apart."""
+# the shortcuts' build only for types whose one-token tile differs (each build costs a kernel compile)
+VARIANT_CASES = [(t, True) for t in TYPES] + [(t, False) for t in (T.Q8_0, T.Q4_0, T.Q6_K)]
+
+
+@pytest.mark.parametrize("qtype,invariant", VARIANT_CASES, ids=lambda v: v.name if isinstance(v, T) else
+                         ("invariant" if v else "shortcuts"))
+def test_variants_are_batch_invariant(rt, qtype, invariant):
+    """Batch invariance (kernels/quants.h, MM_BATCH_INVARIANT): the same token through the mat-vec plan, the
+    few-token plan alone, inside 8-, 4-, 2- and 1-token groups and the prompt plan gives bit-identical rows;
+    without it the variants agree to float rounding."""
     rng = np.random.default_rng(7)
-    n_rows, n_cols = SHAPES[qtype][0]
-    raw = random_weight(qtype, n_rows, n_cols, rng)
-    w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
-    x = rng.standard_normal((16, n_cols)).astype(np.float32)
-    xb = rt.upload(x, "test.x")
-    y1 = rt.alloc(4 * n_rows, "test.y1")
-    run_launches(rt, mm.matmul(w, xb, y1, 1), step_vars(1))
-    y13 = rt.alloc(4 * 16 * n_rows, "test.y13")
-    run_launches(rt, mm.matmul(w, xb, y13, 16), step_vars(13))  # tokens 0-7 in a group of 8, 8-11 of 4
-    a, b = read(rt, y1, (n_rows,)), read(rt, y13, (16, n_rows))[0]
-    scale = bound(raw, qtype, x[:1])[0]
-    assert np.max(np.abs(a - b) / scale) < 1e-6
+    for n_rows, n_cols in SHAPES[qtype]:
+        raw = random_weight(qtype, n_rows, n_cols, rng)
+        x = rng.standard_normal((80, n_cols)).astype(np.float32)
+        scale = bound(raw, qtype, x[:2])
+        mm = MatmulOps(rt, batch_invariant=invariant)
+        w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
+        xb = rt.upload(x, "test.x")
+        rows = []
+        # (plan's max_tokens, tokens in the step): token 0 alone, then in groups of 2, 4, 8 (+4 +1), and the
+        # prompt plan; token 1 in a group of 2 and inside the 80-token prompt
+        for n_max, n in ((1, 1), (16, 1), (16, 2), (16, 4), (16, 13), (80, 80), (80, 3)):
+            y = rt.alloc(4 * n_max * n_rows, "test.y")
+            run_launches(rt, mm.matmul(w, xb, y, n_max), step_vars(n))
+            rows.append(read(rt, y, (n_max, n_rows))[:2])
+        token0 = [r[0] for r in rows]
+        token1 = [rows[2][1], rows[5][1]]
+        if invariant:
+            for i, r in enumerate(token0[1:]):
+                assert np.array_equal(r, token0[0]), f"{qtype.name} {n_rows}x{n_cols}: variant {i + 1} differs"
+            assert np.array_equal(*token1), f"{qtype.name} {n_rows}x{n_cols}: token 1 differs"
+        else:
+            for r in token0[1:]:
+                assert np.max(np.abs(r - token0[0]) / scale[0]) < 1e-6
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_K, T.BF16], ids=lambda t: t.name)

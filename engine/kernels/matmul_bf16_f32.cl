@@ -23,7 +23,7 @@ static __attribute__((always_inline)) inline void tile_bf16(const int TT, const 
         }
     }
     for (int c = n_main; c < nb; c++) {
-        MM_COL(s, bf16x16_to_float16(LD_US16(wt, c)), x + c, 0)
+        MM_COL(s, bf16x16_to_float16(LD_US16(wt, c)), x + c, c % NA)
     }
     MM_BLOCK_END(s, (float16)(1.0f))
     MM_STORE(y)

@@ -20,8 +20,8 @@
 // sums are live, and each column decoded to d sc q - dmin m (one FMA shared by the tokens: a sum of x
 // per token and sub-block of 16 cost more: 78 against 160 GFLOP/s on a prompt).
 static __attribute__((always_inline)) inline void tile_q2_k(const int TT, const int NA, MM_TILE_PARAMS) {
-    const int G = TT == 1 ? 4 : 1;       // groups per pass
-    const int NC = TT == 1 ? 2 : NA;     // chains per sub-block
+    const int G = MM_ONE_TOKEN(TT) ? 4 : 1;       // groups per pass
+    const int NC = MM_ONE_TOKEN(TT) ? 2 : NA;     // chains per sub-block
     const int U = MM_UNROLL(16, 4);
     MM_ACC_DECL
     for (int b = 0; b < nb; b++) {
@@ -46,13 +46,13 @@ static __attribute__((always_inline)) inline void tile_q2_k(const int TT, const 
                             const int16 a = convert_int16(LD_UC16(qs, 16 * hl + l + k)) >> (2 * g0);
                             _Pragma("unroll") for (int g = 0; g < G; g++) {
                                 const float16 q = convert_float16((a >> (2 * g)) & 3);
-                                const float16 w = TT == 1 ? q : fma(q, dsc[g], nm[g]);
+                                const float16 w = MM_ONE_TOKEN(TT) ? q : fma(q, dsc[g], nm[g]);
                                 MM_COL(s[g], w, xs + 32 * g + l + k, (l + k) % NC)
                             }
                         }
                     }
                     _Pragma("unroll") for (int g = 0; g < G; g++) {
-                        if (TT == 1) {
+                        if (MM_ONE_TOKEN(TT)) {
                             MM_BLOCK_END_MIN(s[g], dsc[g], nm[g], xs + 32 * g, 16)
                         } else {
                             MM_BLOCK_END(s[g], (float16)(1.0f))

@@ -19,9 +19,9 @@
 // sub-block as -4 d sc sum(x). Several tokens: one group per pass, so that only one sub-block's TT x NA
 // sums are live, and the 4 subtracted per column (one integer op shared by the tokens).
 static __attribute__((always_inline)) inline void tile_q3_k(const int TT, const int NA, MM_TILE_PARAMS) {
-    const int G = TT == 1 ? 4 : 1;       // groups per pass
-    const int NC = TT == 1 ? 2 : NA;     // chains per sub-block
-    const int off = TT == 1 ? 0 : 4;
+    const int G = MM_ONE_TOKEN(TT) ? 4 : 1;       // groups per pass
+    const int NC = MM_ONE_TOKEN(TT) ? 2 : NA;     // chains per sub-block
+    const int off = MM_ONE_TOKEN(TT) ? 0 : 4;
     const int U = MM_UNROLL(16, 4);
     MM_ACC_DECL
     for (int b = 0; b < nb; b++) {
@@ -46,7 +46,7 @@ static __attribute__((always_inline)) inline void tile_q3_k(const int TT, const 
                     }
                     _Pragma("unroll") for (int g = 0; g < G; g++) {
                         const float16 dsc = d * q3_k_scale(tb + Q3_K_SC, 8 * n + 2 * (g0 + g) + hl);
-                        if (TT == 1) {
+                        if (MM_ONE_TOKEN(TT)) {
                             MM_BLOCK_END_MIN(s[g], dsc, dsc * -4.0f, xs + 32 * g, 16)
                         } else {
                             MM_BLOCK_END(s[g], dsc)

@@ -22,7 +22,7 @@ static __attribute__((always_inline)) inline void tile_q4_0(const int TT, const 
         // one token: raw nibbles 0..15 are summed and the -8 applied once per block as -8 d sum(x); several
         // tokens: 8 is subtracted per column, one integer op shared by all the tokens instead of a
         // horizontal sum of x per token
-        const int off = TT == 1 ? 0 : 8;
+        const int off = MM_ONE_TOKEN(TT) ? 0 : 8;
         _Pragma("unroll 1") for (int j = 0; j < 16; j += U) {
             _Pragma("unroll") for (int k = 0; k < U; k++) {
                 const int16 q = convert_int16(LD_UC16(qs, j + k));
@@ -31,7 +31,7 @@ static __attribute__((always_inline)) inline void tile_q4_0(const int TT, const 
             }
         }
         const float16 d = half16_to_float16(LD_US16(tb, 0));
-        if (TT == 1) {
+        if (MM_ONE_TOKEN(TT)) {
             MM_BLOCK_END_MIN(s, d, d * -8.0f, xb, 32)
         } else {
             MM_BLOCK_END(s, d)

@@ -22,7 +22,7 @@ static __attribute__((always_inline)) inline void tile_q5_0(const int TT, const 
         MM_PART_DECL(s)
         const int U = MM_UNROLL(16, 2);
         // the -16 as Q4_0's -8: once per block for one token, per column (shared by the tokens) for several
-        const int off = TT == 1 ? 0 : 16;
+        const int off = MM_ONE_TOKEN(TT) ? 0 : 16;
         _Pragma("unroll 1") for (int j = 0; j < 16; j += U) {
             _Pragma("unroll") for (int k = 0; k < U; k++) {
                 const int16 q = convert_int16(LD_UC16(qs, j + k));
@@ -33,7 +33,7 @@ static __attribute__((always_inline)) inline void tile_q5_0(const int TT, const 
             }
         }
         const float16 d = half16_to_float16(LD_US16(tb, 0));
-        if (TT == 1) {
+        if (MM_ONE_TOKEN(TT)) {
             MM_BLOCK_END_MIN(s, d, d * -16.0f, xb, 32)
         } else {
             MM_BLOCK_END(s, d)

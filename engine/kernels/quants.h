@@ -205,6 +205,23 @@ static __attribute__((always_inline)) inline float16 q3_k_scale(__global const u
 #define MM_UNROLL(N, M) (TT == 1 ? (N) : (M))
 #define MM_NA_MAX 4
 
+// Batch invariance (-DMM_BATCH_INVARIANT, engine/ops/matmul.py; on unless --no-batch-invariant): every
+// token group size runs the same arithmetic - NA chains of MM_NA_INVARIANT, each column in the same chain
+// (every U is a multiple of NA, so the unrolling changes the loop, not the chain of a column), the same
+// decode of the weights - so a token's result is bit-identical whether it is alone in its step, batched with
+// other requests or among drafts being verified. Without it the one-token tile takes shortcuts that round
+// differently: more chains, and scales and offsets applied per block instead of per column.
+#ifdef MM_BATCH_INVARIANT
+#ifndef MM_NA_INVARIANT
+#define MM_NA_INVARIANT 1
+#endif
+#define MM_ONE_TOKEN(TT) 0
+#define MM_NA(NA) MM_NA_INVARIANT
+#else
+#define MM_ONE_TOKEN(TT) ((TT) == 1)
+#define MM_NA(NA) (NA)
+#endif
+
 #define MM_ACC_DECL                                                                                         \
     float16 acc[MM_TT_MAX];                                                                                 \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
@@ -261,9 +278,9 @@ static __attribute__((always_inline)) inline float16 mm_part_sum(float16 *s, con
 // Types with an offset per block of 32 (Q4_1, Q5_1: w = d q + m). One token: raw q summed, scale and offset
 // applied once per block (the offset as m sum(x)). Several tokens: each column decoded to d q + m, one FMA
 // shared by the tokens, where a sum of x per token and block cost more (Q4_1 prompt: 40 against 95 GFLOP/s).
-#define Q_1_WEIGHT(q, d, m) (TT == 1 ? convert_float16(q) : fma(convert_float16(q), (d), (m)))
+#define Q_1_WEIGHT(q, d, m) (MM_ONE_TOKEN(TT) ? convert_float16(q) : fma(convert_float16(q), (d), (m)))
 #define Q_1_BLOCK_END(s, d, m, xb)                                                                          \
-    if (TT == 1) {                                                                                          \
+    if (MM_ONE_TOKEN(TT)) {                                                                                          \
         MM_BLOCK_END_MIN(s, d, m, xb, 32)                                                                   \
     } else {                                                                                                \
         MM_BLOCK_END(s, (float16)(1.0f))                                                                    \
@@ -319,16 +336,16 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
         __global float *yt = y + y_off + (size_t)t0 * ldy + r0;                                             \
         const int rem = t1 - t0;                                                                            \
         if (rem >= 8) {                                                                                     \
-            TILE_FN(8, 1, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                                   \
+            TILE_FN(8, MM_NA(1), wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                           \
             t0 += 8;                                                                                        \
         } else if (rem >= 4) {                                                                              \
-            TILE_FN(4, 2, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                                   \
+            TILE_FN(4, MM_NA(2), wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                           \
             t0 += 4;                                                                                        \
         } else if (rem >= 2) {                                                                              \
-            TILE_FN(2, 4, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                                   \
+            TILE_FN(2, MM_NA(4), wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                           \
             t0 += 2;                                                                                        \
         } else {                                                                                            \
-            TILE_FN(1, 4, wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                                   \
+            TILE_FN(1, MM_NA(4), wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                           \
             t0 += 1;                                                                                        \
         }                                                                                                   \
     }

@@ -47,7 +47,7 @@ def matmul_kernel_file(qtype) -> str:
 class MatmulOps:
     """Builds the matmul / get_rows programs lazily (once per weight type) and prepares launches."""
 
-    def __init__(self, rt):
+    def __init__(self, rt, *, batch_invariant: bool = True):
         self.rt = rt
         self._programs: dict[tuple[str, T], cl.Program] = {}
         self.is_cpu = bool(rt.device.type & cl.device_type.CPU)
@@ -57,6 +57,11 @@ class MatmulOps:
         self.gpu_matvec = not self.is_cpu and os.environ.get("NEXTN_GPU_MATVEC") == "1"
         # software prefetch helps a CPU stream the weights (kernels/quants.h); a GPU has no use for it
         self.defines = {"MM_PREFETCH_BYTES": PREFETCH_BYTES} if self.is_cpu else {}
+        # one arithmetic for every token group size (kernels/quants.h): a request's logits do not depend on
+        # what else shares its step
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            self.defines["MM_BATCH_INVARIANT"] = 1
 
     def _program(self, kind: str, qtype) -> cl.Program:
         key = (kind, T(qtype))
