@@ -289,6 +289,35 @@ def test_unparseable_http_gets_an_openai_error_and_no_traceback(model):
     shutil.rmtree(d, ignore_errors=True)
 
 
+def test_a_long_prompt_does_not_stall_the_event_loop(server, model):
+    """Issue 14 item 5: the tokenizers library holds the GIL for a whole text, so a 2 MB prompt stopped /health
+    and every stream for ~7 s although it was tokenized in a thread; long texts now go to a worker process."""
+    from nextn.gguf.model_file import ModelFile
+    from nextn.tokenizer import Tokenizer
+
+    text = "".join(random.Random(5).choice(["hello ", "world", "!", "\n", " 42", "été", "a" * 50]) for _ in range(4000))
+    want = Tokenizer.from_metadata(ModelFile(model).meta).encode(text, add_special=False, parse_special=True)
+    r = http(server).post("/tokenize", json={"content": text})
+    assert r.status_code == 200 and r.json()["tokens"] == want  # the worker encodes as the server would
+    lat, done = [], threading.Event()
+
+    def poll():
+        with http(server) as c:
+            while not done.is_set():
+                t = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                lat.append(time.perf_counter() - t)
+                time.sleep(0.01)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    r = http(server, timeout=300).post("/v1/completions", json={"prompt": "a" * (2 << 20), "max_tokens": 1})
+    done.set()
+    t.join()
+    assert r.status_code == 400 and "the context holds 256" in r.json()["error"]["message"]
+    assert len(lat) > 20 and max(lat) < 1.5, (len(lat), max(lat))
+
+
 def test_half_sent_request_does_not_hurt_the_server(server):
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(server))

@@ -28,6 +28,7 @@ from nextn import default_model
 from nextn.errors import ConfigError
 from nextn.server import systemd as sd
 from nextn.server.routes import AppRunner, make_app
+from nextn.server.tokenize_pool import Encoder
 
 log = logging.getLogger("nextn.server")
 
@@ -109,6 +110,7 @@ class State:
         self.reload_args = reload_args  # (config_file, overrides) to load the same way again
         self.runner = None
         self.scheduler = None
+        self.encoder = None  # the runner's tokenizer for request texts, long ones in a worker (tokenize_pool)
         self.model_name = ""
         self.loading = True
         self.stopping = False
@@ -123,6 +125,7 @@ def _load_model(state: State, on_failure, beat_every: float | None) -> None:
     status = log_progress(also=lambda pct: sd.notify(f"STATUS=loading {Path(state.cfg.model.path).name}: {pct}%"))
     engine = build(state.cfg, progress=status)
     state.runner = engine.runner
+    state.encoder = Encoder(engine.runner.tokenizer, engine.runner.file.meta)
     state.model_name = engine.model_name
     state.scheduler = engine.scheduler
     state.scheduler.on_failure = on_failure
@@ -235,6 +238,8 @@ async def run_server(cfg, reload_args=(None, None), sockets: list[socket.socket]
         for t in tasks:
             t.cancel()
         await runner.cleanup()
+        if state.encoder is not None:
+            state.encoder.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 

@@ -234,8 +234,8 @@ async def tokenize(request):
     if not isinstance(add_special, bool) or not isinstance(parse_special, bool):
         raise RequestError("'add_special' and 'parse_special' must be true or false")
     tokens = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: state.runner.tokenizer.encode(body["content"], add_special=add_special,
-                                                    parse_special=parse_special))  # off the event loop
+        None, lambda: state.encoder.encode(body["content"], add_special=add_special,
+                                           parse_special=parse_special))  # off the event loop (a long text: the GIL too)
     return web.json_response({"tokens": tokens})
 
 
@@ -271,9 +271,9 @@ async def _completion(request, chat: bool):
     cfg = state.cfg
     body = await read_json(request, cfg.limits.max_body_bytes, cfg.limits.body_timeout)
     parse = openai_api.parse_chat if chat else openai_api.parse_completion
-    # the chat template and the tokenizer run off the event loop: a long prompt must not stall every stream
-    p = await asyncio.get_running_loop().run_in_executor(None, parse, body, state.runner.tokenizer, cfg.sampling,
-                                                         cfg.limits)
+    # the chat template and the tokenizer run off the event loop, a long text in a worker process (it would hold
+    # the GIL): a long prompt must not stall every stream
+    p = await asyncio.get_running_loop().run_in_executor(None, parse, body, state.encoder, cfg.sampling, cfg.limits)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
