@@ -9,13 +9,13 @@ The tiny models have a window of 8 and n_batch 32, so sliding layers keep a ring
 
 import numpy as np
 import pytest
-
-from nextn.cl.runtime import Runtime
-from nextn.errors import ModelLoadError
-from nextn.runner import ModelRunner
-from nextn.devtools.tiny import make_tiny
 from reference import ReferenceModel
 from test_engine_qwen35 import PROMPT, engine_greedy, spread_error, tolerance
+
+from nextn.cl.runtime import Runtime
+from nextn.devtools.tiny import make_tiny
+from nextn.errors import ModelLoadError
+from nextn.runner import ModelRunner
 
 TYPES = ("F32", "Q8_0", "Q4_K")
 N_GREEDY = 64
@@ -31,8 +31,9 @@ def models(tmp_path_factory):
         key = (qtype, mtp, tuple(sorted(kw.items())))
         if key not in cache:
             # every row length a multiple of 256, so the K-quants are legal for every matrix
-            args = dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=2,
-                        n_ff_exp=256, n_ff_shexp=256, qk_norm=True, n_swa=8, n_nextn=N_NEXTN)
+            args = {"n_embd": 256, "n_ff": 512, "n_head": 4, "n_head_kv": 2, "head_dim": 64, "n_expert": 8,
+                    "n_expert_used": 2, "n_ff_exp": 256, "n_ff_shexp": 256, "qk_norm": True, "n_swa": 8,
+                    "n_nextn": N_NEXTN}
             args.update(kw)
             cache[key] = make_tiny(d / f"step35-{qtype}-{mtp}-{len(cache)}.gguf", arch="step35", qtype=qtype,
                                    seed=3, mtp=mtp, **args)
@@ -56,8 +57,8 @@ def test_logits_and_greedy_match_reference(rt, models, qtype):
     assert engine_greedy(runner, 0, PROMPT, N_GREEDY) == expect
 
 
-@pytest.mark.parametrize("variant", [dict(qk_norm=False), dict(rope_freqs=True), dict(swiglu_limit=0.0, tied=True),
-                                     dict(n_swa=3, n_dense_lead=0)])
+@pytest.mark.parametrize("variant", [{"qk_norm": False}, {"rope_freqs": True}, {"swiglu_limit": 0.0, "tied": True},
+                                     {"n_swa": 3, "n_dense_lead": 0}])
 def test_variants_match_reference(rt, models, variant):
     """No q/k norms, Llama-3 rope factors (full layers only), no SwiGLU limits with a tied head, a window of
     3 and no dense layer: each optional part is read from the file and computed as llama.cpp does."""
@@ -75,7 +76,6 @@ def test_sliding_window_is_what_attention_sees(rt, models, tmp_path):
     """The same file with a window as long as the context gives other logits past the window, the same
     before it: the window is applied, and only where it should be."""
     import gguf
-
     from gguf_edit import rewrite
 
     path = models("F32", mtp=False)
@@ -193,8 +193,8 @@ def test_trunk_only_file_runs_and_refuses_mtp_clearly(rt, models, tmp_path):
     """A file whose metadata declares the MTP blocks (nextn_predict_layers = 3) without their tensors: the trunk
     runs, draft-mtp is refused with a message saying what is missing, and `nextn inspect` says so."""
     import gguf
-
     from gguf_edit import rewrite
+
     from nextn.model_info import describe
 
     src = models("Q8_0")
@@ -223,7 +223,6 @@ def test_trunk_only_file_runs_and_refuses_mtp_clearly(rt, models, tmp_path):
 ])
 def test_bad_metadata_is_refused_naming_the_key(rt, models, tmp_path, key, value, vtype, match):
     import gguf
-
     from gguf_edit import rewrite
 
     path = rewrite(models("F32"), tmp_path / "bad.gguf", drop_keys=(key,),
@@ -244,8 +243,9 @@ def spec_runner(models):
 def test_greedy_output_identical_with_every_drafter(spec_runner, tmp_path_factory):
     """Plain greedy output equals the output with each draft type (the three chained MTP blocks, n-gram
     drafters, a draft model, chains of them) at n-max 1, 2, 3; some drafts are accepted, some rolled back."""
-    from nextn.spec.speculator import SpecConfig
     from test_speculative import NGRAM, generate
+
+    from nextn.spec.speculator import SpecConfig
 
     runner = spec_runner
     draft = ModelRunner(make_tiny(tmp_path_factory.mktemp("d") / "d.gguf", arch="qwen3", qtype="Q8_0", seed=9),
@@ -273,8 +273,9 @@ def test_greedy_output_identical_with_every_drafter(spec_runner, tmp_path_factor
 def test_mtp_chain_drafts_up_to_one_token_per_block(spec_runner):
     """draft-mtp at n-max 3 with 3 blocks drafts 3 tokens a step (llama.cpp caps n-max at the block count),
     and the tiny model's blocks draft well: most are accepted; output equals plain decoding."""
-    from nextn.spec.speculator import SpecConfig
     from test_speculative import generate
+
+    from nextn.spec.speculator import SpecConfig
 
     prompt = spec_runner.tokenizer.encode("one two three four", True, False)
     plain, _ = generate(spec_runner, None, prompt, 24)

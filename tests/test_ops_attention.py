@@ -211,7 +211,7 @@ def test_sliding_window_over_a_ring(rt, shape, window):
         for p in range(int(pos[seq == s].max()) + 1):  # in order: later positions overwrite earlier ones
             k_ring[s, p % rows], v_ring[s, p % rows] = keys[s, p], vals[s, p]
     q = rng.standard_normal((n, n_head, head_dim)).astype(np.float32)
-    b = {name: rt.upload(a, name) for name, a in dict(q=q, kc=k_ring, vc=v_ring, pos=pos, seq=seq).items()}
+    b = {name: rt.upload(a, name) for name, a in {"q": q, "kc": k_ring, "vc": v_ring, "pos": pos, "seq": seq}.items()}
     b["out"] = rt.upload(np.zeros((n, n_head * head_dim), np.float32), "out")
     scale = 1.0 / np.sqrt(head_dim)
     launches = attention(rt, b["q"], b["kc"], b["vc"], b["pos"], b["seq"], b["out"], n_head, n_head_kv, head_dim,
