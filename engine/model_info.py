@@ -48,6 +48,7 @@ def model_summary(path, n_ctx: int | None = None, n_batch: int = 512, kv_types: 
         names = arch.mtp_tensor_names(hp, infos)
         summary["mtp"] = {
             "layer": hp.n_layer,
+            "blocks": arch.mtp_layers(hp),  # step35: several, drafting in a chain
             "tensors": len(names),
             "parameters": sum(int(infos[n].n_rows * infos[n].n_cols) for n in names),
             "own_embedding": any(n.endswith("nextn.embed_tokens.weight") for n in names),
@@ -84,7 +85,9 @@ def describe(path, n_ctx: int | None = None, as_json: bool = False, kv_types: KV
         lines.append("MTP block:    none (speculation can use the n-gram drafters or a draft model)")
     else:
         shared = [part for part, own in (("embedding", m["own_embedding"]), ("head", m["own_head"])) if not own]
-        lines.append(f"MTP block:    layer {m['layer']}, {m['tensors']} tensors, {m['parameters']:,} "
+        where = f"layer {m['layer']}" if m["blocks"] == 1 else \
+            f"layers {m['layer']}..{m['layer'] + m['blocks'] - 1} ({m['blocks']} blocks drafting in a chain)"
+        lines.append(f"MTP block:    {where}, {m['tensors']} tensors, {m['parameters']:,} "
                      f"parameters" + (f" (shares the trunk's {' and '.join(shared)})" if shared else ""))
         lines.append("  loaded only when MTP drafting is asked for; it then adds:")
         for k, v in m["memory_bytes"].items():
