@@ -30,12 +30,24 @@ def model(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("srv") / "m.gguf", arch="qwen3", qtype="Q8_0", seed=2)
 
 
+class Served(subprocess.Popen):
+    """A `nextn serve` process whose log goes to a temporary file; communicate() returns it as stderr. A pipe
+    that nobody reads while the test runs fills at 64 KiB (a few thousand request lines) and then the server
+    blocks writing its log: the long API fuzz stalled that way after about 3,000 requests."""
+
+    def __init__(self, args, env):
+        self.log = tempfile.TemporaryFile("w+")
+        super().__init__(args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+
+    def communicate(self, input=None, timeout=None):
+        out, _ = super().communicate(input, timeout)
+        self.log.seek(0)
+        return out, self.log.read()
+
+
 def start(model, sock, *extra, env=None, wait=True):
-    p = subprocess.Popen(
-        [sys.executable, "-m", "nextn", "serve", "-m", str(model), "--socket", str(sock), "-np", "4", "-c", "256",
-         "-b", "64", "--max-queue", "32", *map(str, extra)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ.copy(),
-    )
+    p = Served([sys.executable, "-m", "nextn", "serve", "-m", str(model), "--socket", str(sock), "-np", "4", "-c",
+                "256", "-b", "64", "--max-queue", "32", *map(str, extra)], env=env or os.environ.copy())
     if wait:
         wait_ready(sock, p)
     return p
@@ -47,7 +59,7 @@ def wait_ready(sock, proc=None, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()}")
+            raise AssertionError(f"server exited {proc.returncode}: {proc.communicate()[1]}")
         try:
             if http(sock).get("/health").status_code == 200:
                 return
