@@ -36,7 +36,7 @@ class Served(subprocess.Popen):
     blocks writing its log: the long API fuzz stalled that way after about 3,000 requests."""
 
     def __init__(self, args, env):
-        self.log = tempfile.TemporaryFile("w+")
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process object)
         super().__init__(args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
 
     def communicate(self, input=None, timeout=None):
