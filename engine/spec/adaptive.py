@@ -10,9 +10,13 @@ per position from the verifier's results), a step that drafts k tokens emits on 
 
     E_k = 1 + a_0 + a_0 a_1 + ... + a_0 ... a_{k-1}      (the verifier always emits one token of its own)
 
-and takes C_k = step(n_other + k + 1) + k * draft_per_token seconds, step() being the measured wall time of a
-target step by the number of tokens in it (StepCost, shared by the slots of one model) and n_other the tokens
-the other slots put in the same step. AdaptiveDraft.choose() returns the k in {0} u [max(1, n_min), n_max]
+and takes C_k = step(n_other + k + 1) + draft(k) seconds, step() being the measured wall time of a target
+step by the number of tokens in it (StepCost, shared by the slots of one model), n_other the tokens the other
+slots put in the same step, and draft(k) the drafter's time: k times its cost per token for a draft model,
+but for the MTP block a pass over the step's tokens that runs at every step whatever k is (its KV must hold
+every position) and yields the first draft, plus k - 1 further steps of the block. That pass is paid at
+k = 0 too: counting it only against drafting made the controller fall back to plain decoding that was
+slower than drafting one token. AdaptiveDraft.choose() returns the k in {0} u [max(1, n_min), n_max]
 that maximizes the step's useful tokens per second, (n_other + E_k) / C_k - alone, the slot's own rate
 E_k / C_k; in a full batch, the other slots' tokens count too, so a slot does not speed itself up by slowing
 everyone else down more. k = 0 is a plain decode step. A slot that always drafts takes a plain step now and
@@ -57,6 +61,8 @@ class StepCost:
         self._sizes: list[int] = []  # measured sizes, ascending
         self._draft: deque = deque(maxlen=window)
         self._draft_median = 0.0
+        self._pass: deque = deque(maxlen=window)
+        self._pass_median = 0.0
         self._slopes: dict[bool, float] = {}  # cached _slope(multi-token sizes only?), cleared on observe
 
     def observe(self, n_tokens: int, seconds: float) -> None:
@@ -72,18 +78,29 @@ class StepCost:
         self._slopes.clear()
 
     def observe_draft(self, n_drafted: int, seconds: float) -> None:
-        """Record the drafter's time for n_drafted tokens (an MTP head or a draft model costs per token; an
-        n-gram lookup costs ~nothing and need not be reported)."""
+        """Record the drafter's time for n_drafted tokens drafted one step at a time (a draft model's; the MTP
+        block's drafts after the first; an n-gram lookup costs ~nothing and need not be reported)."""
         if n_drafted < 1 or not (seconds >= 0.0 and math.isfinite(seconds)):
             return
         self._draft.append(seconds / n_drafted)
         self._draft_median = _median(self._draft)
 
+    def observe_draft_pass(self, seconds: float) -> None:
+        """Record the drafter's pass that runs at every step whatever the draft length and yields each drafting
+        slot's first draft (the MTP block over the step's tokens)."""
+        if not (seconds >= 0.0 and math.isfinite(seconds)):
+            return
+        self._pass.append(seconds)
+        self._pass_median = _median(self._pass)
+
     def measured_sizes(self) -> list[int]:
         return list(self._sizes)
 
     def draft_seconds(self, n_drafted: int) -> float:
-        """Estimated drafter time for n_drafted tokens (0 until observe_draft is called)."""
+        """Estimated drafter time of a step that drafts n_drafted tokens (0 until observed): the every-step
+        pass, if the drafter has one (it also yields the first draft), plus the per-token cost of the rest."""
+        if self._pass:
+            return self._pass_median + self._draft_median * max(0, n_drafted - 1)
         return self._draft_median * n_drafted
 
     def seconds(self, n_tokens: int) -> float:
@@ -237,7 +254,7 @@ class AdaptiveDraft:
         """(k, E_k, C_k, C_0) maximizing the step's useful tokens per second, (n_other + E_k) / C_k, over the
         allowed lengths; n_other = 0 is the slot's own rate E_k / C_k."""
         cost = self.cost
-        c0 = cost.seconds(n_other + 1)
+        c0 = cost.seconds(n_other + 1) + cost.draft_seconds(0)
         best = (0, 1.0, c0)
         best_rate = (n_other + 1.0) * (1.0 + self.min_gain) / c0
         reach, expected = 1.0, 1.0

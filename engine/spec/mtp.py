@@ -107,6 +107,8 @@ class MtpDrafter(BatchDrafter):
                 s = part[i][0]
                 state[s.index] = _Drafting(row=i, hidden=[r.mtp_hidden_row(0, i)])
                 state[s.index].take(s, int(top[j]), None if lg is None else lg[j])
+        t1 = time.perf_counter()
+        self.step_cost.observe_draft_pass(t1 - t0)  # paid at every step, drafting or not
         if heads > 1:
             self._chain(drafting, state, heads)
             heads = 0  # no single-head drafting below
@@ -124,8 +126,9 @@ class MtpDrafter(BatchDrafter):
                 state[s.index].take(s, int(top[j]), None if lg is None else lg[j])
         for idx, st in state.items():
             drafting[idx].spec.held[TYPE].hold(st.tokens, st.probs)
-        # the whole pass counts as drafting cost (its catch-up part runs at k = 0 too: conservative)
-        self.step_cost.observe_draft(sum(len(st.tokens) for st in state.values()), time.perf_counter() - t0)
+        # the drafts after each slot's first, one block step at a time
+        self.step_cost.observe_draft(sum(max(0, len(st.tokens) - 1) for st in state.values()),
+                                     time.perf_counter() - t1)
 
     def _chain(self, drafting: dict, state: dict, heads: int) -> None:
         """Drafts 2.. of chained heads: head i over each slot's d1..d_i at positions n_past+1.., d_t paired
