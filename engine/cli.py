@@ -6,6 +6,10 @@ import sys
 
 from nextn.errors import NextnError
 
+# the random bench models' architectures: nextn.devtools.bench.BENCH_MODELS (not imported here: it loads
+# pyopencl; tests/test_bench.py checks the two agree)
+BENCH_ARCHS = ("qwen3", "qwen35", "qwen35moe", "glm4moe", "step35")
+
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -96,7 +100,9 @@ def cmd_tokenize(args) -> int:
     from nextn.gguf.model_file import ModelFile
     from nextn.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_metadata(ModelFile(args.model).meta)
+    from nextn import default_model
+
+    tok = Tokenizer.from_metadata(ModelFile(args.model or default_model.path()).meta)
     print(json.dumps(tok.encode(args.text, add_special=not args.no_bos, parse_special=not args.no_parse_special)))
     return 0
 
@@ -273,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("tokenize", help="print the token ids of a text as a JSON list")
-    t.add_argument("-m", "--model", required=True)
+    t.add_argument("-m", "--model", default=None, help="GGUF whose vocabulary is used (default: the embedded "
+                   "default model)")
     t.add_argument("text")
     t.add_argument("--no-bos", action="store_true", help="do not add BOS even if the model asks for it")
     t.add_argument("--no-parse-special", action="store_true",
@@ -298,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure prompt and decode speed against the memory-bandwidth bound")
     b.add_argument("-m", "--model", default=None, help="GGUF to measure (default: a random ~300M Q8_0 model of --arch)")
-    b.add_argument("--arch", default=None, choices=("qwen3", "qwen35", "qwen35moe", "glm4moe"),
+    b.add_argument("--arch", default=None, choices=BENCH_ARCHS,
                    help="architecture of the default random model (default: qwen3; qwen35 with --spec)")
     b.add_argument("--type", default="Q8_0", type=str.upper,
                    help="weight type of the default random model (any make-tiny --type; default Q8_0)")
@@ -340,7 +347,7 @@ def _bench_subcommands(b) -> None:
     common.add_argument("-m", "--model", default=None,
                         help="GGUF to measure (default: a random ~300M Q8_0 model of --arch: qwen35 with its MTP "
                              "block when a configuration uses draft-mtp, else qwen3)")
-    common.add_argument("--arch", default=None, choices=("qwen3", "qwen35", "qwen35moe", "glm4moe"))
+    common.add_argument("--arch", default=None, choices=BENCH_ARCHS)
     common.add_argument("--type", default="Q8_0", type=str.upper, help="weight type of the default random model")
     common.add_argument("--config", action="append", metavar="TYPES[:KEY=VALUE,...]",
                         type=_bench_type("configs", "parse_config"),

@@ -452,3 +452,12 @@ def bench_old(capsys, *argv):
     assert rc == 0, out.err
     return out.out
 
+
+
+def test_bench_arch_choices_are_the_bench_models():
+    """`nextn bench --arch` offers exactly the random bench models (the CLI keeps its own list so that it
+    starts without loading pyopencl)."""
+    from nextn import cli
+    from nextn.devtools.bench import BENCH_ARCHS
+
+    assert cli.BENCH_ARCHS == BENCH_ARCHS

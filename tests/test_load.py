@@ -6,7 +6,7 @@ Asserted: no 5xx and no error in any stream, every slot free at the end (/slots)
 under 5% between the end of a warm-up round and the end, at most one log line per disconnect and no
 traceback. The figures are printed (`pytest -m slow -s tests/test_load.py`) so they can be quoted.
 
-NEXTN_LOAD_SECONDS sets the measured duration (default 90; the issue asked for 120), NEXTN_LOAD_WARMUP the
+NEXTN_LOAD_SECONDS sets the measured duration (default 120, as issue 14 asks), NEXTN_LOAD_WARMUP the
 warm-up's (default 20), NEXTN_LOAD_CLIENTS the number of clients (default 32).
 """
 
@@ -147,7 +147,7 @@ def wait_idle(sock, timeout=30):
 
 @pytest.mark.slow
 def test_32_clients_with_disconnects_mtp_prompt_cache(tmp_path):
-    seconds = float(os.environ.get("NEXTN_LOAD_SECONDS", "90"))
+    seconds = float(os.environ.get("NEXTN_LOAD_SECONDS", "120"))
     warmup = float(os.environ.get("NEXTN_LOAD_WARMUP", "20"))
     n_clients = int(os.environ.get("NEXTN_LOAD_CLIENTS", "32"))
     model = make_tiny(tmp_path / "m.gguf", arch="qwen35", qtype="Q8_0", seed=2, mtp=True)
