@@ -34,10 +34,10 @@ BENCH_MODELS = {
                     head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, n_expert=32, n_expert_used=4,
                     n_ff_exp=512, n_expert_shared=1, n_dense_lead=1, mtp=True),
     # Step-3.5-Flash's pattern at n_embd 1024: a dense full-attention layer, two sliding-window MoE layers, a
-    # full MoE layer (32 experts, 4 used, a shared expert), twice the query heads in sliding layers, and
-    # its three chained MTP blocks
+    # full MoE layer (16 experts, 4 used, a shared expert; 16 keep the three MoE MTP blocks within ~300M),
+    # twice the query heads in sliding layers, and its three chained MTP blocks
     "step35": dict(arch="step35", qtype="Q8_0", seed=0, n_embd=1024, n_layer=4, n_head=8, n_head_kv=2,
-                   head_dim=128, n_ff=3072, n_ctx=4096, tied=True, n_expert=32, n_expert_used=4, n_ff_exp=512,
+                   head_dim=128, n_ff=3072, n_ctx=4096, tied=True, n_expert=16, n_expert_used=4, n_ff_exp=512,
                    n_ff_shexp=512, n_dense_lead=1, n_swa=512, mtp=True, n_nextn=3),
 }
 BENCH_ARCHS = tuple(BENCH_MODELS)
