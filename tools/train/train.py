@@ -6,7 +6,8 @@ on the Python standard library's source, then writes it as GGUF.
 Stages (each cached in WORK_DIR, so an interrupted run resumes where it stopped; checkpoints every
 --checkpoint steps):
  1. vocabulary: byte-level BPE (vocab.py) learned from the training files; the files tokenized, one
-    <|endoftext|> between files.
+    <|endoftext|> between files; the training files cut at a few places after a space or a line break and
+    each piece tokenized alone (--cut-rate: a prompt ending in "def " works, see encode_with_cuts).
  2. trunk: next-token cross-entropy on random windows of --ctx tokens (window starts drawn from a generator
     seeded by (seed, step), so a resumed run draws what an uninterrupted one would), AdamW, linear warm-up then
     cosine decay, a fixed number of steps.
@@ -25,6 +26,7 @@ runs on the cores given by --threads; the same seed and thread count give the sa
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -55,7 +57,23 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------- data
 
 
-def prepare_data(work: Path, n_vocab: int):
+# a prompt ends where its user stopped typing, often after a space or a line break ("def ", "):\n"), and its
+# last token is then a lone " " or "\n" that whole-file tokenization never puts before a word (the space goes
+# with the word: " name"); a model that never saw one continues it as it would a double space. So the
+# training files are cut at a few such points and each piece tokenized alone.
+CUT_AT = re.compile(r"(?<=[ \n])(?=\S)|(?<=\n)(?=[ \t])")
+
+
+def encode_with_cuts(tok: Tokenizer, text: str, rng: np.random.Generator, rate: float) -> list[int]:
+    """Token ids of text cut at a fraction `rate` of the places after a space or a line break, each piece
+    tokenized alone."""
+    cuts = [m.start() for m in CUT_AT.finditer(text)]
+    cuts = [c for c, keep in zip(cuts, rng.random(len(cuts)) < rate) if keep]
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    return [t for enc in tok.encode_batch(pieces) for t in enc.ids]
+
+
+def prepare_data(work: Path, n_vocab: int, seed: int, cut_rate: float):
     tok_path = work / "tokenizer.json"
     train_files, held_files = corpus.split()
     if tok_path.exists():
@@ -70,8 +88,12 @@ def prepare_data(work: Path, n_vocab: int):
         path = work / f"{name}.npy"
         if not path.exists():
             ids = []
-            for f in tqdm(files, desc=f"tokenizing {name}", mininterval=5):
-                ids.extend(tok.encode(corpus.read(f)).ids)
+            for i, f in enumerate(tqdm(files, desc=f"tokenizing {name}", mininterval=5)):
+                text = corpus.read(f)
+                if name == "train":
+                    ids.extend(encode_with_cuts(tok, text, np.random.default_rng([seed, 2, i]), cut_rate))
+                else:
+                    ids.extend(tok.encode(text).ids)  # measured as whole files
                 ids.append(eot)
             np.save(path, np.asarray(ids, np.uint16))
         arrays[name] = np.load(path).astype(np.int64)
@@ -210,9 +232,11 @@ def main(argv=None) -> int:
     p.add_argument("--n-ff", type=int, default=512)
     p.add_argument("--full-attention-interval", type=int, default=1,
                    help="1: full attention only; 4: Qwen3.5's 3 Gated DeltaNet layers to 1 full attention")
+    p.add_argument("--cut-rate", type=float, default=0.1,
+                   help="fraction of the places after a space or line break where the training text is cut")
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--trunk-steps", type=int, default=1200)
+    p.add_argument("--trunk-steps", type=int, default=2400)
     p.add_argument("--mtp-steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
@@ -227,7 +251,7 @@ def main(argv=None) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    tok, train, held = prepare_data(work, args.vocab)
+    tok, train, held = prepare_data(work, args.vocab, args.seed, args.cut_rate)
     shape = Shape(n_vocab=tok.get_vocab_size(), n_embd=args.n_embd, n_layer=args.n_layer, n_ff=args.n_ff,
                   head_dim=args.head_dim,
                   full_attention_interval=args.full_attention_interval, n_ctx=args.ctx)
