@@ -105,10 +105,62 @@ def test_attention(rt, case):
     run_case(rt, np.random.default_rng(len(pos) * head_dim), head_dim, n_head, n_head_kv, pos, seq, shape)
 
 
-def test_attention_portable_transpose(rt):
-    """The K transpose that compilers other than clang get (vector subscripts are a clang extension)."""
-    shape = {**default_shape(rt, 128, 2), "PORTABLE_TRANSPOSE": 1}
-    run_case(rt, np.random.default_rng(5), 128, 16, 8, [60, 61, 62, 63, 64], [1] * 5, shape)
+@pytest.mark.parametrize("dec_t", [1, 2, 8])
+@pytest.mark.parametrize("case", ["mixed_d64_gqa4", "batch64_d128_gqa2", "odd_shape_d64_gqa4", "small_d16_gqa2"])
+def test_attention_decode_path(rt, case, dec_t):
+    """The decode path (DEC_T: sequences of at most DEC_T tokens in a block, one work-item each) and the tiled
+    path side by side in one batch: blocks of both kinds, out-of-order positions, several sequences."""
+    head_dim, n_head, n_head_kv, pos, seq, shape = CASES[case]
+    shape = {**(shape or default_shape(rt, head_dim, n_head // n_head_kv)), "DEC_T": dec_t}
+    run_case(rt, np.random.default_rng(len(pos) + dec_t), head_dim, n_head, n_head_kv, pos, seq, shape)
+
+
+def attend_rows(rt, q, k_cache, v_cache, pos, seq, shape, window=0):
+    """Outputs of attention over fixed caches (nothing stored) for the batch (q rows, pos, seq)."""
+    n, n_head, head_dim = q.shape
+    n_head_kv = k_cache.shape[2]
+    b = {name: rt.upload(np.ascontiguousarray(a), name) for name, a in
+         {"q": q, "kc": k_cache, "vc": v_cache, "pos": np.asarray(pos, np.int32), "seq": np.asarray(seq, np.int32)}.items()}
+    b["out"] = rt.upload(np.zeros((n, n_head * head_dim), np.float32), "out")
+    launches = attention(rt, b["q"], b["kc"], b["vc"], b["pos"], b["seq"], b["out"], n_head, n_head_kv, head_dim,
+                         k_cache.shape[1], head_dim**-0.5, n, shape=shape, window=window)
+    run_launches(rt, launches, [n, n, 0, 0])
+    out = np.empty((n, n_head * head_dim), np.float32)
+    cl.enqueue_copy(rt.queue, out, b["out"])
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 48])
+@pytest.mark.parametrize("n_head,n_head_kv", [(16, 8), (8, 2)])
+def test_a_row_is_bit_identical_in_any_batch(rt, n_head, n_head_kv, window):
+    """Batch invariance: one token's output is the same bits alone (decode path), as one of 8 slots' decode
+    tokens, first and last of a speculative verify step, behind another slot's prompt chunk (tiled path), in a
+    long prompt chunk of its own sequence (tiled path), and with the tiled path only (no DEC_T)."""
+    rng = np.random.default_rng(n_head + window)
+    head_dim, n_ctx, n_seq = 128, 320, 8
+    kc = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
+    vc = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
+    x_seq, x_pos = 3, 200
+    qx = rng.standard_normal((n_head, head_dim)).astype(np.float32)
+
+    def row_of_x(pos, seq, x_at, shape):
+        q = rng.standard_normal((len(pos), n_head, head_dim)).astype(np.float32)
+        q[x_at] = qx
+        return attend_rows(rt, q, kc, vc, pos, seq, shape, window)[x_at]
+
+    cpu = {**default_shape(rt, head_dim, n_head // n_head_kv), "DEC_T": 4}
+    alone = row_of_x([x_pos], [x_seq], 0, cpu)
+    batches = {
+        "8 slots": ([50, 7, 120, x_pos, 9, 300, 1, 64], [0, 1, 2, x_seq, 4, 5, 6, 7], 3),
+        "verify, first": ([x_pos, x_pos + 1, x_pos + 2, x_pos + 3], [x_seq] * 4, 0),
+        "verify, last": ([x_pos - 3, x_pos - 2, x_pos - 1, x_pos], [x_seq] * 4, 3),
+        "after a prompt chunk": (list(range(10, 17)) + [x_pos], [0] * 7 + [x_seq], 7),
+        "in a prompt chunk": (list(range(x_pos - 20, x_pos + 20)), [x_seq] * 40, 20),
+    }
+    for name, (pos, seq, at) in batches.items():
+        assert np.array_equal(row_of_x(pos, seq, at, cpu).view(np.uint32), alone.view(np.uint32)), name
+    tiled = {k: v for k, v in cpu.items() if k != "DEC_T"}
+    assert np.array_equal(row_of_x([x_pos], [x_seq], 0, tiled).view(np.uint32), alone.view(np.uint32))
 
 
 def test_f16_cache_error_against_float32_kv(rt):

@@ -14,28 +14,33 @@
 //   tokens of one sequence (prompt chunks, drafts); kv_store has run for the whole batch before.
 //   NDRange 2-D: dim 0 = token blocks of BQ tokens, WG work-items each; dim 1 = kv heads.
 //     global = (ceil(n_tokens / BQ) * WG, n_head_kv), local = (WG, 1).
-//   A work-group owns R = BQ * N_REP query rows (BQ tokens x the N_REP query heads that share kv head g), so
-//   every K/V tile it brings into local memory serves all of them (GQA and prompt reuse). It walks the
-//   distinct sequences of its tokens in increasing order (one pass for a prompt chunk or a single decode
-//   token); for each, the tiles of BC positions 0..max position of that sequence's tokens:
-//     1. load K and V tile (half -> float) into local memory        [BC, D]
-//     2. scores S[r, c] = q_r . K_c (q pre-scaled by scale*log2 e),  -INFINITY where masked: position
-//        beyond the row's own, or the row belongs to another sequence  [R, BC]
-//     3. online softmax per row in base 2: m' = max(m, max_c S), P = exp2(S - m'), l = l 2^(m-m') + sum P
-//     4. O_r = O_r * 2^(m-m') + P_r V; each work-item keeps its share of O in registers
-//   and finally writes O_r / l_r. Masked entries must stay -INFINITY: build without fast-math.
-//   Rows of tokens past n_tokens, or of another sequence, skip the dot products and the O update, so a decode
-//   token alone in a block of BQ costs little more than a block of its own.
-//   Work split inside the group (register blocking, as in a GEMM micro-kernel): a load unit is VW positions
-//   x VW dims (its K block is transposed in registers, not by scalar stores); a score unit is RB rows x CB
-//   vectors of VW columns (one K vector load feeds RB rows, one q value CB vectors); an O unit is RB rows x
-//   OB vectors of D (one V load feeds RB rows, one P value OB vectors), kept in registers across tiles.
+//   A row (one token's query head) walks its sequence's positions in tiles of BC from position 0 (or its
+//   window's start, below), with an online softmax in base 2 (q pre-scaled by scale * log2 e):
+//     1. scores S[c] = hsum(fma chain over the row's D/VW vectors of q and K_c), -INFINITY where masked
+//     2. m' = max(m, max_c S), P = exp2(S - m'), l = fma(l, 2^(m-m'), sum P) (VW-lane sums, then hsum)
+//     3. O = O * 2^(m-m'), then O = fma(P_c, V_c, O) over the tile's columns in order
+//   and finally writes O / l. Masked entries must stay -INFINITY: build without fast-math.
+//   Every row's arithmetic is this, whatever else is in the batch and whichever path below runs it, so a
+//   request's output is bit-identical alone, batched with other slots' tokens and prompt chunks, and in a
+//   speculative verify step (explicit fma, so that -cl-mad-enable cannot contract one path differently).
+//   Two paths, chosen per work-group (both run the arithmetic above):
+//   - decode (DEC_T defined, CPU): when every sequence of the block has at most DEC_T tokens (one decode
+//     token per slot, a verify step), one work-item per sequence holds that sequence's rows in registers and
+//     reads each K and V row once, straight from the cache: no local memory, no barrier.
+//   - tiled (prompt chunks): a work-group owns R = BQ * N_REP query rows (BQ tokens x the N_REP query heads
+//     that share kv head g), so every K/V tile it brings into local memory serves all of them (GQA and prompt
+//     reuse). It walks the distinct sequences of its tokens in increasing order; for each, the tiles up to the
+//     max position of that sequence's tokens: load the K and V tile (half -> float) into local memory; the
+//     scores (a unit is RB rows x CB*VW columns: one K vector load feeds RB rows); the softmax per row; the O
+//     update (a unit is RB rows x OB vectors of D: one V load feeds RB rows, one P value OB vectors, kept in
+//     registers across tiles). Rows of tokens past n_tokens, or of another sequence, skip the dot products
+//     and the O update.
 // Defines: D (head dim), N_REP (n_head / n_head_kv), BQ (tokens per group), BC (positions per tile),
 //   WG (work-items), VW (vector width 4/8/16), RB (rows per unit, divides BQ*N_REP), CB (score vectors per
-//   unit, divides BC/VW), OB (O vectors per unit, divides D/VW).
-//   CPU (PoCL): few work-items with float16 vectors (one AVX-512 register each);
-//   GPU: 64 work-items with float4. ops/attention.py::default_shape picks them. PORTABLE_TRANSPOSE forces
-//   the plain-C form of the K transpose that compilers other than clang get.
+//   unit, divides BC/VW), OB (O vectors per unit, divides D/VW), DEC_T (the decode path's tokens per
+//   sequence; undefined: tiled path only). BC and VW fix the arithmetic; the others only share out the work.
+//   CPU (PoCL): few work-items with float16 vectors (one AVX-512 register each), the decode path;
+//   GPU: 64 work-items with float4, the tiled path. ops/attention.py::default_shape picks them.
 // KV types: K_TYPE / V_TYPE (kv_types.h; default f16) say how kernel_attention reads a cache row; the rows
 //   are written by kernel_qkv_prep (kernel_kv_store writes f16 only).
 // Sliding window (step35's sliding layers, llama.cpp's LLAMA_SWA_TYPE_STANDARD): with SWA_W defined, token
@@ -43,7 +48,7 @@
 //   lowest position any of its tokens in the block sees. With KV_RING (kv_types.h) the cache holds KV_RING
 //   rows per sequence and position j is read from row j % KV_RING (the host keeps KV_RING >= SWA_W + the
 //   largest batch - 1, so no row a token sees was overwritten by a later token of the same step). A row
-//   whose valid columns all lie in later tiles keeps m = -INFINITY and skips the tile (step 3).
+//   whose valid columns all lie in later tiles keeps m = -INFINITY and skips the tile (step 2).
 // Reference: tests/test_ops_attention.py::ref_attention (float64 numpy over the float16 cache).
 
 #include "kv_types.h"
@@ -82,10 +87,9 @@ __kernel void kernel_kv_store(__global const float *k, __global const float *v, 
 #define R (BQ * N_REP)
 #define DV (D / VW)                 // vectors per head row
 #define CV (BC / VW)                // vectors per tile row of scores
+#define SC (CB * VW)                // columns per score unit
 #define NOU ((R / RB) * (DV / OB))  // O units: RB rows x OB vectors of D
 #define NO ((NOU + WG - 1) / WG)    // O units per work-item
-#define QS (D + 1)                  // Q row stride: padded so that rows start in other local banks
-#define KT (BC + VW)                // transposed K tile row stride, padded likewise
 
 #define intv CAT(int, VW)
 #if VW == 4
@@ -143,17 +147,59 @@ inline float hmax(const floatv v) {
     return fmax(fmax(a.s0, a.s1), fmax(a.s2, a.s3));
 }
 
+// THE PER-ROW ARITHMETIC (both paths; a row is one token's query head):
+// A score is hsum of the fma chain, over the row's DV vectors in order, of (q * scale * log2 e) and K.
+inline float score(const floatv *qr, const floatv *kr) {
+    floatv d = (floatv)(0.0f);
+    #pragma unroll
+    for (int dv = 0; dv < DV; dv++) d = fma(qr[dv], kr[dv], d);
+    return hsum(d);
+}
+
+// One tile of a row's online softmax: the scores sr[0..BC) (-INFINITY where masked) become probabilities
+// (0 where masked or outside [first, last], the row's valid columns in this tile); m, l updated; returns the
+// factor for the row's O. A row without a valid column in this tile gets alpha 1 and P 0.
+inline float softmax_tile(float *sr, float *m, float *l, const int first, const int last) {
+    const int ncv = last < first || first >= BC ? 0 : min(CV, last / VW + 1);  // vectors holding valid columns
+    const int cv0 = ncv > 0 ? first / VW : 0;  // vectors before it hold no valid column
+    float alpha = 1.0f;
+    for (int cv = 0; cv < cv0; cv++) vstorev((floatv)(0.0f), cv, sr);
+    if (ncv > 0) {
+        floatv mv = (floatv)(*m);
+        for (int cv = cv0; cv < ncv; cv++) mv = fmax(mv, vloadv(cv, sr));
+        const float mx = hmax(mv);
+        floatv sum = (floatv)(0.0f);
+        for (int cv = cv0; cv < ncv; cv++) {
+            const floatv e = exp2(vloadv(cv, sr) - (floatv)(mx));
+            vstorev(e, cv, sr);
+            sum += e;
+        }
+        alpha = exp2(*m - mx);  // exp2(-inf) = 0 on the first tile
+        *l = fma(*l, alpha, hsum(sum));
+        *m = mx;
+    }
+    for (int cv = max(ncv, cv0); cv < CV; cv++) vstorev((floatv)(0.0f), cv, sr);
+    return alpha;
+}
+
+// the first valid column of a row at position p in the tile at j0 (its window's start), clamped at 0
+#ifdef SWA_W
+#define FIRST_COL(p, j0) max(0, (p) - SWA_W + 1 - (j0))
+#else
+#define FIRST_COL(p, j0) 0
+#endif
+
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
 void kernel_attention(__global const float *q, __global const uchar *k_cache, __global const uchar *v_cache,
                       __global const int *pos, __global const int *seq, __global float *out,
                       const int n_head, const int n_head_kv, const int n_ctx, const int n_seq,
                       const float scale, const int n_tokens) {
-    __local float Qs[R * QS];   // query rows, pre-scaled by scale * log2(e)
-    __local float Kt[D * KT];   // K tile, transposed: Kt[d][c], so scores come out VW columns at a time
+    __local int tok_seq[BQ], tok_pos[BQ];
+    __local float Qs[R * D];    // tiled path: query rows, pre-scaled by scale * log2(e)
+    __local float Ks[BC * D];   // K tile: Ks[c][d]
     __local float Vs[BC * D];   // V tile: Vs[c][d]
     __local float Sc[R * BC];   // scores, then probabilities (0 where masked)
     __local float m_row[R], l_row[R], a_row[R];
-    __local int tok_seq[BQ], tok_pos[BQ];
 
     const int lid = get_local_id(0);
     const int t0 = get_group_id(0) * BQ;
@@ -173,12 +219,113 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
         tok_seq[tl] = s;
         tok_pos[tl] = p;
     }
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    // bytes between consecutive positions of one sequence
+    const size_t k_pos_stride = (size_t)n_head_kv * KV_ROW_BYTES(K_TYPE, D);
+    const size_t v_pos_stride = (size_t)n_head_kv * KV_ROW_BYTES(V_TYPE, D);
+    const size_t k_seq_stride = (size_t)KV_SEQ_ROWS(n_ctx) * k_pos_stride;
+    const size_t v_seq_stride = (size_t)KV_SEQ_ROWS(n_ctx) * v_pos_stride;
+    const size_t k_head = (size_t)g * KV_ROW_BYTES(K_TYPE, D);
+    const size_t v_head = (size_t)g * KV_ROW_BYTES(V_TYPE, D);
+
+#ifdef DEC_T
+    // The decode path, when every sequence of the block has at most DEC_T tokens (a decode token per slot, a
+    // speculative verify step): work-item tl takes the sequence whose first token in the block is tl, with
+    // all of that sequence's tokens, and reads each K and V row once, straight from the cache into registers.
+    bool small = true;  // the same on every work-item
+    for (int a = 0; a < BQ; a++) {
+        int n = 0;
+        for (int b = 0; b < BQ; b++) n += tok_seq[b] == tok_seq[a];
+        small &= tok_seq[a] < 0 || n <= DEC_T;
+    }
+    if (small) {  // no barrier inside: PoCL's work-group compiler cannot take one in this branch
+        bool lead = lid < BQ && tok_seq[lid] >= 0;
+        for (int b = 0; b < lid && lead; b++) lead = tok_seq[b] != tok_seq[lid];
+        if (lid < BQ && tok_seq[lid] < 0 && t0 + lid < n_tokens) {  // outside the cache: NaN, as the tiled path
+            for (int h = g * N_REP; h < g * N_REP + N_REP; h++) {
+                for (int dv = 0; dv < DV; dv++) vstorev((floatv)(NAN), dv, out + ((size_t)(t0 + lid) * n_head + h) * D);
+            }
+        }
+        if (lead) {
+            const int s = tok_seq[lid];
+            int row_pos[DEC_T * N_REP], row_tok[DEC_T * N_REP];
+            int nr = 0, max_pos = -1, min_pos = INT_MAX;
+            for (int b = lid; b < BQ; b++) {
+                if (tok_seq[b] == s) {
+                    for (int k = 0; k < N_REP; k++, nr++) {
+                        row_tok[nr] = t0 + b;
+                        row_pos[nr] = tok_pos[b];
+                    }
+                    max_pos = max(max_pos, tok_pos[b]);
+                    min_pos = min(min_pos, tok_pos[b]);
+                }
+            }
+            floatv qv[DEC_T * N_REP][DV], acc[DEC_T * N_REP][DV];
+            float m[DEC_T * N_REP], l[DEC_T * N_REP], sc[DEC_T * N_REP][BC], alpha[DEC_T * N_REP];
+            for (int k = 0; k < nr; k++) {
+                const int h = g * N_REP + k % N_REP;
+                #pragma unroll
+                for (int dv = 0; dv < DV; dv++) {
+                    qv[k][dv] = vloadv(dv, q + ((size_t)row_tok[k] * n_head + h) * D) * qscale;
+                    acc[k][dv] = (floatv)(0.0f);
+                }
+                m[k] = -INFINITY;
+                l[k] = 0.0f;
+            }
+            __global const uchar *kb = k_cache + (size_t)s * k_seq_stride + k_head;
+            __global const uchar *vb = v_cache + (size_t)s * v_seq_stride + v_head;
+#ifdef SWA_W
+            const int j_start = max(0, min_pos - SWA_W + 1) / BC * BC;  // tiles at multiples of BC, as for every row
+#else
+            const int j_start = 0;
+#endif
+            for (int j0 = j_start; j0 <= max_pos; j0 += BC) {
+                const int cn = min(BC, max_pos - j0 + 1);  // columns valid for some row
+                for (int c = 0; c < cn; c++) {
+                    floatv kr[DV];
+                    #pragma unroll
+                    for (int dv = 0; dv < DV; dv++) kr[dv] = kv_load(kb + KV_SLOT(j0 + c) * k_pos_stride, dv, K_TYPE);
+                    for (int k = 0; k < nr; k++) {
+                        const bool valid = c >= FIRST_COL(row_pos[k], j0) && c <= row_pos[k] - j0;
+                        sc[k][c] = valid ? score(qv[k], kr) : -INFINITY;
+                    }
+                }
+                for (int k = 0; k < nr; k++) {
+                    for (int c = cn; c < BC; c++) sc[k][c] = -INFINITY;
+                    alpha[k] = softmax_tile(sc[k], &m[k], &l[k], FIRST_COL(row_pos[k], j0), row_pos[k] - j0);
+                    #pragma unroll
+                    for (int dv = 0; dv < DV; dv++) acc[k][dv] *= alpha[k];
+                }
+                for (int c = 0; c < cn; c++) {
+                    floatv vr[DV];
+                    #pragma unroll
+                    for (int dv = 0; dv < DV; dv++) vr[dv] = kv_load(vb + KV_SLOT(j0 + c) * v_pos_stride, dv, V_TYPE);
+                    for (int k = 0; k < nr; k++) {
+                        const floatv pk = (floatv)(sc[k][c]);
+                        #pragma unroll
+                        for (int dv = 0; dv < DV; dv++) acc[k][dv] = fma(pk, vr[dv], acc[k][dv]);
+                    }
+                }
+            }
+            for (int k = 0; k < nr; k++) {
+                const int h = g * N_REP + k % N_REP;
+                #pragma unroll
+                for (int dv = 0; dv < DV; dv++) vstorev(acc[k][dv] / l[k], dv, out + ((size_t)row_tok[k] * n_head + h) * D);
+            }
+        }
+    }
+#else
+    const bool small = false;
+#endif
+
+    // The tiled path (prompt chunks; a block the decode path took finds no sequence to walk)
     for (int u = lid; u < R * DV; u += WG) {
         const int r = u / DV, dv = u % DV;
         const int t = t0 + r / N_REP;
         const int h = g * N_REP + r % N_REP;
         vstorev(t < n_tokens ? vloadv(dv, q + ((size_t)t * n_head + h) * D) * qscale : (floatv)(0.0f),
-                0, Qs + r * QS + dv * VW);
+                0, Qs + r * D + dv * VW);
     }
     for (int r = lid; r < R; r += WG) {
         m_row[r] = -INFINITY;
@@ -195,10 +342,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
     }
     barrier(CLK_LOCAL_MEM_FENCE);
 
-    // bytes between consecutive positions of one sequence
-    const size_t k_pos_stride = (size_t)n_head_kv * KV_ROW_BYTES(K_TYPE, D);
-    const size_t v_pos_stride = (size_t)n_head_kv * KV_ROW_BYTES(V_TYPE, D);
-    int s_prev = -1;
+    int s_prev = small ? INT_MAX : -1;
     for (;;) {
         // the next sequence present in this block, and how far its tokens reach (same on every work-item)
         int s_cur = INT_MAX;
@@ -218,158 +362,67 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
             }
         }
 #ifdef SWA_W
-        const int j_start = max(0, min_pos - SWA_W + 1);
+        const int j_start = max(0, min_pos - SWA_W + 1) / BC * BC;  // tiles at multiples of BC, as for every row
 #else
         const int j_start = 0;
 #endif
         s_prev = s_cur;
-        __global const uchar *kb =
-            k_cache + (size_t)s_cur * KV_SEQ_ROWS(n_ctx) * k_pos_stride + (size_t)g * KV_ROW_BYTES(K_TYPE, D);
-        __global const uchar *vb =
-            v_cache + (size_t)s_cur * KV_SEQ_ROWS(n_ctx) * v_pos_stride + (size_t)g * KV_ROW_BYTES(V_TYPE, D);
+        __global const uchar *kb = k_cache + (size_t)s_cur * k_seq_stride + k_head;
+        __global const uchar *vb = v_cache + (size_t)s_cur * v_seq_stride + v_head;
 
         for (int j0 = j_start; j0 <= max_pos; j0 += BC) {
             barrier(CLK_LOCAL_MEM_FENCE);  // the previous tile is no longer read
-            // 1. K, V tile; positions past max_pos are zero (P is 0 there, and 0 * garbage could be NaN).
-            //    A unit is VW positions x VW dims; its K block is transposed in registers.
-            for (int u = lid; u < CV * DV; u += WG) {
-                const int cb = u / DV, dv = u % DV;
-#if defined(__clang__) && !defined(PORTABLE_TRANSPOSE)
-                // vector subscripts (a clang extension): the transpose compiles to register shuffles
-                floatv kr[VW];
-                #pragma unroll
-                for (int e = 0; e < VW; e++) {
-                    const int c = cb * VW + e;
-                    const int j = j0 + c;
-                    floatv vv = (floatv)(0.0f);
-                    kr[e] = (floatv)(0.0f);
-                    if (j <= max_pos) {
-                        kr[e] = kv_load(kb + KV_SLOT(j) * k_pos_stride, dv, K_TYPE);
-                        vv = kv_load(vb + KV_SLOT(j) * v_pos_stride, dv, V_TYPE);
-                    }
-                    vstorev(vv, dv, Vs + c * D);
-                }
-                #pragma unroll
-                for (int f = 0; f < VW; f++) {
-                    floatv col;
-                    #pragma unroll
-                    for (int e = 0; e < VW; e++) col[e] = kr[e][f];
-                    vstorev(col, cb, Kt + (dv * VW + f) * KT);
-                }
-#else
-                // plain OpenCL C: through a private array (on PoCL ~15% slower than the form above)
-                float kr[VW][VW];  // [position][dim]
-                #pragma unroll
-                for (int e = 0; e < VW; e++) {
-                    const int c = cb * VW + e;
-                    const int j = j0 + c;
-                    floatv kv = (floatv)(0.0f), vv = (floatv)(0.0f);
-                    if (j <= max_pos) {
-                        kv = kv_load(kb + KV_SLOT(j) * k_pos_stride, dv, K_TYPE);
-                        vv = kv_load(vb + KV_SLOT(j) * v_pos_stride, dv, V_TYPE);
-                    }
-                    vstorev(kv, 0, kr[e]);
-                    vstorev(vv, dv, Vs + c * D);
-                }
-                #pragma unroll
-                for (int f = 0; f < VW; f++) {
-                    float col[VW];
-                    #pragma unroll
-                    for (int e = 0; e < VW; e++) col[e] = kr[e][f];
-                    vstorev(vloadv(0, col), cb, Kt + (dv * VW + f) * KT);
-                }
-#endif
+            // 1. K, V tile; positions past max_pos are zero (P is 0 there, and 0 * garbage could be NaN)
+            for (int u = lid; u < BC * DV; u += WG) {
+                const int c = u / DV, dv = u % DV;
+                const int j = j0 + c;
+                const bool in = j <= max_pos;
+                vstorev(in ? kv_load(kb + KV_SLOT(j) * k_pos_stride, dv, K_TYPE) : (floatv)(0.0f), dv, Ks + c * D);
+                vstorev(in ? kv_load(vb + KV_SLOT(j) * v_pos_stride, dv, V_TYPE) : (floatv)(0.0f), dv, Vs + c * D);
             }
             barrier(CLK_LOCAL_MEM_FENCE);
-            // 2. scores of RB rows x CB column vectors per unit (each K load serves RB rows, each q value CB
-            //    vectors); -INFINITY past a row's position or for rows of another sequence
-            for (int u = lid; u < (R / RB) * (CV / CB); u += WG) {
-                const int rb = u / (CV / CB), cb = u % (CV / CB);
-                int last[RB];
-#ifdef SWA_W
-                int first[RB];  // first valid column (the window's start)
-#endif
+            // 2. scores of RB rows x SC columns per unit (each K vector serves RB rows); -INFINITY outside a
+            //    row's valid columns or for rows of another sequence
+            for (int u = lid; u < (R / RB) * (BC / SC); u += WG) {
+                const int rb = u / (BC / SC), cb = u % (BC / SC);
+                int first[RB], last[RB];
                 bool any = false;
                 #pragma unroll
                 for (int k = 0; k < RB; k++) {
                     const int tl = (rb * RB + k) / N_REP;
                     last[k] = tok_seq[tl] == s_cur ? tok_pos[tl] - j0 : -1;  // last valid column
-#ifdef SWA_W
-                    first[k] = tok_pos[tl] - SWA_W + 1 - j0;
-#endif
-                    any |= last[k] >= cb * CB * VW;
+                    first[k] = FIRST_COL(tok_pos[tl], j0);
+                    any |= last[k] >= cb * SC;
                 }
-                floatv d[RB][CB];
-                #pragma unroll
-                for (int k = 0; k < RB; k++) {
+                for (int c = cb * SC; c < cb * SC + SC; c++) {
+                    floatv d[RB];
                     #pragma unroll
-                    for (int b = 0; b < CB; b++) d[k][b] = (floatv)(0.0f);
-                }
-                if (any) {
-                    __local const float *qr = Qs + rb * RB * QS;
-                    __local const float *kt = Kt + cb * CB * VW;
-                    for (int e = 0; e < D; e++) {
-                        floatv kv[CB];
+                    for (int k = 0; k < RB; k++) d[k] = (floatv)(0.0f);
+                    if (any) {
                         #pragma unroll
-                        for (int b = 0; b < CB; b++) kv[b] = vloadv(b, kt + e * KT);
-                        #pragma unroll
-                        for (int k = 0; k < RB; k++) {
-                            const floatv qe = (floatv)(qr[k * QS + e]);
+                        for (int dv = 0; dv < DV; dv++) {
+                            const floatv kv = vloadv(dv, Ks + c * D);
                             #pragma unroll
-                            for (int b = 0; b < CB; b++) d[k][b] = mad(qe, kv[b], d[k][b]);
+                            for (int k = 0; k < RB; k++) d[k] = fma(vloadv(dv, Qs + (rb * RB + k) * D), kv, d[k]);
                         }
                     }
-                }
-                #pragma unroll
-                for (int k = 0; k < RB; k++) {
                     #pragma unroll
-                    for (int b = 0; b < CB; b++) {
-                        const int cv = cb * CB + b;
-#ifdef SWA_W
-                        const intv col = (intv)(cv * VW) + IOTA;
-                        const intv valid = (col <= (intv)(last[k])) & (col >= (intv)(first[k]));
-#else
-                        const intv valid = (intv)(cv * VW) + IOTA <= (intv)(last[k]);
-#endif
-                        vstorev(select((floatv)(-INFINITY), d[k][b], valid), cv, Sc + (rb * RB + k) * BC);
+                    for (int k = 0; k < RB; k++) {
+                        Sc[(rb * RB + k) * BC + c] = c >= first[k] && c <= last[k] ? hsum(d[k]) : -INFINITY;
                     }
                 }
             }
             barrier(CLK_LOCAL_MEM_FENCE);
-            // 3. online softmax per row. Rows without a valid column in this tile get alpha 1 and P 0, so
-            //    that step 4 may treat every row of a block alike. Without SWA_W every row of s_cur has
-            //    position 0 valid, so m is finite from tile 0 on; with it, a row's first tiles may hold no
-            //    valid column (ncv = 0 there), and m is finite from its first valid tile on.
+            // 3. online softmax per row (rows of another sequence: no valid column, alpha 1, P 0)
             for (int r = lid; r < R; r += WG) {
                 const int tl = r / N_REP;
                 const int last = tok_seq[tl] == s_cur ? tok_pos[tl] - j0 : -1;
-#ifdef SWA_W
-                const int first = max(0, tok_pos[tl] - SWA_W + 1 - j0);
-                const int ncv = last < first || first >= BC ? 0 : min(CV, last / VW + 1);
-                const int cv0 = ncv > 0 ? first / VW : 0;  // vectors before it hold no valid column
-#else
-                const int ncv = last < 0 ? 0 : min(CV, last / VW + 1);  // vectors holding valid columns
-                const int cv0 = 0;
-#endif
-                __local float *sr = Sc + r * BC;
-                float alpha = 1.0f;
-                for (int cv = 0; cv < cv0; cv++) vstorev((floatv)(0.0f), cv, sr);
-                if (ncv > 0) {
-                    floatv mv = (floatv)(m_row[r]);
-                    for (int cv = cv0; cv < ncv; cv++) mv = fmax(mv, vloadv(cv, sr));
-                    const float mx = hmax(mv);
-                    floatv sum = (floatv)(0.0f);
-                    for (int cv = cv0; cv < ncv; cv++) {
-                        const floatv e = exp2(vloadv(cv, sr) - (floatv)(mx));
-                        vstorev(e, cv, sr);
-                        sum += e;
-                    }
-                    alpha = exp2(m_row[r] - mx);  // exp2(-inf) = 0 on the first tile
-                    l_row[r] = l_row[r] * alpha + hsum(sum);
-                    m_row[r] = mx;
-                }
-                a_row[r] = alpha;
-                for (int cv = ncv; cv < CV; cv++) vstorev((floatv)(0.0f), cv, sr);
+                float sr[BC], m = m_row[r], l = l_row[r];
+                for (int cv = 0; cv < CV; cv++) vstorev(vloadv(cv, Sc + r * BC), cv, sr);
+                a_row[r] = softmax_tile(sr, &m, &l, FIRST_COL(tok_pos[tl], j0), last);
+                for (int cv = 0; cv < CV; cv++) vstorev(vloadv(cv, sr), cv, Sc + r * BC);
+                m_row[r] = m;
+                l_row[r] = l;
             }
             barrier(CLK_LOCAL_MEM_FENCE);
             // 4. O update: a unit is RB rows x OB vectors of D; each V load serves RB rows, each P value OB
@@ -400,7 +453,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                             for (int k = 0; k < RB; k++) {
                                 const floatv pk = (floatv)(sr[k * BC + c]);
                                 #pragma unroll
-                                for (int b = 0; b < OB; b++) acc[i][k][b] = mad(pk, vv[b], acc[i][k][b]);
+                                for (int b = 0; b < OB; b++) acc[i][k][b] = fma(pk, vv[b], acc[i][k][b]);
                             }
                         }
                     }
@@ -419,7 +472,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 const int r = rb * RB + k;
                 const int t = t0 + r / N_REP;
                 const int h = g * N_REP + r % N_REP;
-                if (t < n_tokens) {
+                if (t < n_tokens && !small) {
                     #pragma unroll
                     for (int b = 0; b < OB; b++) {
                         vstorev(acc[i][k][b] / l_row[r], ob * OB + b, out + ((size_t)t * n_head + h) * D);

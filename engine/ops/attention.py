@@ -74,9 +74,9 @@ def kv_store(rt, k, v, k_cache, v_cache, positions, seqs, n_head_kv: int, head_d
 
 
 def local_bytes(head_dim: int, n_rep: int, shape: dict) -> int:
-    """Local memory of kernel_attention (Qs, Kt, Vs, Sc, row state, token state; strides as in the kernel)."""
+    """Local memory of kernel_attention (Qs, Ks, Vs, Sc, row state, token state; as in the kernel)."""
     r, bc, bq = shape["BQ"] * n_rep, shape["BC"], shape["BQ"]
-    return 4 * (r * (head_dim + 1) + head_dim * (bc + shape["VW"]) + bc * head_dim + r * bc + 3 * r) + 8 * bq
+    return 4 * (r * head_dim + 2 * bc * head_dim + r * bc + 3 * r) + 8 * bq
 
 
 def default_shape(rt, head_dim: int, n_rep: int) -> dict:
@@ -84,8 +84,9 @@ def default_shape(rt, head_dim: int, n_rep: int) -> dict:
     if rt.device.type & cl.device_type.CPU:
         # PoCL: a work-group runs on one core, work-item after work-item; float16 vectors are one AVX-512
         # register. 16 work-items, 4x2 register blocks (measured best of WG 8..32, BQ 4..16, BC 32/64,
-        # RB 2..8, OB 1..2 at head_dim 128, n_rep 2, for both 1 and 512 query tokens).
-        shape = {"WG": 16, "BQ": 8, "BC": 32, "VW": 16, "RB": 4, "CB": 2, "OB": 2}
+        # RB 2..8, OB 1..2 at head_dim 128, n_rep 2, for both 1 and 512 query tokens). The decode path takes
+        # sequences of up to DEC_T tokens in a block (a decode token, a verify step of up to 16 rows).
+        shape = {"WG": 16, "BQ": 8, "BC": 32, "VW": 16, "RB": 4, "CB": 2, "OB": 2, "DEC_T": max(1, 16 // n_rep)}
     else:
         # GPU: 64 work-items (two warps / one wavefront), about 16 query rows per group
         bq = 1
@@ -118,7 +119,8 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
     """out[t, h] = softmax(scale * q[t, h] . K[seq, 0..pos, h // n_rep]) V[...] for every token of the batch.
 
     q: float32 [n_tokens, n_head, head_dim]; out: float32 [n_tokens, n_head*head_dim]; positions, seqs
-    int32 [n_tokens]. `shape` overrides the tile shape (WG, BQ, BC, VW, RB, CB, OB) for tests and tuning.
+    int32 [n_tokens]. `shape` overrides the tile shape (WG, BQ, BC, VW, RB, CB, OB; DEC_T for the decode path)
+    for tests and tuning.
     k_type / v_type: the caches' row types (KV_TYPES). window > 0: a token sees only the last `window`
     positions (its own included); rows: the cache's rows per sequence when it is a ring (ring_rows).
     """
@@ -130,6 +132,8 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
     shape = dict(shape or default_shape(rt, head_dim, n_rep))
     wg, bq, bc, vw = shape["WG"], shape["BQ"], shape["BC"], shape["VW"]
     shape.setdefault("OB", 1)
+    if shape.get("DEC_T", 1) < 1:
+        raise ValueError(f"attention: DEC_T={shape['DEC_T']} must be at least 1")
     if (wg % bq or head_dim % vw or bc % vw or (bq * n_rep) % shape["RB"] or (bc // vw) % shape["CB"]
             or (head_dim // vw) % shape["OB"]):
         raise ValueError(f"attention: shape {shape} needs WG % BQ == 0, head_dim % VW == 0, BC % VW == 0, "
