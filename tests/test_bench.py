@@ -446,6 +446,24 @@ def test_old_bench_still_runs(capsys, mtp_model):
     assert "MTP on / off" in out and "ngram-mod,draft-mtp" in out
 
 
+@pytest.mark.parametrize("arch", ["step35", "glm4moe"])
+def test_old_bench_on_every_architecture(capsys, tmp_path, arch):
+    """Per-layer KV heads and sliding windows (step35) count in the decode bound: a sliding layer reads its
+    window only."""
+    path = make_tiny(tmp_path / f"{arch}.gguf", arch=arch, qtype="Q8_0", seed=3, mtp=True)
+    out = bench_old(capsys, "-m", path, "--n-prompt", 16, "--n-decode", 4, "--repeats", 1)
+    assert "decode bound" in out and "cython" in out
+
+
+def test_attention_read_bytes_counts_windows_and_heads(rt):
+    from nextn.memory.kv_cache import KVCache
+
+    cache = KVCache(rt, 1, 64, 2, 32, [("f16", "f16"), ("q8_0", "f16")], layer_heads=[2, 4], layer_window=[0, 8])
+    # rows of 32 values: 64 bytes in f16, 34 in q8_0; the second layer reads at most its 8-position window
+    assert cache.attention_read_bytes(20) == 20 * 2 * (64 + 64) + 8 * 4 * (34 + 64)
+    assert cache.attention_read_bytes(5) == 5 * 2 * (64 + 64) + 5 * 4 * (34 + 64)
+
+
 def bench_old(capsys, *argv):
     rc = main(["bench", *map(str, argv)])
     out = capsys.readouterr()

@@ -94,6 +94,9 @@ class HybridCache(SequenceCache):
     def kv_layer_types(self) -> list[tuple[str, str]]:
         return self.kv.kv_layer_types
 
+    def attention_read_bytes(self, n_past: int) -> int:
+        return self.kv.attention_read_bytes(n_past)
+
     def set_length(self, seq: int, n: int) -> None:
         self.kv.set_length(seq, n)
 

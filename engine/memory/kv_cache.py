@@ -104,6 +104,10 @@ class KVCache(SequenceCache):
     def kv_layer_types(self) -> list[tuple[str, str]]:
         return list(self.types)
 
+    def attention_read_bytes(self, n_past: int) -> int:
+        return sum(min(n_past, w or n_past) * h * (kv_row_bytes(k, self.head_dim) + kv_row_bytes(v, self.head_dim))
+                   for h, w, (k, v) in zip(self.heads, self.window, self.types))
+
     def set_length(self, seq: int, n: int) -> None:
         self._lengths[seq] = n
         self._written[seq] = max(self._written[seq], n)

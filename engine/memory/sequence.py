@@ -39,6 +39,11 @@ class SequenceCache(ABC):
         """(K, V) row types of every layer with a KV cache, in its order."""
 
     @abstractmethod
+    def attention_read_bytes(self, n_past: int) -> int:
+        """Bytes of K and V that attention reads for one token after n_past positions, every layer (a
+        sliding-window layer reads its window only)."""
+
+    @abstractmethod
     def set_length(self, seq: int, n: int) -> None:
         """The runner's record that seq now holds n positions (after a step wrote them, or a rollback)."""
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from nextn.cl.runtime import default_cache_dir
 from nextn.errors import NextnError
-from nextn.ops.attention import kv_row_bytes
 from nextn.ops.weights import DeviceWeight
 
 # Random ~300M-parameter models (Q8_0 unless --type says otherwise) with Qwen2's 151936-token vocabulary (tied
@@ -87,9 +86,7 @@ def decode_bytes_per_token(runner, n_past: int) -> int:
         else:
             n_expert = getattr(t, "n_expert", 0)  # upload_experts' weights carry their expert count
             total += t.nbytes * hp.n_expert_used // n_expert if n_expert else t.nbytes
-    for k, v in cache.kv_layer_types:
-        total += n_past * hp.n_head_kv * (kv_row_bytes(k, hp.head_dim) + kv_row_bytes(v, hp.head_dim))
-    return total + 2 * cache.recurrent_bytes_per_seq()
+    return total + cache.attention_read_bytes(n_past) + 2 * cache.recurrent_bytes_per_seq()
 
 
 def _time_decode(runner, prompt, n_decode):
