@@ -31,6 +31,7 @@ class Launch:
     dyn_args: list[tuple[int, int]] = field(default_factory=list)
     scale_var: int = VAR_N_TOKENS
     name: str = ""  # for profiling and error messages; llama.cpp-style tensor name when it has one
+    weight_bytes: int = 0  # bytes of weights one token's run reads (the per-kernel profile's bytes)
 
     def global_size(self, vars) -> tuple[int, ...]:
         out = []

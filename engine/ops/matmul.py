@@ -152,6 +152,7 @@ class MatmulOps:
                 [(ARG_N_TOKENS, token_var)],
                 token_var,
                 name=f"matmul_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]",
+                weight_bytes=w.nbytes,
             )
         ]
 
@@ -226,6 +227,7 @@ class MatmulOps:
                 [],
                 token_var,
                 name=f"matmul_id_{name}[{n_expert}x{w.n_rows}x{w.n_cols}]",
+                weight_bytes=w.nbytes // n_expert,  # per expert a token uses
             )
         ]
 
@@ -256,5 +258,6 @@ class MatmulOps:
                 [(5, token_var)],
                 token_var,
                 name=f"get_rows_{KERNEL_NAMES[w.qtype]}[{w.n_rows}x{w.n_cols}]",
+                weight_bytes=w.nbytes // w.n_rows,
             )
         ]

@@ -173,6 +173,10 @@ def main(args) -> int:
         print(f"{name:<10}{tps:>14.1f}{tps / bound:>9.0%}{host * 1e6:>14.0f}{n:>10}")
     print(f"ratio cython/pyopencl decode: {rows[0][1] / rows[1][1]:.2f}x; host time per step: "
           f"{rows[1][2] / rows[0][2]:.1f}x less")
+    if args.profile:
+        from nextn.devtools.bench.profile import print_profile, profile_decode_step
+
+        print_profile(profile_decode_step(runner, prompt[:64]), bw, 1.0 / rows[0][1])
     return 0
 
 
