@@ -65,7 +65,7 @@ def build(cfg, *, progress=None, warm_up: bool = True) -> Engine:
     runner = ModelRunner(cfg.model.path, rt=rt, n_ctx=cfg.model.ctx_size or None, n_seq=cfg.server.parallel,
                          n_batch=cfg.model.batch_size, mtp=spec.uses_mtp, speculative=spec.enabled,
                          progress=log_progress() if progress is None else progress, kv_types=kv,
-                         batch_invariant=cfg.model.batch_invariant)
+                         batch_invariant=cfg.model.batch_invariant, draft_vocab=sp.draft_vocab)
     log.info("device memory: %s", ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.1f} MiB"
                                             for k, v in runner.memory.items()))
     if spec.enabled:

@@ -356,7 +356,7 @@ def _bench_subcommands(b) -> None:
                         help="a speculative configuration to measure, repeatable; e.g. none, draft-mtp, "
                              "draft-mtp:n_max=1..4,adaptive=off, ngram-mod,draft-mtp:n_max=3 (none is always "
                              "measured: the baseline of each speed-up). Keys: n_max, n_min, p_min, adaptive, "
-                             "synth_rates (P0/P1/...), synth_len, draft_model, the ngram_* settings")
+                             "synth_rates (P0/P1/...), synth_len, draft_model, draft_vocab (FR-Spec), the ngram_* settings")
     common.add_argument("--one-load", action="store_true",
                         help="load the model once for all configurations (less memory; the baseline then runs "
                              "with the MTP block and rollback state loaded)")

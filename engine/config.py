@@ -113,6 +113,9 @@ def _speculative_section():
                              "--spec-default")),
         ("draft_model", str, _f("", "GGUF of the draft model for draft-simple (same vocabulary as the model)",
                                 "--spec-draft-model")),
+        ("draft_vocab", int, _f(0, "FR-Spec: the MTP head drafts over this many most frequent tokens (0: the whole "
+                                "vocabulary); verification keeps the full head, so output is unchanged",
+                                "--spec-draft-vocab", lo=0, hi=1 << 24)),
         ("draft_type_k", str, _f("f16", "KV cache type of K of the MTP block and of the draft model: f16, q8_0, "
                                  "q4_0", "--spec-draft-type-k", choices=KV_CACHE_TYPES)),
         ("draft_type_v", str, _f("f16", "KV cache type of V of the MTP block and of the draft model",

@@ -12,6 +12,7 @@ block's positions, and the prefix reuse of the prompt cache (`reuse`, `copy_pref
 `seq_length`; nobody else writes it.
 """
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,10 @@ from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.kv_cache import F16_KV, KVTypes
 from nextn.memory.plan import MemoryPlan
-from nextn.models import architecture
+from nextn.models import architecture, blocks
 from nextn.ops.matmul import MatmulOps
+from nextn.ops.weights import upload_weight
+from nextn.spec.draft_vocab import draft_vocab_ids
 from nextn.tokenizer import Tokenizer
 
 VERIFY_TOKENS = 16  # largest batch served by the "few tokens" plan (speculative drafts, several slots)
@@ -48,6 +51,7 @@ class ModelRunner:
         speculative: bool = False,
         kv_types: KVTypes = F16_KV,
         batch_invariant: bool = True,
+        draft_vocab: int = 0,
     ):
         t0 = time.perf_counter()
         self.file = mf = ModelFile(path)
@@ -67,6 +71,16 @@ class ModelRunner:
         self.kv_types = kv_types
         self.memory: MemoryPlan = arch.memory_plan(hp, infos, n_seq, self.n_ctx, self.n_batch, self.max_outputs, mtp,
                                                   self.rollback_rows, kv_types)
+        # FR-Spec: the MTP heads draft over the draft_vocab most frequent tokens (spec/draft_vocab.py)
+        self.draft_ids = None
+        draft_heads = []  # (block prefix, source tensor) of each MTP head that gets a reduced copy
+        if mtp and 0 < draft_vocab < hp.n_vocab:
+            self.draft_ids = draft_vocab_ids(self.tokenizer, hp.n_vocab, draft_vocab)
+            for head in range(arch.mtp_draft_heads(hp)):
+                b = f"blk.{hp.n_layer + head}."
+                draft_heads.append((b, infos[blocks.mtp_head_source(mf, b)]))
+            self.memory = dataclasses.replace(self.memory, mtp_weights=self.memory.mtp_weights + sum(
+                info.nbytes // info.n_rows * draft_vocab for _, info in draft_heads))
         self.rt = rt or Runtime()
         parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
         self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
@@ -87,6 +101,9 @@ class ModelRunner:
         else:
             on_bytes = None
         self.weights = arch.upload(self.rt, hp, mf, infos, progress=on_bytes, mtp=mtp)
+        for b, info in draft_heads:
+            self.weights[b + blocks.DRAFT_HEAD] = upload_weight(self.rt, mf.raw(info)[self.draft_ids], info.qtype,
+                                                                len(self.draft_ids), info.n_cols, b + "draft_head")
         if bar:
             bar.close()
         self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows, kv_types,
@@ -180,7 +197,14 @@ class ModelRunner:
         self.mtp_plans[max_tokens, source, head].run(self._vars)
         for s, last in self._last_positions(n):  # the MTP block's KV now holds these positions
             self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], last + 1)
-        return self._read_head(len(out_rows), want_logits)
+        top, logits = self._read_head(len(out_rows), want_logits, self.draft_ids)
+        if self.draft_ids is not None:  # rows of the reduced head -> token ids; other tokens' logits -inf
+            top = self.draft_ids[top]
+            if logits is not None:
+                full = np.full((len(out_rows), self.n_vocab), -np.inf, np.float32)
+                full[:, self.draft_ids] = logits
+                logits = full
+        return top, logits
 
     def mtp_hidden_row(self, head: int, row: int) -> int:
         """The "mtp" source's row holding head `head`'s output of row `row` of its last step."""
@@ -264,7 +288,9 @@ class ModelRunner:
         self._vars[VAR_N_OUTPUTS] = n_out
         self._vars[VAR_N_SAVED] = min(n, self.rollback_rows)
 
-    def _read_head(self, n_out: int, want_logits: bool):
+    def _read_head(self, n_out: int, want_logits: bool, rows=None):
+        """Argmax and (if wanted) logits of the last step's n_out output rows; `rows`: the head's token ids
+        when it is a reduced one (its logits rows are that long)."""
         q, b = self.rt.queue, self.buffers
         top = np.empty(n_out, np.int32)
         if n_out == 0:  # a mid-prompt chunk: the head's kernels see zero rows and do nothing
@@ -273,7 +299,7 @@ class ModelRunner:
         planmod.enqueue_read(q, b.argmax, top)
         logits = None
         if want_logits:
-            logits = np.empty((n_out, self.n_vocab), np.float32)
+            logits = np.empty((n_out, self.n_vocab if rows is None else len(rows)), np.float32)
             planmod.enqueue_read(q, b.logits, logits)
         return top, logits
 

@@ -60,6 +60,10 @@ def test_config_syntax():
     assert c.llama_server_ignores() == ["adaptive"]
     assert bc.parse_config("draft-mtp:n_max=2,synth_rates=0.9/0.5")[0].llama_server_args()[-2:] == [
         "--spec-synth-rates", "0.9,0.5"]
+    # draft_vocab is a load setting (a runner of its own), not a scheduler one, and llama-server has no flag
+    c = bc.parse_config("draft-mtp:n_max=3,draft_vocab=32768")[0]
+    assert c.load_settings() == (("speculative.draft_vocab", 32768),)
+    assert c.spec(bc.SpecConfig()).n_max == 3 and c.llama_server_ignores() == ["draft_vocab"]
     # none comes first, added when not given
     assert [c.label for c in bc.parse_configs(["draft-mtp", "none"])] == ["none", "draft-mtp"]
     assert [c.label for c in bc.parse_configs(None)] == ["none"]
@@ -81,6 +85,7 @@ def test_config_syntax():
     ("draft-mtp:adaptive=maybe", "expected on or off"),
     ("draft-mtp:synth_rates=0.5/x", "expected a number"),
     ("none:n_max=2", "'none' takes no settings"),
+    ("draft-mtp:draft_vocab=-1", "out of range"),
 ])
 def test_config_errors(text, message):
     with pytest.raises(ValueError) as e:
@@ -204,6 +209,17 @@ def test_spec_synthetic_acceptance(capsys, tmp_path, mtp_model):
     e = doc["results"][1]
     assert "same_output_as_none" not in e  # synthetic acceptance: output not valid, not compared
     assert e["prompts"][0]["pred"] == 16 and e["aggregate"]["total_draft"] > 0
+
+
+def test_spec_with_a_reduced_draft_vocabulary(capsys, tmp_path, mtp_model):
+    """draft_vocab loads a runner of its own; greedy output stays that of --spec-type none."""
+    bench(capsys, "spec", "-m", mtp_model, "--prompts", "qa_factual", "-n", 16, "--ignore-eos", "--config",
+          "draft-mtp:n_max=2,adaptive=off", "--config", "draft-mtp:n_max=2,adaptive=off,draft_vocab=100",
+          "--json", tmp_path / "s.json")
+    doc = json.loads((tmp_path / "s.json").read_text())
+    _check_spec_doc(doc, ["qa_factual"], 16)
+    assert doc["model"]["loads"] == 3  # none, draft-mtp, draft-mtp with the reduced head
+    assert [e["aggregate"]["total_draft"] > 0 and e["same_output_as_none"] for e in doc["results"][1:]] == [True] * 2
 
 
 def test_parallel(capsys, tmp_path, plain_model):

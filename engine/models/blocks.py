@@ -264,7 +264,7 @@ class MtpView:
         self.ids, self.pos, self.seq, self.out_idx = mbuf.ids, mbuf.pos, mbuf.seq, mbuf.out_idx
 
 
-def mtp_step(rt, mm, w: dict, b: str, n_embd: int, n_vocab: int, eps: float, buf, mbuf: MtpBuffers, hidden_src,
+def mtp_step(rt, mm, w: dict, b: str, n_embd: int, eps: float, buf, mbuf: MtpBuffers, hidden_src,
              max_tokens: int, max_outputs: int, layer: Callable[[object, object], list[Launch]]) -> list[Launch]:
     """The MTP block over up to max_tokens (token, hidden) pairs: token mbuf.ids[i] at position mbuf.pos[i]
     of sequence mbuf.seq[i], hidden = row mbuf.hid_idx[i] of hidden_src. `layer(view, x)` builds the
@@ -282,6 +282,24 @@ def mtp_step(rt, mm, w: dict, b: str, n_embd: int, n_vocab: int, eps: float, buf
     L += layer(view, mbuf.x)
     head_norm = w.get(b + "nextn.shared_head_norm.weight", w["output_norm.weight"])
     L += norm.rms_norm(rt, mbuf.x, mbuf.h, head_norm, e, 1, eps, n)
-    L += output_head(rt, mm, w.get(b + "nextn.shared_head_head.weight", w["output.weight"]), mbuf.h,
-                     mbuf.out_idx, view.x_out, view.logits, view.argmax, e, n_vocab, max_outputs, n)
+    head = mtp_head_weight(w, b)
+    L += output_head(rt, mm, head, mbuf.h, mbuf.out_idx, view.x_out, view.logits, view.argmax, e, head.n_rows,
+                     max_outputs, n)
     return L
+
+
+DRAFT_HEAD = "nextn.draft_head"  # a block's reduced head (spec/draft_vocab.py), made by the runner
+
+
+def mtp_head_weight(w: dict, b: str):
+    """The output matrix of MTP block b: its reduced draft head when the runner made one (its rows are
+    runner.draft_ids), else shared_head_head, else the trunk's output."""
+    return w.get(b + DRAFT_HEAD, w.get(b + "nextn.shared_head_head.weight", w["output.weight"]))
+
+
+def mtp_head_source(mf, b: str) -> str:
+    """The GGUF tensor the output matrix of MTP block b comes from."""
+    for name in (b + "nextn.shared_head_head.weight", "output.weight"):
+        if mf.has(name):
+            return name
+    return "token_embd.weight"  # tied embeddings

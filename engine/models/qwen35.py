@@ -440,7 +440,7 @@ class Qwen35(Architecture):
     def build_mtp_step(self, rt, mm, hp: HybridHParams, w: dict, buf: StepBuffers, mbuf: MtpBuffers,
                        cache: HybridCache, max_tokens: int, max_outputs: int, hidden_src) -> list[Launch]:
         il = hp.n_layer
-        return blocks.mtp_step(rt, mm, w, f"blk.{il}.", hp.n_embd, hp.n_vocab, hp.rms_eps, buf, mbuf, hidden_src,
+        return blocks.mtp_step(rt, mm, w, f"blk.{il}.", hp.n_embd, hp.rms_eps, buf, mbuf, hidden_src,
                                max_tokens, max_outputs,
                                lambda view, x: self._layer(rt, mm, hp, w, il, view, cache, max_tokens, x))
 

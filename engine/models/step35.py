@@ -434,9 +434,9 @@ class Step35(Architecture):
         L += mm.matmul(w[b + "nextn.eh_proj.weight.h"], mbuf.hn, x, n, accumulate=True)  # mtp_eh_proj
         L += self._layer(rt, mm, hp, w, il, view, cache, n, x)  # mtp_post_ffn = h_nextn
         head_norm = w.get(b + "nextn.shared_head_norm.weight", w["output_norm.weight"])
-        L += blocks.output_head(rt, mm, w.get(b + "nextn.shared_head_head.weight", w["output.weight"]), x,
-                                mbuf.out_idx, view.x_out, view.logits, view.argmax, e, hp.n_vocab, max_outputs, n,
-                                head_norm, hp.rms_eps)
+        head_w = blocks.mtp_head_weight(w, b)
+        L += blocks.output_head(rt, mm, head_w, x, mbuf.out_idx, view.x_out, view.logits, view.argmax, e,
+                                head_w.n_rows, max_outputs, n, head_norm, hp.rms_eps)
         return L
 
 ARCH = Step35("step35")

@@ -6,7 +6,8 @@ the server's own path (nextn.build + the scheduler with one slot, as `nextn gene
 From each held-out file, --windows prompts of --n-prompt tokens (evenly spaced through the file) are
 continued greedily for -n tokens (--ignore-eos), under each configuration: none (plain decoding), draft-mtp
 with --spec-draft-n-max 1, 2, 3 and the adaptive controller off (a fixed draft length: acceptance per drafted
-token), and draft-mtp n-max 3 with the adaptive controller on. Decode tok/s is all generated tokens over all
+token), draft-mtp n-max 3 with the adaptive controller on, and n-max 1 drafting over the 2048 and 1024 most
+frequent tokens only (--spec-draft-vocab, FR-Spec). Decode tok/s is all generated tokens over all
 decode time; --rounds runs the configurations again in reverse order (the machine's load drifts) and sums.
 Every configuration's greedy text must equal plain decoding's (it is checked). Needs no torch.
 """
@@ -32,6 +33,9 @@ CONFIGS = {
     "draft-mtp n-max 2": {"type": "draft-mtp", "draft_n_max": 2, "adaptive": False},
     "draft-mtp n-max 3": {"type": "draft-mtp", "draft_n_max": 3, "adaptive": False},
     "draft-mtp n-max 3 adaptive": {"type": "draft-mtp", "draft_n_max": 3, "adaptive": True},
+    # FR-Spec: drafts over the most frequent tokens only (spec/draft_vocab.py): the acceptance it costs
+    "draft-mtp n-max 1 vocab 2048": {"type": "draft-mtp", "draft_n_max": 1, "adaptive": False, "draft_vocab": 2048},
+    "draft-mtp n-max 1 vocab 1024": {"type": "draft-mtp", "draft_n_max": 1, "adaptive": False, "draft_vocab": 1024},
 }
 
 

@@ -198,9 +198,13 @@ class Harness:
             keys = {c.label: ",".join(union) or "none" for c in self.configs}
         else:
             keys = {c.label: load_key(specs[c.label]) for c in self.configs}
+        # a load is its --spec-type and the load-time settings (draft_vocab): configurations differing there
+        # need runners of their own
+        keys = {c.label: (keys[c.label], c.load_settings()) for c in self.configs}
         draft_model = next((s.draft_model for s in specs.values() if s.draft_model), "")
         for key in dict.fromkeys(keys.values()):
-            cfg = self._config(key, draft_model if "draft-simple" in key else "")
+            spec_type, settings = key
+            cfg = self._config(spec_type, draft_model if "draft-simple" in spec_type else "", dict(settings))
             self.loads[key] = _Loaded(build(cfg, progress=False, warm_up=True))
         scheduler = _scheduler_class()
         for c in self.configs:
@@ -211,12 +215,13 @@ class Harness:
             s.start()
             self.scheds[c.label] = (s, keys[c.label])
 
-    def _config(self, spec_type: str, draft_model: str = ""):
+    def _config(self, spec_type: str, draft_model: str = "", settings: dict | None = None):
         from nextn import config
 
         a = self.args
         flags = {"model.path": str(self.path), "model.ctx_size": self.n_ctx, "server.parallel": self.n_slots,
-                 "speculative.type": spec_type, "device.platform": a.platform or "", "device.device": a.device or ""}
+                 "speculative.type": spec_type, "device.platform": a.platform or "", "device.device": a.device or "",
+                 **(settings or {})}
         if getattr(a, "batch_size", None):
             flags["model.batch_size"] = a.batch_size
         if draft_model:

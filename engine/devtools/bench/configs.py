@@ -10,7 +10,7 @@
 
 TYPES is a --spec-type list (commas); after the first ':' come KEY=VALUE pairs separated by commas. Keys are
 the [speculative] settings without their `draft_` prefix (n_max, n_min, p_min, adaptive, synth_rates,
-synth_len, draft_model) and the n-gram settings (ngram_mod_n_match, ngram_simple_size_n, ...). An integer
+synth_len, draft_model; draft_vocab keeps its prefix) and the n-gram settings (ngram_mod_n_match, ngram_simple_size_n, ...). An integer
 key takes a range A..B or a list A/B/C, which expands to one configuration per value; synth_rates' list is
 one value (P0/P1/...).
 """
@@ -34,10 +34,12 @@ _KEYS: dict[str, tuple[type, float | None, float | None, str | None]] = {
     "synth_rates": (tuple, 0.0, 1.0, "--spec-synth-rates"),
     "synth_len": (float, None, None, "--spec-synth-len"),
     "draft_model": (str, None, None, "--spec-draft-model"),
+    "draft_vocab": (int, 0, 1 << 24, None),  # nextn's FR-Spec draft vocabulary (a load setting)
 }
 for _flag, _name, _typ, _default, _doc in ngram.FLAGS:
     _KEYS[_name] = (_typ, 0 if _typ is int else None, None, _flag)
 KEYS = tuple(_KEYS)
+LOAD_SETTINGS = {"draft_vocab": "speculative.draft_vocab"}  # keys that need a runner of their own
 _SPEC_FIELD = {"n_max": "n_max", "n_min": "n_min", "p_min": "p_min", "adaptive": "adaptive",
                "synth_rates": "synth_rates", "synth_len": "synth_len", "draft_model": "draft_model"}
 
@@ -68,6 +70,8 @@ class BenchConfig:
         over = {"types": self.types}
         ng = {}
         for k, v in self.params:
+            if k in LOAD_SETTINGS:
+                continue
             if k in _SPEC_FIELD:
                 over[_SPEC_FIELD[k]] = v
             else:
@@ -76,6 +80,10 @@ class BenchConfig:
         if ng:
             cfg = replace(cfg, ngram=replace(cfg.ngram, **ng))
         return cfg.check()
+
+    def load_settings(self) -> tuple[tuple[str, object], ...]:
+        """The settings this configuration needs at load time ((dotted name, value), LOAD_SETTINGS)."""
+        return tuple((LOAD_SETTINGS[k], v) for k, v in self.params if k in LOAD_SETTINGS)
 
     def llama_server_args(self) -> list[str]:
         """The same configuration as llama-server flags (settings it lacks, such as adaptive, are left out)."""
