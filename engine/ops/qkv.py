@@ -13,7 +13,7 @@ import numpy as np
 from nextn.cl.launch import VAR_N_TOKENS, Launch
 from nextn.ops.attention import kv_defines, ring_defines
 
-QKV_WG = 4  # heads per work-group of kernel_qkv_prep (see its header)
+QKV_WG = 8  # heads per work-group of kernel_qkv_prep (see its header)
 ELEMENTWISE_WG = 64  # work-items per group of the one-element-per-item kernels
 
 
