@@ -4,6 +4,7 @@ the reduced MTP head's logits equal to the full head's on those rows, and greedy
 
 import numpy as np
 import pytest
+from test_speculative import generate
 
 from nextn import default_model
 from nextn.devtools.tiny import make_tiny
@@ -12,7 +13,6 @@ from nextn.runner import ModelRunner
 from nextn.spec.draft_vocab import draft_vocab_ids
 from nextn.spec.speculator import SpecConfig
 from nextn.tokenizer import Tokenizer
-from test_speculative import generate
 
 
 @pytest.fixture(scope="module")

@@ -119,8 +119,8 @@ def attend_rows(rt, q, k_cache, v_cache, pos, seq, shape, window=0):
     """Outputs of attention over fixed caches (nothing stored) for the batch (q rows, pos, seq)."""
     n, n_head, head_dim = q.shape
     n_head_kv = k_cache.shape[2]
-    b = {name: rt.upload(np.ascontiguousarray(a), name) for name, a in
-         {"q": q, "kc": k_cache, "vc": v_cache, "pos": np.asarray(pos, np.int32), "seq": np.asarray(seq, np.int32)}.items()}
+    arrays = {"q": q, "kc": k_cache, "vc": v_cache, "pos": np.asarray(pos, np.int32), "seq": np.asarray(seq, np.int32)}
+    b = {name: rt.upload(np.ascontiguousarray(a), name) for name, a in arrays.items()}
     b["out"] = rt.upload(np.zeros((n, n_head * head_dim), np.float32), "out")
     launches = attention(rt, b["q"], b["kc"], b["vc"], b["pos"], b["seq"], b["out"], n_head, n_head_kv, head_dim,
                          k_cache.shape[1], head_dim**-0.5, n, shape=shape, window=window)

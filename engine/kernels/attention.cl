@@ -244,7 +244,8 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
         for (int b = 0; b < lid && lead; b++) lead = tok_seq[b] != tok_seq[lid];
         if (lid < BQ && tok_seq[lid] < 0 && t0 + lid < n_tokens) {  // outside the cache: NaN, as the tiled path
             for (int h = g * N_REP; h < g * N_REP + N_REP; h++) {
-                for (int dv = 0; dv < DV; dv++) vstorev((floatv)(NAN), dv, out + ((size_t)(t0 + lid) * n_head + h) * D);
+                __global float *o = out + ((size_t)(t0 + lid) * n_head + h) * D;
+                for (int dv = 0; dv < DV; dv++) vstorev((floatv)(NAN), dv, o);
             }
         }
         if (lead) {
@@ -262,7 +263,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 }
             }
             floatv qv[DEC_T * N_REP][DV], acc[DEC_T * N_REP][DV];
-            float m[DEC_T * N_REP], l[DEC_T * N_REP], sc[DEC_T * N_REP][BC], alpha[DEC_T * N_REP];
+            float m[DEC_T * N_REP], l[DEC_T * N_REP], sc[DEC_T * N_REP][BC];
             for (int k = 0; k < nr; k++) {
                 const int h = g * N_REP + k % N_REP;
                 #pragma unroll
@@ -276,7 +277,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
             __global const uchar *kb = k_cache + (size_t)s * k_seq_stride + k_head;
             __global const uchar *vb = v_cache + (size_t)s * v_seq_stride + v_head;
 #ifdef SWA_W
-            const int j_start = max(0, min_pos - SWA_W + 1) / BC * BC;  // tiles at multiples of BC, as for every row
+            const int j_start = max(0, min_pos - SWA_W + 1) / BC * BC;  // tiles at multiples of BC, as every row's
 #else
             const int j_start = 0;
 #endif
@@ -284,8 +285,9 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 const int cn = min(BC, max_pos - j0 + 1);  // columns valid for some row
                 for (int c = 0; c < cn; c++) {
                     floatv kr[DV];
+                    __global const uchar *row = kb + KV_SLOT(j0 + c) * k_pos_stride;
                     #pragma unroll
-                    for (int dv = 0; dv < DV; dv++) kr[dv] = kv_load(kb + KV_SLOT(j0 + c) * k_pos_stride, dv, K_TYPE);
+                    for (int dv = 0; dv < DV; dv++) kr[dv] = kv_load(row, dv, K_TYPE);
                     for (int k = 0; k < nr; k++) {
                         const bool valid = c >= FIRST_COL(row_pos[k], j0) && c <= row_pos[k] - j0;
                         sc[k][c] = valid ? score(qv[k], kr) : -INFINITY;
@@ -293,14 +295,16 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 }
                 for (int k = 0; k < nr; k++) {
                     for (int c = cn; c < BC; c++) sc[k][c] = -INFINITY;
-                    alpha[k] = softmax_tile(sc[k], &m[k], &l[k], FIRST_COL(row_pos[k], j0), row_pos[k] - j0);
+                    const float alpha =
+                        softmax_tile(sc[k], &m[k], &l[k], FIRST_COL(row_pos[k], j0), row_pos[k] - j0);
                     #pragma unroll
-                    for (int dv = 0; dv < DV; dv++) acc[k][dv] *= alpha[k];
+                    for (int dv = 0; dv < DV; dv++) acc[k][dv] *= alpha;
                 }
                 for (int c = 0; c < cn; c++) {
                     floatv vr[DV];
+                    __global const uchar *row = vb + KV_SLOT(j0 + c) * v_pos_stride;
                     #pragma unroll
-                    for (int dv = 0; dv < DV; dv++) vr[dv] = kv_load(vb + KV_SLOT(j0 + c) * v_pos_stride, dv, V_TYPE);
+                    for (int dv = 0; dv < DV; dv++) vr[dv] = kv_load(row, dv, V_TYPE);
                     for (int k = 0; k < nr; k++) {
                         const floatv pk = (floatv)(sc[k][c]);
                         #pragma unroll
@@ -310,8 +314,9 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
             }
             for (int k = 0; k < nr; k++) {
                 const int h = g * N_REP + k % N_REP;
+                __global float *o = out + ((size_t)row_tok[k] * n_head + h) * D;
                 #pragma unroll
-                for (int dv = 0; dv < DV; dv++) vstorev(acc[k][dv] / l[k], dv, out + ((size_t)row_tok[k] * n_head + h) * D);
+                for (int dv = 0; dv < DV; dv++) vstorev(acc[k][dv] / l[k], dv, o);
             }
         }
     }
@@ -362,7 +367,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
             }
         }
 #ifdef SWA_W
-        const int j_start = max(0, min_pos - SWA_W + 1) / BC * BC;  // tiles at multiples of BC, as for every row
+        const int j_start = max(0, min_pos - SWA_W + 1) / BC * BC;  // tiles at multiples of BC, as every row's
 #else
         const int j_start = 0;
 #endif
