@@ -285,12 +285,13 @@ def test_mtp_chain_drafts_up_to_one_token_per_block(spec_runner):
 
 
 @pytest.mark.slow
-def test_sampled_speculation_keeps_the_distribution(tmp_path):
+@pytest.mark.parametrize("draft_vocab", [0, 100])
+def test_sampled_speculation_keeps_the_distribution(tmp_path, draft_vocab):
     """Temperature > 0 with the chained blocks drafting (n-max 3 over 3 blocks): the chi-square test of
-    tests/test_speculative.py on a step35 model."""
+    tests/test_speculative.py on a step35 model, with the full heads and with reduced ones (FR-Spec)."""
     from test_speculative import test_sampled_output_distribution_unchanged_by_speculation as check
 
-    check(tmp_path, "step35")
+    check(tmp_path, "step35", draft_vocab)
 
 
 @pytest.mark.slow
