@@ -475,8 +475,10 @@ def test_old_bench_on_every_architecture(capsys, tmp_path, arch):
     """Per-layer KV heads and sliding windows (step35) count in the decode bound: a sliding layer reads its
     window only."""
     path = make_tiny(tmp_path / f"{arch}.gguf", arch=arch, qtype="Q8_0", seed=3, mtp=True)
-    out = bench_old(capsys, "-m", path, "--n-prompt", 16, "--n-decode", 4, "--repeats", 1)
+    out = bench_old(capsys, "-m", path, "--n-prompt", 16, "--n-decode", 4, "--repeats", 1, "--profile")
     assert "decode bound" in out and "cython" in out
+    # routed experts: the bytes of the ones a token uses
+    assert re.search(r"^matmul_id_q8_0\[\S+\]\s+\d+\s+\d+\s+\d+%\s+\d+\.\d+", out, re.M)
 
 
 def test_attention_read_bytes_counts_windows_and_heads(rt):
