@@ -76,7 +76,8 @@ def kv_store(rt, k, v, k_cache, v_cache, positions, seqs, n_head_kv: int, head_d
 def local_bytes(head_dim: int, n_rep: int, shape: dict) -> int:
     """Local memory of kernel_attention (Qs, Ks, Vs, Sc, row state, token state; as in the kernel)."""
     r, bc, bq = shape["BQ"] * n_rep, shape["BC"], shape["BQ"]
-    return 4 * (r * head_dim + 2 * bc * head_dim + r * bc + 3 * r) + 8 * bq
+    ks = head_dim if shape["VW"] == 16 else head_dim + 1  # the K tile's row stride (KS)
+    return 4 * (r * head_dim + bc * ks + bc * head_dim + r * bc + 3 * r) + 8 * bq
 
 
 def default_shape(rt, head_dim: int, n_rep: int) -> dict:
