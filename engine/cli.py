@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default model: --arch qwen35)")
     b.add_argument("--spec-n-max", type=int, default=4, help="draft length for --spec (default 4)")
     b.add_argument("--profile", action="store_true",
-                   help="also time each kernel of one decode step: microseconds, bytes read, GB/s")
+                   help="also time each kernel of one decode step (microseconds, bytes read, GB/s) and of "
+                        "one --n-prompt-token prompt step")
     b.add_argument("--device", default=None)
     b.add_argument("--platform", default=None)
     b.set_defaults(func=cmd_bench, bench_command=None)

@@ -459,13 +459,17 @@ def test_old_bench_still_runs(capsys, mtp_model):
     out = bench_old(capsys, "-m", mtp_model, "--n-prompt", 16, "--n-decode", 4, "--repeats", 1, "--profile")
     assert "decode bound" in out and "cython" in out and "pyopencl" in out
     # the per-kernel profile: every launch of the step in some row, the head's matmul with its bytes
-    profile = out[out.index("per-kernel profile"):].splitlines()
+    profile = out[out.index("per-kernel profile"):out.index("\nper-kernel profile of one 16-token")].splitlines()
     n_launches = int(re.search(r"\((\d+) launches", profile[0]).group(1))
     rows = [line.split() for line in profile[2:] if line and not line.startswith("kernels with")]
     assert sum(int(r[1]) for r in rows) == n_launches
     head = next(r for r in rows if r[0].startswith("matmul_q8_0[") and r[1] == "1")
     assert float(head[4]) > 0 and float(head[5]) > 0
     assert any(r[0] == "attention" and r[4] != "-" for r in rows)
+    # then the prompt step's, time only, with as many launches as the decode step
+    prompt = out[out.index("profile of one 16-token prompt step"):].splitlines()
+    assert int(re.search(r"\((\d+) launches", prompt[0]).group(1)) == n_launches
+    assert all(line.split()[4] == "-" for line in prompt[2:] if line)
     out = bench_old(capsys, "--spec", "-m", mtp_model, "--n-prompt", 16, "--n-decode", 4, "--repeats", 1)
     assert "MTP on / off" in out and "ngram-mod,draft-mtp" in out
 

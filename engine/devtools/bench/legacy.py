@@ -174,9 +174,11 @@ def main(args) -> int:
     print(f"ratio cython/pyopencl decode: {rows[0][1] / rows[1][1]:.2f}x; host time per step: "
           f"{rows[1][2] / rows[0][2]:.1f}x less")
     if args.profile:
-        from nextn.devtools.bench.profile import print_profile, profile_decode_step
+        from nextn.devtools.bench.profile import print_profile, profile_decode_step, profile_prompt_step
 
         print_profile(profile_decode_step(runner, prompt[:64]), bw, 1.0 / rows[0][1])
+        print_profile(profile_prompt_step(runner, prompt), bw, args.n_prompt / pp_tps,
+                      f"{args.n_prompt}-token prompt step")
     return 0
 
 

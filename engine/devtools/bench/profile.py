@@ -1,5 +1,5 @@
 """`nextn bench --profile`: device time of each kernel of one decode step, with the bytes it reads and its
-bandwidth (where the remaining decode time goes).
+bandwidth (where the remaining decode time goes), and of one prompt step (time only).
 
 The step's launches run one at a time on a profiling queue (each timed by its OpenCL event, median of
 repeats); launches with the same name (the same kernel on the same shape, one per layer) are summed into one
@@ -27,10 +27,24 @@ def profile_decode_step(runner, prompt: list[int], repeats: int = 5) -> list[Ker
     """Rows of one decode step after `prompt` in sequence 0, largest time first."""
     runner.eval(0, prompt, 0, want_logits=False)
     runner.step([int(prompt[-1])], [len(prompt)], [0], [0])  # writes the one-token batch inputs
-    launches = runner.launches[min(runner.launches)]
+    return _profile(runner, runner.launches[min(runner.launches)], runner.cache.attention_read_bytes(len(prompt) + 1),
+                    repeats)
+
+
+def profile_prompt_step(runner, prompt: list[int], repeats: int = 3) -> list[KernelRow]:
+    """Rows of one step over `prompt` (at most n_batch tokens) from position 0 of sequence 0; time only (a
+    prompt step is bound by arithmetic, not bytes)."""
+    n = len(prompt)
+    runner.step(prompt, list(range(n)), [0] * n, [n - 1])
+    rows = _profile(runner, next(launches for m, launches in sorted(runner.launches.items()) if n <= m), 0, repeats)
+    for row in rows:
+        row.bytes = 0
+    return rows
+
+
+def _profile(runner, launches, kv_bytes: int, repeats: int) -> list[KernelRow]:
     n_used = int(getattr(runner.hp, "n_expert_used", 0) or 0)
     attention = [i for i, launch in enumerate(launches) if launch.name == "attention"]
-    kv_bytes = runner.cache.attention_read_bytes(len(prompt) + 1)
     rt, vars_ = runner.rt, runner._vars
     queue = cl.CommandQueue(rt.ctx, rt.device, properties=cl.command_queue_properties.PROFILING_ENABLE)
     times = np.zeros((repeats, len(launches)))
@@ -54,9 +68,9 @@ def profile_decode_step(runner, prompt: list[int], repeats: int = 5) -> list[Ker
     return sorted(rows.values(), key=lambda row: -row.seconds)
 
 
-def print_profile(rows: list[KernelRow], bandwidth_gbs: float, step_seconds: float) -> None:
+def print_profile(rows: list[KernelRow], bandwidth_gbs: float, step_seconds: float, what: str = "decode step") -> None:
     total = sum(row.seconds for row in rows)
-    print(f"\nper-kernel profile of one decode step ({sum(r.launches for r in rows)} launches, one at a time on a "
+    print(f"\nper-kernel profile of one {what} ({sum(r.launches for r in rows)} launches, one at a time on a "
           f"profiling queue; device time {total * 1e3:.2f} ms, the plan's step {step_seconds * 1e3:.2f} ms); "
           f"of bw: against the copy kernel's {bandwidth_gbs:.1f} GB/s, which reads and writes (a read-only "
           f"stream can pass 100%)")
