@@ -197,7 +197,8 @@ class ModelRunner:
         self.mtp_plans[max_tokens, source, head].run(self._vars)
         for s, last in self._last_positions(n):  # the MTP block's KV now holds these positions
             self.cache.mtp_lengths[s] = max(self.cache.mtp_lengths[s], last + 1)
-        top, logits = self._read_head(len(out_rows), want_logits, self.draft_ids)
+        top, logits = self._read_head(len(out_rows), want_logits,
+                                      self.n_vocab if self.draft_ids is None else len(self.draft_ids))
         if self.draft_ids is not None:  # rows of the reduced head -> token ids; other tokens' logits -inf
             top = self.draft_ids[top]
             if logits is not None:
@@ -288,9 +289,9 @@ class ModelRunner:
         self._vars[VAR_N_OUTPUTS] = n_out
         self._vars[VAR_N_SAVED] = min(n, self.rollback_rows)
 
-    def _read_head(self, n_out: int, want_logits: bool, rows=None):
-        """Argmax and (if wanted) logits of the last step's n_out output rows; `rows`: the head's token ids
-        when it is a reduced one (its logits rows are that long)."""
+    def _read_head(self, n_out: int, want_logits: bool, n_cols: int | None = None):
+        """Argmax and (if wanted) logits of the last step's n_out output rows, n_cols logits each (default
+        n_vocab; fewer from a reduced MTP head)."""
         q, b = self.rt.queue, self.buffers
         top = np.empty(n_out, np.int32)
         if n_out == 0:  # a mid-prompt chunk: the head's kernels see zero rows and do nothing
@@ -299,7 +300,7 @@ class ModelRunner:
         planmod.enqueue_read(q, b.argmax, top)
         logits = None
         if want_logits:
-            logits = np.empty((n_out, self.n_vocab if rows is None else len(rows)), np.float32)
+            logits = np.empty((n_out, n_cols or self.n_vocab), np.float32)
             planmod.enqueue_read(q, b.logits, logits)
         return top, logits
 

@@ -38,7 +38,8 @@
 // Defines: D (head dim), N_REP (n_head / n_head_kv), BQ (tokens per group), BC (positions per tile),
 //   WG (work-items), VW (vector width 4/8/16), RB (rows per unit, divides BQ*N_REP), CB (score vectors per
 //   unit, divides BC/VW), OB (O vectors per unit, divides D/VW), DEC_T (the decode path's tokens per
-//   sequence; undefined: tiled path only). BC and VW fix the arithmetic; the others only share out the work.
+//   sequence; undefined: tiled path only), KS (the K tile's row stride). BC and VW fix the arithmetic; the
+//   others only share out the work or lay out local memory.
 //   CPU (PoCL): few work-items with float16 vectors (one AVX-512 register each), the decode path;
 //   GPU: 64 work-items with float4, the tiled path. ops/attention.py::default_shape picks them.
 // KV types: K_TYPE / V_TYPE (kv_types.h; default f16) say how kernel_attention reads a cache row; the rows
@@ -90,14 +91,6 @@ __kernel void kernel_kv_store(__global const float *k, __global const float *v, 
 #define SC (CB * VW)                // columns per score unit
 #define NOU ((R / RB) * (DV / OB))  // O units: RB rows x OB vectors of D
 #define NO ((NOU + WG - 1) / WG)    // O units per work-item
-// K tile row stride: a group's score units read rows SC apart, which a stride of D puts in one local-memory
-// bank on a GPU (VW 4); on the CPU shape (VW 16) the padding only misaligns the vector loads (tiled prompt
-// attention 5-20% slower, measured), so it is left out there.
-#if VW == 16
-#define KS D
-#else
-#define KS (D + 1)
-#endif
 
 #define intv CAT(int, VW)
 #if VW == 4
@@ -129,6 +122,12 @@ inline floatv kv_load(__global const uchar *row, const int dv, const int type) {
     const ucharv q = CAT(vload, VW)(0, b + 2 + (off & 15));
     const intv v = off < 16 ? convert_intv(q & (uchar)15) : convert_intv(q >> (uchar)4);
     return convert_floatv(v - 8) * vload_half(0, (__global const half *)b);
+}
+
+// A whole cache row (DV vectors) of `type`, for the decode path.
+inline void kv_load_row(floatv *r, __global const uchar *row, const int type) {
+    #pragma unroll
+    for (int dv = 0; dv < DV; dv++) r[dv] = kv_load(row, dv, type);
 }
 
 inline float hsum(const floatv v) {
@@ -293,9 +292,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 const int cn = min(BC, max_pos - j0 + 1);  // columns valid for some row
                 for (int c = 0; c < cn; c++) {
                     floatv kr[DV];
-                    __global const uchar *row = kb + KV_SLOT(j0 + c) * k_pos_stride;
-                    #pragma unroll
-                    for (int dv = 0; dv < DV; dv++) kr[dv] = kv_load(row, dv, K_TYPE);
+                    kv_load_row(kr, kb + KV_SLOT(j0 + c) * k_pos_stride, K_TYPE);
                     for (int k = 0; k < nr; k++) {
                         const bool valid = c >= FIRST_COL(row_pos[k], j0) && c <= row_pos[k] - j0;
                         sc[k][c] = valid ? score(qv[k], kr) : -INFINITY;
@@ -310,9 +307,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 }
                 for (int c = 0; c < cn; c++) {
                     floatv vr[DV];
-                    __global const uchar *row = vb + KV_SLOT(j0 + c) * v_pos_stride;
-                    #pragma unroll
-                    for (int dv = 0; dv < DV; dv++) vr[dv] = kv_load(row, dv, V_TYPE);
+                    kv_load_row(vr, vb + KV_SLOT(j0 + c) * v_pos_stride, V_TYPE);
                     for (int k = 0; k < nr; k++) {
                         const floatv pk = (floatv)(sc[k][c]);
                         #pragma unroll

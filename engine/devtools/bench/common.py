@@ -191,16 +191,13 @@ class Harness:
 
         self.base_spec = from_config(self._config("none").speculative)  # serve's defaults; --config overrides
         specs = {c.label: c.spec(self.base_spec) for c in self.configs}
-        if self.one_load:
-            union: list[str] = []
-            for c in self.configs:
-                union += [t for t in c.types if t not in union]
-            keys = {c.label: ",".join(union) or "none" for c in self.configs}
-        else:
-            keys = {c.label: load_key(specs[c.label]) for c in self.configs}
+        union: list[str] = []
+        for c in self.configs:
+            union += [t for t in c.types if t not in union]
         # a load is its --spec-type and the load-time settings (draft_vocab): configurations differing there
         # need runners of their own
-        keys = {c.label: (keys[c.label], c.load_settings()) for c in self.configs}
+        keys = {c.label: (",".join(union) or "none" if self.one_load else load_key(specs[c.label]),
+                          c.load_settings()) for c in self.configs}
         draft_model = next((s.draft_model for s in specs.values() if s.draft_model), "")
         for key in dict.fromkeys(keys.values()):
             spec_type, settings = key

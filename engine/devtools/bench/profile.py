@@ -27,8 +27,8 @@ def profile_decode_step(runner, prompt: list[int], repeats: int = 5) -> list[Ker
     """Rows of one decode step after `prompt` in sequence 0, largest time first."""
     runner.eval(0, prompt, 0, want_logits=False)
     runner.step([int(prompt[-1])], [len(prompt)], [0], [0])  # writes the one-token batch inputs
-    return _profile(runner, runner.launches[min(runner.launches)], runner.cache.attention_read_bytes(len(prompt) + 1),
-                    repeats)
+    return _profile(runner, runner.launches[min(runner.launches)], repeats,
+                    kv_bytes=runner.cache.attention_read_bytes(len(prompt) + 1))
 
 
 def profile_prompt_step(runner, prompt: list[int], repeats: int = 3) -> list[KernelRow]:
@@ -36,15 +36,14 @@ def profile_prompt_step(runner, prompt: list[int], repeats: int = 3) -> list[Ker
     prompt step is bound by arithmetic, not bytes)."""
     n = len(prompt)
     runner.step(prompt, list(range(n)), [0] * n, [n - 1])
-    rows = _profile(runner, next(launches for m, launches in sorted(runner.launches.items()) if n <= m), 0, repeats)
-    for row in rows:
-        row.bytes = 0
-    return rows
+    return _profile(runner, next(launches for m, launches in sorted(runner.launches.items()) if n <= m), repeats)
 
 
-def _profile(runner, launches, kv_bytes: int, repeats: int) -> list[KernelRow]:
-    n_used = int(getattr(runner.hp, "n_expert_used", 0) or 0)
+def _profile(runner, launches, repeats: int, kv_bytes: int | None = None) -> list[KernelRow]:
+    """kv_bytes None: time only; else the bytes of one token's run, attention reading kv_bytes of KV."""
     attention = [i for i, launch in enumerate(launches) if launch.name == "attention"]
+    experts = [i for i, launch in enumerate(launches) if launch.name.startswith("matmul_id")]
+    n_used = runner.hp.n_expert_used if experts else 0  # a MoE architecture's hparams have it
     rt, vars_ = runner.rt, runner._vars
     queue = cl.CommandQueue(rt.ctx, rt.device, properties=cl.command_queue_properties.PROFILING_ENABLE)
     times = np.zeros((repeats, len(launches)))
@@ -58,9 +57,12 @@ def _profile(runner, launches, kv_bytes: int, repeats: int) -> list[KernelRow]:
     median = np.median(times, axis=0)
     rows: dict[str, KernelRow] = {}
     for i, launch in enumerate(launches):
-        n_bytes = launch.weight_bytes * (n_used if launch.name.startswith("matmul_id") and n_used else 1)
-        if i in attention:
+        if kv_bytes is None:
+            n_bytes = 0
+        elif i in attention:
             n_bytes = kv_bytes // len(attention)
+        else:
+            n_bytes = launch.weight_bytes * (n_used if i in experts else 1)
         row = rows.setdefault(launch.name or "unnamed", KernelRow(launch.name or "unnamed", 0, 0.0, 0))
         row.launches += 1
         row.seconds += float(median[i])
