@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from nextn.cl import plan as planmod
-from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_TOKENS
+from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SAVED, VAR_N_SPLITS, VAR_N_TOKENS
 from nextn.cl.runtime import Runtime
 from nextn.errors import RequestError
 from nextn.gguf.model_file import ModelFile
 from nextn.memory.kv_cache import F16_KV, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import architecture, blocks
+from nextn.ops import attention as attn_ops
 from nextn.ops.matmul import MatmulOps
 from nextn.ops.weights import upload_weight
 from nextn.spec.draft_vocab import draft_vocab_ids
@@ -82,6 +83,9 @@ class ModelRunner:
             self.memory = dataclasses.replace(self.memory, mtp_weights=self.memory.mtp_weights + sum(
                 info.nbytes // info.n_rows * draft_vocab for _, info in draft_heads))
         self.rt = rt or Runtime()
+        split_tokens, split_heads = min(VERIFY_TOKENS, self.n_batch), int(np.max(hp.n_head))
+        self.memory = dataclasses.replace(self.memory, attention_splits=attn_ops.KvSplit.bytes_needed(
+            self.n_ctx, split_tokens, split_heads, hp.head_dim))
         parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
         self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
 
@@ -108,6 +112,8 @@ class ModelRunner:
             bar.close()
         self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows, kv_types,
                                      n_batch=self.n_batch)
+        self.kv_split = attn_ops.KvSplit(self.rt, self.n_ctx, split_tokens, split_heads, hp.head_dim)
+        self.cache.kv_split = self.kv_split
         self._prefixes = self.cache.prefix_store()
         self.buffers = arch.step_buffers(self.rt, hp, self.n_batch, self.max_outputs)
         self.mm = MatmulOps(self.rt, batch_invariant=batch_invariant)
@@ -288,6 +294,7 @@ class ModelRunner:
         self._vars[VAR_N_TOKENS] = n
         self._vars[VAR_N_OUTPUTS] = n_out
         self._vars[VAR_N_SAVED] = min(n, self.rollback_rows)
+        self._vars[VAR_N_SPLITS] = self.cache.kv_split.count(n, int(self._pos[:n].max()) if n else 0)
 
     def _read_head(self, n_out: int, want_logits: bool, n_cols: int | None = None):
         """Argmax and (if wanted) logits of the last step's n_out output rows, n_cols logits each (default

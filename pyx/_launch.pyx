@@ -92,6 +92,10 @@ def _check_launch(int index, launch, int num_args):
         raise ValueError(f"{where}: local size {launch.local} must be positive and have {dims} dimensions")
     if launch.scale_var < 0:
         raise ValueError(f"{where}: scale_var {launch.scale_var} is negative")
+    if launch.grid_vars is not None and (len(launch.grid_vars) != dims or min(launch.grid_vars) < 0):
+        raise ValueError(f"{where}: grid_vars {launch.grid_vars} must name {dims} step variables")
+    if launch.run_if is not None and launch.run_if[0] < 0:
+        raise ValueError(f"{where}: run_if reads negative step variable {launch.run_if[0]}")
     for arg_index, var_index in launch.dyn_args:
         if not 0 <= arg_index < num_args:
             raise ValueError(f"{where}: dyn arg index {arg_index} out of range (kernel has {num_args} args)")
@@ -110,7 +114,9 @@ cdef struct LaunchRec:
     cl_kernel kernel
     cl_uint work_dim
     int has_local
-    int scale_var
+    int svar[3]  # the step variable of each dimension (Launch.grid_var)
+    int cond_var  # enqueued only when vars[cond_var] >= cond_min (Launch.run_if; cond_var -1: always)
+    int cond_min
     int dyn_begin  # this launch's dyn args are dyn[dyn_begin:dyn_end]
     int dyn_end
     int64_t gconst[3]
@@ -169,9 +175,12 @@ cdef class Plan:
             self.recs[i].kernel = <cl_kernel><intptr_t>l.kernel.int_ptr
             self.recs[i].work_dim = dims
             self.recs[i].has_local = l.local is not None
-            self.recs[i].scale_var = l.scale_var
-            self.n_vars_needed = max(self.n_vars_needed, l.scale_var + 1)
+            self.recs[i].cond_var = l.run_if[0] if l.run_if is not None else -1
+            self.recs[i].cond_min = l.run_if[1] if l.run_if is not None else 0
+            self.n_vars_needed = max(self.n_vars_needed, self.recs[i].cond_var + 1)
             for d in range(dims):
+                self.recs[i].svar[d] = l.grid_var(d)
+                self.n_vars_needed = max(self.n_vars_needed, l.grid_var(d) + 1)
                 self.recs[i].gconst[d] = l.global_const[d]
                 self.recs[i].gmul[d] = l.global_per_token[d]
                 self.recs[i].local[d] = l.local[d] if l.local is not None else 0
@@ -212,6 +221,8 @@ cdef class Plan:
         with nogil:
             for i in range(self.n):
                 r = &self.recs[i]
+                if r.cond_var >= 0 and vp[r.cond_var] < r.cond_min:
+                    continue
                 for j in range(r.dyn_begin, r.dyn_end):
                     a = &self.dyn[j]
                     v = vp[a.var_index]
@@ -227,7 +238,7 @@ cdef class Plan:
                 # the local size (ceiling division that also holds for negative values), at least one
                 # work-group (or one work-item without a local size).
                 for d in range(<int>r.work_dim):
-                    c = r.gconst[d] + r.gmul[d] * <int64_t>vp[r.scale_var]
+                    c = r.gconst[d] + r.gmul[d] * <int64_t>vp[r.svar[d]]
                     if r.has_local:
                         loc = <int64_t>r.local[d]
                         c = ((c + loc - 1) // loc if c >= 0 else -((-c) // loc)) * loc

@@ -15,6 +15,8 @@ def rt():
 def run_launches(rt, launches, vars) -> None:
     """Run prepared launches in order (the plain-pyopencl path; the Cython plan does the same from C)."""
     for launch in launches:
+        if not launch.runs(vars):
+            continue
         for arg_index, var_index in launch.dyn_args:
             launch.kernel.set_arg(arg_index, np.int32(vars[var_index]))
         cl.enqueue_nd_range_kernel(rt.queue, launch.kernel, launch.global_size(vars), launch.local)

@@ -15,7 +15,7 @@ import pyopencl as cl
 import pytest
 
 from conftest import run_launches
-from nextn.ops.attention import attention, default_shape, kv_cache_bytes, kv_store
+from nextn.ops.attention import KvSplit, attention, default_shape, kv_cache_bytes, kv_store
 
 GPU_SHAPE = {"WG": 64, "BQ": 8, "BC": 32, "VW": 4, "RB": 2, "CB": 1, "OB": 1}  # the GPU default at n_rep 2
 # small tiles (many tiles), and a work-group size that divides no unit count: 32 O units over 6 work-items
@@ -115,16 +115,18 @@ def test_attention_decode_path(rt, case, dec_t):
     run_case(rt, np.random.default_rng(len(pos) + dec_t), head_dim, n_head, n_head_kv, pos, seq, shape)
 
 
-def attend_rows(rt, q, k_cache, v_cache, pos, seq, shape, window=0):
-    """Outputs of attention over fixed caches (nothing stored) for the batch (q rows, pos, seq)."""
+def attend_rows(rt, q, k_cache, v_cache, pos, seq, shape, window=0, split=None):
+    """Outputs of attention over fixed caches (nothing stored) for the batch (q rows, pos, seq). split: a
+    KvSplit, whose count for the batch decides the step's splits (its size must be shape["KV_SPLIT"])."""
     n, n_head, head_dim = q.shape
     n_head_kv = k_cache.shape[2]
     arrays = {"q": q, "kc": k_cache, "vc": v_cache, "pos": np.asarray(pos, np.int32), "seq": np.asarray(seq, np.int32)}
     b = {name: rt.upload(np.ascontiguousarray(a), name) for name, a in arrays.items()}
     b["out"] = rt.upload(np.zeros((n, n_head * head_dim), np.float32), "out")
     launches = attention(rt, b["q"], b["kc"], b["vc"], b["pos"], b["seq"], b["out"], n_head, n_head_kv, head_dim,
-                         k_cache.shape[1], head_dim**-0.5, n, shape=shape, window=window)
-    run_launches(rt, launches, [n, n, 0, 0])
+                         k_cache.shape[1], head_dim**-0.5, n, shape=shape, window=window, split=split)
+    n_split = split.count(n, max(pos)) if split is not None else 1
+    run_launches(rt, launches, [n, n, 0, n_split])
     out = np.empty((n, n_head * head_dim), np.float32)
     cl.enqueue_copy(rt.queue, out, b["out"])
     return out
@@ -161,6 +163,63 @@ def test_a_row_is_bit_identical_in_any_batch(rt, n_head, n_head_kv, window):
         assert np.array_equal(row_of_x(pos, seq, at, cpu).view(np.uint32), alone.view(np.uint32)), name
     tiled = {k: v for k, v in cpu.items() if k != "DEC_T"}
     assert np.array_equal(row_of_x([x_pos], [x_seq], 0, tiled).view(np.uint32), alone.view(np.uint32))
+
+
+@pytest.mark.parametrize("window", [0, 80])
+@pytest.mark.parametrize("path", ["decode", "tiled", "gpu"])
+def test_split_kv_is_bit_identical(rt, path, window):
+    """Flash-decoding: with the KV walked in splits of 64 positions (5 of them at position 300), a row's
+    output is the same bits from one group walking every split as from a split launch (one group per split,
+    then the combine kernel), alone, among other slots (some with fewer splits than the launch has) and in a
+    verify step; and it matches the float64 reference. Paths: the CPU decode path, the tiled path (no
+    DEC_T), the GPU shape (tiled, float4)."""
+    rng = np.random.default_rng(7 + window)
+    n_head, n_head_kv, head_dim, n_ctx, n_seq = 8, 2, 128, 320, 4
+    kc = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
+    vc = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
+    shape = {**default_shape(rt, head_dim, n_head // n_head_kv), "DEC_T": 4} if path == "decode" else \
+        {k: v for k, v in default_shape(rt, head_dim, n_head // n_head_kv).items() if k != "DEC_T"} \
+        if path == "tiled" else dict(GPU_SHAPE, BQ=4)
+    shape["KV_SPLIT"] = 64
+    qx = rng.standard_normal((n_head, head_dim)).astype(np.float32)
+    x_seq, x_pos = 2, 300
+    batches = {
+        "alone": ([x_pos], [x_seq], 0),
+        "4 slots": ([10, 130, x_pos, 70], [0, 1, x_seq, 3], 2),
+        "verify": ([x_pos - 2, x_pos - 1, x_pos, x_pos + 1], [x_seq] * 4, 2),
+    }
+    outs = {}
+    for name, (pos, seq, at) in batches.items():
+        q = rng.standard_normal((len(pos), n_head, head_dim)).astype(np.float32)
+        q[at] = qx
+        for mode in ("never", "always"):
+            split = KvSplit(rt, n_ctx, 8, n_head, head_dim, mode=mode, size=64)
+            out = attend_rows(rt, q, kc, vc, pos, seq, shape, window, split)
+            outs[name, mode] = out[at]
+            if window == 0:
+                ref = ref_attention(q, kc, vc, np.asarray(pos), np.asarray(seq), n_head_kv, head_dim**-0.5)
+                np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5, err_msg=f"{name}, {mode}")
+    assert split.count(1, x_pos) == 5
+    want = outs["alone", "never"].view(np.uint32)
+    for key, row in outs.items():
+        assert np.array_equal(row.view(np.uint32), want), key
+
+
+def test_split_count(rt):
+    """Splits only for few tokens at a context past one split, and (auto) while the grid is short of groups."""
+    split = KvSplit(rt, 8192, 16, 8, 128)
+    assert split.size == 512 and split.max_splits == 16
+    assert split.count(1, 4000) == 1  # no layer built yet
+    split.parts(8, 128, n_head_kv=2)
+    assert split.count(1, 511) == 1 and split.count(17, 4000) == 1
+    assert split.count(1, 4000) == (8 if 2 < 2 * split.compute_units else 1)
+    split.mode = "always"
+    assert split.count(16, 512) == 2
+    split.mode = "never"
+    assert split.count(1, 8000) == 1
+    assert KvSplit(rt, 131072, 1, 1, 4).size == 4096  # at most MAX_SPLITS (32) splits
+    with pytest.raises(ValueError, match="hold 8 heads of 128"):
+        split.parts(16, 128, 4)
 
 
 def test_f16_cache_error_against_float32_kv(rt):

@@ -11,7 +11,7 @@ from nextn import _launch
 from nextn.cl import plan as planmod
 from nextn.cl.plan import PyPlan, make_plan, measure_launch_overhead
 from nextn.errors import CLCallError
-from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS, Launch
+from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_SPLITS, VAR_N_TOKENS, Launch
 
 WG = 16  # work-group width of kernel_rowsum (a power of two: tree reduction)
 
@@ -192,6 +192,31 @@ def test_grid_sizes_match_launch_global_size(rt, prg, case):
         if local:  # without one the driver picks the work-group size
             assert seen[0][1] == seen[1][1] == local
             assert all(g % lo == 0 for g, lo in zip(want, local, strict=True))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_grid_vars_and_run_if(rt, prg, native):
+    """A dimension may follow its own step variable (attention's splits), and a launch may run only while a
+    variable is at least some value (the splits' combine launch): both plans as Launch says."""
+    buf = rt.alloc(64, "grid.vars")
+    k = cl.Kernel(prg, "kernel_mark")
+    k.set_args(buf, np.int32(0))
+    per_dim = Launch(k, (0, 3, 0), (2, 0, 1), (2, 1, 1), grid_vars=(VAR_N_TOKENS, VAR_N_TOKENS, VAR_N_SPLITS))
+    gated = Launch(k, (7,), (0,), None, run_if=(VAR_N_SPLITS, 2))
+    for n, splits in ((1, 1), (5, 4), (3, 0)):
+        vars = vars_of(n)
+        vars[VAR_N_SPLITS] = splits
+        make_plan(rt.queue, [per_dim], native=native).run(vars)
+        assert tuple(read(rt, buf, 3, np.int32)) == per_dim.global_size(vars) == (2 * n, 3, max(splits, 1))
+        planmod.enqueue_write(rt.queue, buf, np.zeros(6, np.int32))
+        make_plan(rt.queue, [gated], native=native).run(vars)
+        assert read(rt, buf, 1, np.int32)[0] == (7 if splits >= 2 else 0) and gated.runs(vars) == (splits >= 2)
+    for bad in (Launch(k, (1, 1), (0, 0), None, grid_vars=(0,)), Launch(k, (1,), (0,), None, run_if=(-1, 2))):
+        with pytest.raises(ValueError, match="launch 0"):
+            make_plan(rt.queue, [bad], native=native)
+    plan = make_plan(rt.queue, [Launch(k, (1,), (0,), None, grid_vars=(5,))], native=native)
+    with pytest.raises(IndexError):
+        plan.run(np.zeros(4, np.int32))  # reads step variable 5
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -52,6 +52,10 @@ def _check_launch(index: int, launch: Launch, num_args: int) -> None:
         raise ValueError(f"{where}: local size {launch.local} must be positive and have {dims} dimensions")
     if launch.scale_var < 0:
         raise ValueError(f"{where}: scale_var {launch.scale_var} is negative")
+    if launch.grid_vars is not None and (len(launch.grid_vars) != dims or min(launch.grid_vars) < 0):
+        raise ValueError(f"{where}: grid_vars {launch.grid_vars} must name {dims} step variables")
+    if launch.run_if is not None and launch.run_if[0] < 0:
+        raise ValueError(f"{where}: run_if reads negative step variable {launch.run_if[0]}")
     for arg_index, var_index in launch.dyn_args:
         if not 0 <= arg_index < num_args:
             raise ValueError(f"{where}: dyn arg index {arg_index} out of range (kernel has {num_args} args)")
@@ -90,10 +94,11 @@ class PyPlan:
             _check_launch(i, launch, int(launch.kernel.num_args))
             snap = Launch(launch.kernel, tuple(launch.global_const), tuple(launch.global_per_token),
                           None if launch.local is None else tuple(launch.local), list(launch.dyn_args),
-                          launch.scale_var, launch.name)
+                          launch.scale_var, launch.name, grid_vars=launch.grid_vars, run_if=launch.run_if)
             cache = _dyn_cache(launch.kernel, [a for a, _ in launch.dyn_args])
             self._steps.append((cache, snap))
-            needed = [snap.scale_var + 1, *(v + 1 for _, v in snap.dyn_args)]
+            needed = [snap.scale_var + 1, *(v + 1 for _, v in snap.dyn_args), *(v + 1 for v in snap.grid_vars or ()),
+                      snap.run_if[0] + 1 if snap.run_if else 0]
             self._n_vars_needed = max(self._n_vars_needed, *needed)
 
     @property
@@ -106,6 +111,8 @@ class PyPlan:
         queue = self.queue
         for i, (cache, launch) in enumerate(self._steps):
             kernel = launch.kernel
+            if not launch.runs(vars):
+                continue
             try:
                 for arg_index, var_index in launch.dyn_args:
                     v = int(vars[var_index])

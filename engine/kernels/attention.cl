@@ -19,7 +19,14 @@
 //     1. scores S[c] = hsum(fma chain over the row's D/VW vectors of q and K_c), -INFINITY where masked
 //     2. m' = max(m, max_c S), P = exp2(S - m'), l = fma(l, 2^(m-m'), sum P) (VW-lane sums, then hsum)
 //     3. O = O * 2^(m-m'), then O = fma(P_c, V_c, O) over the tile's columns in order
-//   and finally writes O / l. Masked entries must stay -INFINITY: build without fast-math.
+//   The walk restarts at every multiple of KV_SPLIT positions (a split): each split's (m, l, O) starts empty
+//   and is folded into the row's running (M, L, O_run) in split order (fold_split); the output is O_run / L.
+//   A row's first split folds exactly (M = -INFINITY: O_run = O, L = l), so below KV_SPLIT positions this is
+//   the plain walk. Masked entries must stay -INFINITY: build without fast-math.
+//   Flash-decoding: launched with a third dimension of n_split > 1 groups (a decode or verify step at a long
+//   context, when the other two dimensions leave the device idle), group z walks split z only and writes
+//   its rows' (M, L, O_run) to part_ml / part_o [z, t, h]; kernel_attention_combine then folds the splits
+//   of each row in order with the same fold_split, so a row's bits are the same whether or not it was split.
 //   Every row's arithmetic is this, whatever else is in the batch and whichever path below runs it, so a
 //   request's output is bit-identical alone, batched with other slots' tokens and prompt chunks, and in a
 //   speculative verify step (explicit fma, so that -cl-mad-enable cannot contract one path differently).
@@ -38,8 +45,9 @@
 // Defines: D (head dim), N_REP (n_head / n_head_kv), BQ (tokens per group), BC (positions per tile),
 //   WG (work-items), VW (vector width 4/8/16), RB (rows per unit, divides BQ*N_REP), CB (score vectors per
 //   unit, divides BC/VW), OB (O vectors per unit, divides D/VW), DEC_T (the decode path's tokens per
-//   sequence; undefined: tiled path only), KS (the K tile's row stride). BC and VW fix the arithmetic; the
-//   others only share out the work or lay out local memory.
+//   sequence; undefined: tiled path only), KS (the K tile's row stride), KV_SPLIT (positions per split, a
+//   multiple of BC). BC, VW and KV_SPLIT fix the arithmetic; the others only share out the work or lay out
+//   local memory.
 //   CPU (PoCL): few work-items with float16 vectors (one AVX-512 register each), the decode path;
 //   GPU: 64 work-items with float4, the tiled path. ops/attention.py::default_shape picks them.
 // KV types: K_TYPE / V_TYPE (kv_types.h; default f16) say how kernel_attention reads a cache row; the rows
@@ -189,6 +197,32 @@ inline float softmax_tile(float *sr, float *m, float *l, const int first, const 
     return alpha;
 }
 
+// THE SPLIT FOLD (both paths and kernel_attention_combine): a split's (m, l) into a row's running (M, L); the
+// row's O_run becomes fma(O_run, a, O * b). A split without a valid column for the row (m = -INFINITY) is
+// skipped (returns false).
+inline bool fold_split(float *M, float *L, const float m, const float l, float *a, float *b) {
+    if (m == -INFINITY) {
+        return false;
+    }
+    const float mx = fmax(*M, m);
+    *a = exp2(*M - mx);  // 0 on the row's first split
+    *b = exp2(m - mx);
+    *L = fma(*L, *a, l * *b);
+    *M = mx;
+    return true;
+}
+
+// A row's (M, L, O_run) at split z of a split launch: part_o[z, t, h, :], part_ml[z, t, h, 0..1]
+inline void put_partial(__global float *part_o, __global float *part_ml, const int z, const int part_tokens,
+                        const int t, const int h, const int n_head, const floatv *o, const float M,
+                        const float L) {
+    const size_t row = ((size_t)z * part_tokens + t) * n_head + h;
+    #pragma unroll
+    for (int dv = 0; dv < DV; dv++) vstorev(o[dv], dv, part_o + row * D);
+    part_ml[2 * row] = M;
+    part_ml[2 * row + 1] = L;
+}
+
 // the first valid column of a row at position p in the tile at j0 (its window's start), clamped at 0
 #ifdef SWA_W
 #define FIRST_COL(p, j0) max(0, (p) - SWA_W + 1 - (j0))
@@ -200,17 +234,20 @@ __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
 void kernel_attention(__global const float *q, __global const uchar *k_cache, __global const uchar *v_cache,
                       __global const int *pos, __global const int *seq, __global float *out,
                       const int n_head, const int n_head_kv, const int n_ctx, const int n_seq,
-                      const float scale, const int n_tokens) {
+                      const float scale, const int n_tokens, __global float *part_o, __global float *part_ml,
+                      const int part_tokens) {
     __local int tok_seq[BQ], tok_pos[BQ];
     __local float Qs[R * D];    // tiled path: query rows, pre-scaled by scale * log2(e)
     __local float Ks[BC * KS];  // K tile: Ks[c][d], rows KS apart
     __local float Vs[BC * D];   // V tile: Vs[c][d]
     __local float Sc[R * BC];   // scores, then probabilities (0 where masked)
-    __local float m_row[R], l_row[R], a_row[R];
+    __local float m_row[R], l_row[R], a_row[R], M_row[R], L_row[R];
 
     const int lid = get_local_id(0);
     const int t0 = get_group_id(0) * BQ;
     const int g = get_group_id(1);
+    const int n_split = get_num_groups(2);  // > 1: a split launch, this group walks split z only
+    const int z = get_group_id(2);
     const float qscale = scale * M_LOG2E_F;
 
     for (int tl = lid; tl < BQ; tl += WG) {
@@ -251,8 +288,13 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
         for (int b = 0; b < lid && lead; b++) lead = tok_seq[b] != tok_seq[lid];
         if (lid < BQ && tok_seq[lid] < 0 && t0 + lid < n_tokens) {  // outside the cache: NaN, as the tiled path
             for (int h = g * N_REP; h < g * N_REP + N_REP; h++) {
-                __global float *o = out + ((size_t)(t0 + lid) * n_head + h) * D;
-                for (int dv = 0; dv < DV; dv++) vstorev((floatv)(NAN), dv, o);
+                floatv o[DV];
+                for (int dv = 0; dv < DV; dv++) o[dv] = n_split > 1 ? (floatv)(0.0f) : (floatv)(NAN);
+                if (n_split > 1) {  // no split of the row (M -INFINITY, L 0): the combine gives 0 / 0
+                    put_partial(part_o, part_ml, z, part_tokens, t0 + lid, h, n_head, o, -INFINITY, 0.0f);
+                } else {
+                    for (int dv = 0; dv < DV; dv++) vstorev(o[dv], dv, out + ((size_t)(t0 + lid) * n_head + h) * D);
+                }
             }
         }
         if (lead) {
@@ -269,17 +311,17 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                     min_pos = min(min_pos, tok_pos[b]);
                 }
             }
-            floatv qv[DEC_T * N_REP][DV], acc[DEC_T * N_REP][DV];
-            float m[DEC_T * N_REP], l[DEC_T * N_REP], sc[DEC_T * N_REP][BC];
+            floatv qv[DEC_T * N_REP][DV], acc[DEC_T * N_REP][DV], o_run[DEC_T * N_REP][DV];
+            float m[DEC_T * N_REP], l[DEC_T * N_REP], M[DEC_T * N_REP], L[DEC_T * N_REP], sc[DEC_T * N_REP][BC];
             for (int k = 0; k < nr; k++) {
                 const int h = g * N_REP + k % N_REP;
                 #pragma unroll
                 for (int dv = 0; dv < DV; dv++) {
                     qv[k][dv] = vloadv(dv, q + ((size_t)row_tok[k] * n_head + h) * D) * qscale;
-                    acc[k][dv] = (floatv)(0.0f);
+                    o_run[k][dv] = (floatv)(0.0f);
                 }
-                m[k] = -INFINITY;
-                l[k] = 0.0f;
+                M[k] = -INFINITY;
+                L[k] = 0.0f;
             }
             __global const uchar *kb = k_cache + (size_t)s * k_seq_stride + k_head;
             __global const uchar *vb = v_cache + (size_t)s * v_seq_stride + v_head;
@@ -288,7 +330,14 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
 #else
             const int j_start = 0;
 #endif
-            for (int j0 = j_start; j0 <= max_pos; j0 += BC) {
+            for (int zs = n_split > 1 ? z : j_start / KV_SPLIT; zs <= (n_split > 1 ? z : max_pos / KV_SPLIT); zs++) {
+            for (int k = 0; k < nr; k++) {
+                #pragma unroll
+                for (int dv = 0; dv < DV; dv++) acc[k][dv] = (floatv)(0.0f);
+                m[k] = -INFINITY;
+                l[k] = 0.0f;
+            }
+            for (int j0 = max(j_start, zs * KV_SPLIT); j0 <= min(max_pos, zs * KV_SPLIT + KV_SPLIT - 1); j0 += BC) {
                 const int cn = min(BC, max_pos - j0 + 1);  // columns valid for some row
                 for (int c = 0; c < cn; c++) {
                     floatv kr[DV];
@@ -315,11 +364,23 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                     }
                 }
             }
+            for (int k = 0; k < nr; k++) {  // the split into the running state
+                float a, b;
+                if (fold_split(&M[k], &L[k], m[k], l[k], &a, &b)) {
+                    #pragma unroll
+                    for (int dv = 0; dv < DV; dv++) o_run[k][dv] = fma(o_run[k][dv], (floatv)(a), acc[k][dv] * b);
+                }
+            }
+            }
             for (int k = 0; k < nr; k++) {
                 const int h = g * N_REP + k % N_REP;
-                __global float *o = out + ((size_t)row_tok[k] * n_head + h) * D;
-                #pragma unroll
-                for (int dv = 0; dv < DV; dv++) vstorev(acc[k][dv] / l[k], dv, o);
+                if (n_split > 1) {
+                    put_partial(part_o, part_ml, z, part_tokens, row_tok[k], h, n_head, o_run[k], M[k], L[k]);
+                } else {
+                    __global float *o = out + ((size_t)row_tok[k] * n_head + h) * D;
+                    #pragma unroll
+                    for (int dv = 0; dv < DV; dv++) vstorev(o_run[k][dv] / L[k], dv, o);
+                }
             }
         }
     }
@@ -338,14 +399,19 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
     for (int r = lid; r < R; r += WG) {
         m_row[r] = -INFINITY;
         l_row[r] = 0.0f;
+        M_row[r] = -INFINITY;
+        L_row[r] = 0.0f;
     }
-    floatv acc[NO][RB][OB];
+    floatv acc[NO][RB][OB], o_run[NO][RB][OB];
     #pragma unroll
     for (int i = 0; i < NO; i++) {
         #pragma unroll
         for (int k = 0; k < RB; k++) {
             #pragma unroll
-            for (int b = 0; b < OB; b++) acc[i][k][b] = (floatv)(0.0f);
+            for (int b = 0; b < OB; b++) {
+                acc[i][k][b] = (floatv)(0.0f);
+                o_run[i][k][b] = (floatv)(0.0f);
+            }
         }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -378,7 +444,8 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
         __global const uchar *kb = k_cache + (size_t)s_cur * k_seq_stride + k_head;
         __global const uchar *vb = v_cache + (size_t)s_cur * v_seq_stride + v_head;
 
-        for (int j0 = j_start; j0 <= max_pos; j0 += BC) {
+        for (int zs = n_split > 1 ? z : j_start / KV_SPLIT; zs <= (n_split > 1 ? z : max_pos / KV_SPLIT); zs++) {
+        for (int j0 = max(j_start, zs * KV_SPLIT); j0 <= min(max_pos, zs * KV_SPLIT + KV_SPLIT - 1); j0 += BC) {
             barrier(CLK_LOCAL_MEM_FENCE);  // the previous tile is no longer read
             // 1. K, V tile; positions past max_pos are zero (P is 0 there, and 0 * garbage could be NaN)
             for (int u = lid; u < BC * DV; u += WG) {
@@ -468,8 +535,39 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 }
             }
         }
+        // 5. the split into the running state: each O unit with its rows' factors (m_row, l_row were written
+        //    before the barrier that precedes step 4), then each row's M, L; rows of another sequence have
+        //    m = -INFINITY and are left alone
+        #pragma unroll
+        for (int i = 0; i < NO; i++) {
+            const int u = lid + i * WG;
+            if (NOU % WG == 0 || u < NOU) {
+                const int rb = u / (DV / OB);
+                #pragma unroll
+                for (int k = 0; k < RB; k++) {
+                    const int r = rb * RB + k;
+                    float Mr = M_row[r], Lr = L_row[r], a, b;
+                    if (fold_split(&Mr, &Lr, m_row[r], l_row[r], &a, &b)) {
+                        #pragma unroll
+                        for (int ob = 0; ob < OB; ob++) o_run[i][k][ob] = fma(o_run[i][k][ob], (floatv)(a), acc[i][k][ob] * b);
+                    }
+                    #pragma unroll
+                    for (int ob = 0; ob < OB; ob++) acc[i][k][ob] = (floatv)(0.0f);
+                }
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int r = lid; r < R; r += WG) {
+            float Mr = M_row[r], Lr = L_row[r], a, b;
+            fold_split(&Mr, &Lr, m_row[r], l_row[r], &a, &b);
+            M_row[r] = Mr;
+            L_row[r] = Lr;
+            m_row[r] = -INFINITY;
+            l_row[r] = 0.0f;
+        }
+        }
     }
-    // l_row was last written before the barrier that precedes step 4
+    barrier(CLK_LOCAL_MEM_FENCE);  // the last fold's M_row, L_row
     #pragma unroll
     for (int i = 0; i < NO; i++) {
         const int u = lid + i * WG;
@@ -480,15 +578,45 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 const int r = rb * RB + k;
                 const int t = t0 + r / N_REP;
                 const int h = g * N_REP + r % N_REP;
-                if (t < n_tokens && !small) {
+                if (t < n_tokens && !small && n_split > 1) {  // this split's partial of the row
+                    const size_t row = ((size_t)z * part_tokens + t) * n_head + h;
+                    #pragma unroll
+                    for (int b = 0; b < OB; b++) vstorev(o_run[i][k][b], ob * OB + b, part_o + row * D);
+                    if (ob == 0) {
+                        part_ml[2 * row] = M_row[r];
+                        part_ml[2 * row + 1] = L_row[r];
+                    }
+                } else if (t < n_tokens && !small) {
                     #pragma unroll
                     for (int b = 0; b < OB; b++) {
-                        vstorev(acc[i][k][b] / l_row[r], ob * OB + b, out + ((size_t)t * n_head + h) * D);
+                        vstorev(o_run[i][k][b] / L_row[r], ob * OB + b, out + ((size_t)t * n_head + h) * D);
                     }
                 }
             }
         }
     }
+}
+
+// kernel_attention_combine: out[t, h] = O_run / L over the splits z < n_split of a split launch's partials
+//   (fold_split in split order, as the unsplit walk folds them). NDRange 3-D: (DV vectors of a head row,
+//   n_head, n_tokens); any local size.
+__kernel void kernel_attention_combine(__global const float *part_o, __global const float *part_ml,
+                                       __global float *out, const int n_head, const int part_tokens,
+                                       const int n_split, const int n_tokens) {
+    const int dv = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
+    if (dv >= DV || h >= n_head || t >= n_tokens) {
+        return;
+    }
+    float M = -INFINITY, L = 0.0f;
+    floatv o = (floatv)(0.0f);
+    for (int zs = 0; zs < n_split; zs++) {
+        const size_t row = ((size_t)zs * part_tokens + t) * n_head + h;
+        float a, b;
+        if (fold_split(&M, &L, part_ml[2 * row], part_ml[2 * row + 1], &a, &b)) {
+            o = fma(o, (floatv)(a), vloadv(dv, part_o + row * D) * b);
+        }
+    }
+    vstorev(o / L, dv, out + ((size_t)t * n_head + h) * D);
 }
 
 #endif  // D

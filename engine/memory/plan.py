@@ -14,6 +14,7 @@ class MemoryPlan:
     mtp_weights: int = 0  # the MTP (nextn) block, only when loaded
     mtp_kv_cache: int = 0
     mtp_activations: int = 0
+    attention_splits: int = 0  # partial results of attention split over the KV (ops/attention.py KvSplit)
 
     @property
     def total(self) -> int:

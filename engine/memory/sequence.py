@@ -19,6 +19,9 @@ class SequenceCache(ABC):
     def __init__(self, n_seq: int, n_ctx: int):
         self.n_seq, self.n_ctx = n_seq, n_ctx
         self.mtp_lengths = [0] * n_seq  # positions held in the MTP block's KV cache
+        # attention's flash-decoding splits and their partials (ops/attention.py KvSplit), shared by the
+        # layers; the runner sets it before building steps (None: attention never splits)
+        self.kv_split = None
 
     @property
     @abstractmethod

@@ -97,7 +97,8 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
                       rows=rows)  # Llama 3.1's per-pair frequency divisors
     L += attn_ops.attention(rt, q, k_cache, v_cache, pos, seq, out, a.n_head, a.n_head_kv, a.head_dim,
                             cache.n_ctx, 1.0 / np.sqrt(a.head_dim), n, k_type=k_type,
-                            v_type=v_type, window=window, rows=rows)  # kqv_out [n_tokens, n_head*hd]
+                            v_type=v_type, window=window, rows=rows,
+                            split=cache.kv_split)  # kqv_out [n_tokens, n_head*hd]
     if a.gated:
         L += qkv.attn_gate(rt, proj, out, **shape, qk_norm=b + "attn_q_norm.weight" in w)
     if head_gate is not None:  # attn_gate [n_tokens, n_head], then attn_gated

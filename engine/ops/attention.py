@@ -12,7 +12,7 @@ by the window plus one batch.
 import numpy as np
 import pyopencl as cl
 
-from nextn.cl.launch import VAR_N_TOKENS, Launch
+from nextn.cl.launch import VAR_N_SPLITS, VAR_N_TOKENS, Launch
 from nextn.ops.norm import check_buffer
 
 
@@ -83,7 +83,67 @@ def k_tile_stride(head_dim: int, shape: dict) -> int:
 def local_bytes(head_dim: int, n_rep: int, shape: dict) -> int:
     """Local memory of kernel_attention (Qs, Ks, Vs, Sc, row state, token state; as in the kernel)."""
     r, bc, bq = shape["BQ"] * n_rep, shape["BC"], shape["BQ"]
-    return 4 * (r * head_dim + bc * k_tile_stride(head_dim, shape) + bc * head_dim + r * bc + 3 * r) + 8 * bq
+    return 4 * (r * head_dim + bc * k_tile_stride(head_dim, shape) + bc * head_dim + r * bc + 5 * r) + 8 * bq
+
+
+MAX_SPLITS = 32  # a context is split into at most this many parts (the partials' memory)
+
+
+def split_size(n_ctx: int) -> int:
+    """Positions per split of the KV walk (kernel_attention's KV_SPLIT): 512, or more so that a context of
+    n_ctx has at most MAX_SPLITS. It fixes the arithmetic, so every attention of a model uses this one."""
+    size = 512
+    while size * MAX_SPLITS < n_ctx:
+        size *= 2
+    return size
+
+
+class KvSplit:
+    """Flash-decoding for the steps of few tokens (decode, speculative verify) at a long context: attention
+    runs as n_split groups per (token block, kv head), each over one split of the KV, and a combine launch
+    folds their partials. The bits of every output are the same split or not (attention.cl), so whether to
+    split is a matter of speed alone: `count` splits when the other grid dimensions leave compute units idle.
+
+    One per model (the cache holds it), shared by every attention layer: partial buffers sized for the widest
+    layer, `max_tokens` rows and the context's splits, made as the layers' launches are built."""
+
+    def __init__(self, rt, n_ctx: int, max_tokens: int, n_head: int, head_dim: int, mode: str = "auto",
+                 size: int | None = None):
+        """Partials for layers of up to n_head heads of head_dim; size overrides split_size(n_ctx) (tests:
+        several splits in a small cache)."""
+        self.max_tokens, self.n_head, self.head_dim = max_tokens, n_head, head_dim
+        self.size = size or split_size(n_ctx)
+        self.max_splits = -(-n_ctx // self.size)
+        self.compute_units = int(rt.device.max_compute_units)
+        self.mode = mode  # "auto", or "never" / "always" (tests and the bench compare them)
+        self.min_groups = None  # fewest kv heads of any layer built: the grid's smallest second dimension
+        rows = self.max_splits * max_tokens * n_head
+        # one pair for every layer (kernels do not keep their buffer arguments alive: never replaced)
+        self.part_o = rt.alloc(4 * rows * head_dim, "attention.split_o")
+        self.part_ml = rt.alloc(4 * rows * 2, "attention.split_ml")
+
+    @staticmethod
+    def bytes_needed(n_ctx: int, max_tokens: int, n_head: int, head_dim: int) -> int:
+        """Device bytes of the partials: (O_run, M, L) per split, token and head."""
+        return 4 * -(-n_ctx // split_size(n_ctx)) * max_tokens * n_head * (head_dim + 2)
+
+    def parts(self, n_head: int, head_dim: int, n_head_kv: int):
+        """(part_o, part_ml) for a layer of n_head heads of head_dim and n_head_kv kv heads."""
+        if n_head > self.n_head or head_dim > self.head_dim:
+            raise ValueError(f"attention split partials hold {self.n_head} heads of {self.head_dim}, not "
+                             f"{n_head} of {head_dim}")
+        self.min_groups = min(self.min_groups or n_head_kv, n_head_kv)
+        return self.part_o, self.part_ml
+
+    def count(self, n_tokens: int, max_pos: int) -> int:
+        """Splits for a step of n_tokens whose furthest token is at max_pos (1: no split)."""
+        n = max_pos // self.size + 1
+        if self.mode == "never" or n < 2 or n_tokens > self.max_tokens or self.min_groups is None:
+            return 1
+        if self.mode == "always":
+            return n
+        # one group per kv head and sequence (at most one per token); split when that leaves units idle
+        return n if self.min_groups * n_tokens < 2 * self.compute_units else 1
 
 
 def default_shape(rt, head_dim: int, n_rep: int) -> dict:
@@ -122,7 +182,8 @@ def default_shape(rt, head_dim: int, n_rep: int) -> dict:
 
 def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head_kv: int, head_dim: int,
               n_ctx: int, scale: float, max_tokens: int, *, shape: dict | None = None, k_type: str = "f16",
-              v_type: str = "f16", window: int = 0, rows: int | None = None) -> list[Launch]:
+              v_type: str = "f16", window: int = 0, rows: int | None = None,
+              split: KvSplit | None = None) -> list[Launch]:
     """out[t, h] = softmax(scale * q[t, h] . K[seq, 0..pos, h // n_rep]) V[...] for every token of the batch.
 
     q: float32 [n_tokens, n_head, head_dim]; out: float32 [n_tokens, n_head*head_dim]; positions, seqs
@@ -130,6 +191,9 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
     for tests and tuning.
     k_type / v_type: the caches' row types (KV_TYPES). window > 0: a token sees only the last `window`
     positions (its own included); rows: the cache's rows per sequence when it is a ring (ring_rows).
+    split: the model's KvSplit; a step of at most split.max_tokens tokens may then run split over the KV
+    (step variable VAR_N_SPLITS; the combine launch runs only when it is 2 or more). shape["KV_SPLIT"]
+    overrides the positions per split (tests); default split_size(n_ctx).
     """
     if n_head % n_head_kv:
         raise ValueError(f"attention: n_head={n_head} is not a multiple of n_head_kv={n_head_kv}")
@@ -153,14 +217,29 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
     seq_rows = n_ctx if rows is None else rows
     n_seq = min(_n_seq(k_cache, seq_rows, n_head_kv, head_dim, k_type),
                 _n_seq(v_cache, seq_rows, n_head_kv, head_dim, v_type))
+    shape.setdefault("KV_SPLIT", split.size if split is not None else split_size(n_ctx))
+    if shape["KV_SPLIT"] % bc:
+        raise ValueError(f"attention: KV_SPLIT={shape['KV_SPLIT']} is not a multiple of BC={bc}")
     defines = {"D": head_dim, "N_REP": n_rep, "KS": k_tile_stride(head_dim, shape), **shape,
                **kv_defines(k_type, v_type), **ring_defines(n_ctx, rows)}
     if window > 0:
         defines["SWA_W"] = window
     prg = rt.build("attention.cl", defines)
     kern = rt.kernel(prg, "kernel_attention")
+    splits = split is not None and max_tokens <= split.max_tokens
+    part_o, part_ml = split.parts(n_head, head_dim, n_head_kv) if splits else (None, None)
+    part_tokens = split.max_tokens if splits else 0
     kern.set_args(q, k_cache, v_cache, positions, seqs, out, np.int32(n_head), np.int32(n_head_kv),
-                  np.int32(n_ctx), np.int32(n_seq), np.float32(scale), np.int32(0))
-    # dim 0: ceil(n_tokens / BQ) groups of WG work-items (n_tokens * WG/BQ rounded up to WG)
-    return [Launch(kern, (0, n_head_kv), (wg // bq, 0), (wg, 1), [(11, VAR_N_TOKENS)], VAR_N_TOKENS,
-                   name="attention")]
+                  np.int32(n_ctx), np.int32(n_seq), np.float32(scale), np.int32(0), part_o, part_ml,
+                  np.int32(part_tokens))
+    # dim 0: ceil(n_tokens / BQ) groups of WG work-items (n_tokens * WG/BQ rounded up to WG); dim 2: splits
+    if not splits:
+        return [Launch(kern, (0, n_head_kv, 1), (wg // bq, 0, 0), (wg, 1, 1), [(11, VAR_N_TOKENS)],
+                       VAR_N_TOKENS, name="attention")]
+    combine = rt.kernel(prg, "kernel_attention_combine")
+    combine.set_args(part_o, part_ml, out, np.int32(n_head), np.int32(part_tokens), np.int32(0), np.int32(0))
+    return [Launch(kern, (0, n_head_kv, 0), (wg // bq, 0, 1), (wg, 1, 1), [(11, VAR_N_TOKENS)],
+                   name="attention", grid_vars=(VAR_N_TOKENS, VAR_N_TOKENS, VAR_N_SPLITS)),
+            Launch(combine, (head_dim // vw, n_head, 0), (0, 0, 1), None,
+                   [(5, VAR_N_SPLITS), (6, VAR_N_TOKENS)], name="attention_combine",
+                   run_if=(VAR_N_SPLITS, 2))]

@@ -49,6 +49,8 @@ def _profile(runner, launches, repeats: int, kv_bytes: int | None = None) -> lis
     times = np.zeros((repeats, len(launches)))
     for r in range(repeats):
         for i, launch in enumerate(launches):
+            if not launch.runs(vars_):
+                continue
             for arg, var in launch.dyn_args:
                 launch.kernel.set_arg(arg, np.int32(vars_[var]))
             ev = cl.enqueue_nd_range_kernel(queue, launch.kernel, launch.global_size(vars_), launch.local)
