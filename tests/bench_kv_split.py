@@ -41,6 +41,7 @@ def main() -> None:
     for s in range(a.slots):
         top, _ = r.eval(s, rng.integers(100, min(r.n_vocab, 5000), a.depth).tolist(), 0, want_logits=False)
         first.append(int(top[-1]))
+        r.cache.snapshot(s)  # recurrent layers (qwen35) go back to it after each run
     speed = {m: [] for m in MODES}
     for _ in range(a.rounds):
         for mode in MODES:

@@ -212,7 +212,7 @@ def test_split_count(rt):
     assert split.count(1, 4000) == 1  # no layer built yet
     split.parts(8, 128, n_head_kv=2)
     assert split.count(1, 511) == 1 and split.count(17, 4000) == 1
-    assert split.count(1, 4000) == (8 if 2 < 2 * split.compute_units else 1)
+    assert split.count(1, 4000) == (8 if 2 < split.compute_units else 1)
     split.mode = "always"
     assert split.count(16, 512) == 2
     split.mode = "never"
