@@ -46,7 +46,7 @@
 //   WG (work-items), VW (vector width 4/8/16), RB (rows per unit, divides BQ*N_REP), CB (score vectors per
 //   unit, divides BC/VW), OB (O vectors per unit, divides D/VW), DEC_T (the decode path's tokens per
 //   sequence; undefined: tiled path only), KS (the K tile's row stride), KV_SPLIT (positions per split, a
-//   multiple of BC). BC, VW and KV_SPLIT fix the arithmetic; the others only share out the work or lay out
+//   multiple of BC), GATE_ROW (qwen35's output gate; see gated()). BC, VW and KV_SPLIT fix the arithmetic; the others only share out the work or lay out
 //   local memory.
 //   CPU (PoCL): few work-items with float16 vectors (one AVX-512 register each), the decode path;
 //   GPU: 64 work-items with float4, the tiled path. ops/attention.py::default_shape picks them.
@@ -223,6 +223,18 @@ inline void put_partial(__global float *part_o, __global float *part_ml, const i
     part_ml[2 * row + 1] = L;
 }
 
+// qwen35's gated attention (GATE_ROW defined): a head's output times the sigmoid of its gate values, which
+// follow Q head h in token t's projection row of GATE_ROW floats (ops/qkv.py's Q_GATE layout). Every path
+// and the combine kernel write through this, so the gate costs no launch of its own.
+inline floatv gated(const floatv o, __global const float *gate, const int t, const int h, const int dv) {
+#ifdef GATE_ROW
+    const floatv g = vloadv(dv, gate + (size_t)t * GATE_ROW + (size_t)h * 2 * D + D);
+    return o * (1.0f / (1.0f + exp(-g)));
+#else
+    return o;
+#endif
+}
+
 // the first valid column of a row at position p in the tile at j0 (its window's start), clamped at 0
 #ifdef SWA_W
 #define FIRST_COL(p, j0) max(0, (p) - SWA_W + 1 - (j0))
@@ -235,7 +247,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                       __global const int *pos, __global const int *seq, __global float *out,
                       const int n_head, const int n_head_kv, const int n_ctx, const int n_seq,
                       const float scale, const int n_tokens, __global float *part_o, __global float *part_ml,
-                      const int part_tokens) {
+                      const int part_tokens, __global const float *gate) {
     __local int tok_seq[BQ], tok_pos[BQ];
     __local float Qs[R * D];    // tiled path: query rows, pre-scaled by scale * log2(e)
     __local float Ks[BC * KS];  // K tile: Ks[c][d], rows KS apart
@@ -379,7 +391,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 } else {
                     __global float *o = out + ((size_t)row_tok[k] * n_head + h) * D;
                     #pragma unroll
-                    for (int dv = 0; dv < DV; dv++) vstorev(o_run[k][dv] / L[k], dv, o);
+                    for (int dv = 0; dv < DV; dv++) vstorev(gated(o_run[k][dv] / L[k], gate, row_tok[k], h, dv), dv, o);
                 }
             }
         }
@@ -589,7 +601,8 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 } else if (t < n_tokens && !small) {
                     #pragma unroll
                     for (int b = 0; b < OB; b++) {
-                        vstorev(o_run[i][k][b] / L_row[r], ob * OB + b, out + ((size_t)t * n_head + h) * D);
+                        vstorev(gated(o_run[i][k][b] / L_row[r], gate, t, h, ob * OB + b), ob * OB + b,
+                                out + ((size_t)t * n_head + h) * D);
                     }
                 }
             }
@@ -602,7 +615,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
 //   n_head, n_tokens); any local size.
 __kernel void kernel_attention_combine(__global const float *part_o, __global const float *part_ml,
                                        __global float *out, const int n_head, const int part_tokens,
-                                       const int n_split, const int n_tokens) {
+                                       const int n_split, const int n_tokens, __global const float *gate) {
     const int dv = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
     if (dv >= DV || h >= n_head || t >= n_tokens) {
         return;
@@ -616,7 +629,7 @@ __kernel void kernel_attention_combine(__global const float *part_o, __global co
             o = fma(o, (floatv)(a), vloadv(dv, part_o + row * D) * b);
         }
     }
-    vstorev(o / L, dv, out + ((size_t)t * n_head + h) * D);
+    vstorev(gated(o / L, gate, t, h, dv), dv, out + ((size_t)t * n_head + h) * D);
 }
 
 #endif  // D

@@ -3,7 +3,7 @@
 // Input qkv float32 [n_tokens, ROW_LEN]: each row is Q heads, then K heads, then V heads (the output of one
 // mat-vec over the row-concatenated attn_q | attn_k | attn_v weights). With Q_GATE (qwen35's gated
 // attention) each Q head is followed by its HD output-gate values (attn_q projects both, head by head), so a
-// row is N_HEAD * 2 * HD + 2 * N_HEAD_KV * HD; the gates stay in qkv for kernel_attn_gate.
+// row is N_HEAD * 2 * HD + 2 * N_HEAD_KV * HD; the gates stay in qkv for kernel_attention (its GATE_ROW).
 // Q heads: optional RMSNorm with q_norm (QK_NORM), RoPE on the first N_ROT dims, written to
 //   q_out float32 [n_tokens, N_HEAD * HD] (the layout kernel_attention reads).
 // K heads: optional RMSNorm with k_norm, RoPE, stored as half at k_cache[(seq[t], pos[t])].
@@ -123,17 +123,4 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
         const size_t r = ((size_t)s * KV_SEQ_ROWS(n_ctx) + KV_SLOT(p)) * N_HEAD_KV + (h - N_HEAD);
         kv_store_row(k_cache + r * KV_ROW_BYTES(K_TYPE, HD), x, HD, K_TYPE);
     }
-}
-
-// qwen35 gated attention: out[t, h * HD + d] *= sigmoid(gate), the gate being the HD values after Q head h
-// in the Q_GATE qkv row. NDRange 2-D (N_HEAD * HD, n_tokens rows).
-__kernel void kernel_attn_gate(__global const float *qkv, __global float *out, const int n_tokens) {
-    const int i = get_global_id(0);
-    const int t = get_global_id(1);
-    if (t >= n_tokens || i >= N_HEAD * HD) {
-        return;
-    }
-    const int h = i / HD, d = i % HD;
-    const float g = qkv[(size_t)t * ROW_LEN + h * Q_STRIDE + Q_GATE * HD + d];
-    out[(size_t)t * N_HEAD * HD + i] *= 1.0f / (1.0f + exp(-g));
 }

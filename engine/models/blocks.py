@@ -98,9 +98,8 @@ def attention(rt, mm, a: AttentionShape, w: dict, b: str, x_in, proj, q, out, re
     L += attn_ops.attention(rt, q, k_cache, v_cache, pos, seq, out, a.n_head, a.n_head_kv, a.head_dim,
                             cache.n_ctx, 1.0 / np.sqrt(a.head_dim), n, k_type=k_type,
                             v_type=v_type, window=window, rows=rows,
-                            split=cache.kv_split)  # kqv_out [n_tokens, n_head*hd]
-    if a.gated:
-        L += qkv.attn_gate(rt, proj, out, **shape, qk_norm=b + "attn_q_norm.weight" in w)
+                            split=cache.kv_split,  # kqv_out [n_tokens, n_head*hd] (* sigmoid(gate))
+                            gate=(proj, a.row) if a.gated else None)
     if head_gate is not None:  # attn_gate [n_tokens, n_head], then attn_gated
         L += mm.matmul(w[b + "attn_gate.weight"], x_in, head_gate, n)
         L += elementwise.head_gate(rt, out, head_gate, a.n_head, a.head_dim)

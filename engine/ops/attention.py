@@ -184,7 +184,7 @@ def default_shape(rt, head_dim: int, n_rep: int) -> dict:
 def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head_kv: int, head_dim: int,
               n_ctx: int, scale: float, max_tokens: int, *, shape: dict | None = None, k_type: str = "f16",
               v_type: str = "f16", window: int = 0, rows: int | None = None,
-              split: KvSplit | None = None) -> list[Launch]:
+              split: KvSplit | None = None, gate=None) -> list[Launch]:
     """out[t, h] = softmax(scale * q[t, h] . K[seq, 0..pos, h // n_rep]) V[...] for every token of the batch.
 
     q: float32 [n_tokens, n_head, head_dim]; out: float32 [n_tokens, n_head*head_dim]; positions, seqs
@@ -195,6 +195,8 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
     split: the model's KvSplit; a step of at most split.max_tokens tokens may then run split over the KV
     (step variable VAR_N_SPLITS; the combine launch runs only when it is 2 or more). shape["KV_SPLIT"]
     overrides the positions per split (tests); default split_size(n_ctx).
+    gate: (qkv, row_floats) for qwen35's gated attention: out[t, h] *= sigmoid(the head_dim gate values after
+    Q head h in qkv row t), written with the output (ops/qkv.py's q_gate layout).
     """
     if n_head % n_head_kv:
         raise ValueError(f"attention: n_head={n_head} is not a multiple of n_head_kv={n_head_kv}")
@@ -225,6 +227,10 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
                **kv_defines(k_type, v_type), **ring_defines(n_ctx, rows)}
     if window > 0:
         defines["SWA_W"] = window
+    if gate is not None:
+        check_buffer(gate[0], 4 * max_tokens * gate[1], "attention gate")
+        defines["GATE_ROW"] = gate[1]
+    gate_buf = None if gate is None else gate[0]
     prg = rt.build("attention.cl", defines)
     kern = rt.kernel(prg, "kernel_attention")
     splits = split is not None and max_tokens <= split.max_tokens
@@ -232,13 +238,14 @@ def attention(rt, q, k_cache, v_cache, positions, seqs, out, n_head: int, n_head
     part_tokens = split.max_tokens if splits else 0
     kern.set_args(q, k_cache, v_cache, positions, seqs, out, np.int32(n_head), np.int32(n_head_kv),
                   np.int32(n_ctx), np.int32(n_seq), np.float32(scale), np.int32(0), part_o, part_ml,
-                  np.int32(part_tokens))
+                  np.int32(part_tokens), gate_buf)
     # dim 0: ceil(n_tokens / BQ) groups of WG work-items (n_tokens * WG/BQ rounded up to WG); dim 2: splits
     if not splits:
         return [Launch(kern, (0, n_head_kv, 1), (wg // bq, 0, 0), (wg, 1, 1), [(11, VAR_N_TOKENS)],
                        VAR_N_TOKENS, name="attention")]
     combine = rt.kernel(prg, "kernel_attention_combine")
-    combine.set_args(part_o, part_ml, out, np.int32(n_head), np.int32(part_tokens), np.int32(0), np.int32(0))
+    combine.set_args(part_o, part_ml, out, np.int32(n_head), np.int32(part_tokens), np.int32(0), np.int32(0),
+                     gate_buf)
     return [Launch(kern, (0, n_head_kv, 0), (wg // bq, 0, 1), (wg, 1, 1), [(11, VAR_N_TOKENS)],
                    name="attention", grid_vars=(VAR_N_TOKENS, VAR_N_TOKENS, VAR_N_SPLITS)),
             Launch(combine, (head_dim // vw, n_head, 0), (0, 0, 1), None,

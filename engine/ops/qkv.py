@@ -14,7 +14,6 @@ from nextn.cl.launch import VAR_N_TOKENS, Launch
 from nextn.ops.attention import kv_defines, ring_defines
 
 QKV_WG = 8  # heads per work-group of kernel_qkv_prep (see its header)
-ELEMENTWISE_WG = 64  # work-items per group of the one-element-per-item kernels
 
 
 def _program(rt, n_head, n_head_kv, head_dim, n_rot, neox, qk_norm, q_gate, freq_factors=False,
@@ -40,7 +39,7 @@ def qkv_prep(rt, qkv, q_out, k_cache, v_cache, positions, seqs, q_norm, k_norm, 
              v_type: str = "f16", rows: int | None = None) -> list[Launch]:
     """qkv float32 [n_tokens, (n_head + 2 n_head_kv) * head_dim] -> q_out [n_tokens, n_head * head_dim] and
     the half K/V caches [n_seq, n_ctx, n_head_kv, head_dim]. q_norm/k_norm: float32 [head_dim] or None.
-    q_gate: each Q head in qkv is followed by head_dim gate values (qwen35; see attn_gate). freq_factors:
+    q_gate: each Q head in qkv is followed by head_dim gate values (qwen35; ops/attention.py applies the gate). freq_factors:
     float32 [n_rot / 2] dividing each pair's angle (Llama 3.1's rope_freqs), or None. mrope_sections:
     qwen35's interleaved M-RoPE sections when pairs fall on the fourth one (those do not turn at text
     positions), else None. k_type / v_type: the caches' row types (ops/attention.py KV_TYPES). rows: the
@@ -58,13 +57,3 @@ def qkv_prep(rt, qkv, q_out, k_cache, v_cache, positions, seqs, q_norm, k_norm, 
                np.int32(n_seq), np.int32(0))
     return [Launch(k, (n_head + 2 * n_head_kv, 0), (0, 1), (QKV_WG, 1), [(14, VAR_N_TOKENS)], VAR_N_TOKENS,
                    name="qkv_prep")]
-
-
-def attn_gate(rt, qkv, out, *, n_head: int, n_head_kv: int, head_dim: int, n_rot: int, neox: bool,
-              qk_norm: bool) -> list[Launch]:
-    """out[t, h, :] *= sigmoid(gate of head h), the gate read from a q_gate qkv row (qwen35 gated attention).
-    The layout defines are qkv_prep's, so the same program serves both kernels."""
-    k = rt.kernel(_program(rt, n_head, n_head_kv, head_dim, n_rot, neox, qk_norm, True), "kernel_attn_gate")
-    k.set_args(qkv, out, np.int32(0))
-    return [Launch(k, (n_head * head_dim, 0), (0, 1), (ELEMENTWISE_WG, 1), [(2, VAR_N_TOKENS)], VAR_N_TOKENS,
-                   name="attn_gate")]
