@@ -15,28 +15,29 @@ from nextn.errors import NextnError
 from nextn.ops.weights import DeviceWeight
 
 # Random ~300M-parameter models (Q8_0 unless --type says otherwise) with Qwen2's 151936-token vocabulary (tied
-# head), one per architecture.
+# head), one per architecture. A trained context of 32768 (metadata only) so that llama-server, which caps its
+# context there, runs the depth tests (4096, 16384) side by side.
 BENCH_MODELS = {
     "qwen3": dict(arch="qwen3", qtype="Q8_0", seed=0, n_embd=1024, n_layer=9, n_head=16, n_head_kv=8,
-                  head_dim=128, n_ff=3072, n_ctx=4096, tied=True),
+                  head_dim=128, n_ff=3072, n_ctx=32768, tied=True),
     # Qwen3.5's proportions at n_embd 1024: 3 linear layers per full one, 8 value / 4 key heads of 128,
     # partial RoPE over 64 of 128 dims
     "qwen35": dict(arch="qwen35", qtype="Q8_0", seed=0, n_embd=1024, n_layer=12, n_head=8, n_head_kv=2,
-                   head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, ssm_d_state=128, ssm_n_group=4,
+                   head_dim=128, n_rot=64, n_ff=3072, n_ctx=32768, tied=True, ssm_d_state=128, ssm_n_group=4,
                    ssm_dt_rank=8, mtp=True),
     "qwen35moe": dict(arch="qwen35moe", qtype="Q8_0", seed=0, n_embd=1024, n_layer=8, n_head=8, n_head_kv=2,
-                      head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, ssm_d_state=128, ssm_n_group=4,
+                      head_dim=128, n_rot=64, n_ff=3072, n_ctx=32768, tied=True, ssm_d_state=128, ssm_n_group=4,
                       ssm_dt_rank=8, n_expert=32, n_expert_used=4, n_ff_exp=512, n_ff_shexp=512),
     # GLM-4.5-Air's shape at n_embd 1024: one dense layer, then MoE layers of 32 experts (4 used) and a shared
     # expert, partial RoPE over half of each head, q/k/v biases, and the MTP block
     "glm4moe": dict(arch="glm4moe", qtype="Q8_0", seed=0, n_embd=1024, n_layer=4, n_head=8, n_head_kv=2,
-                    head_dim=128, n_rot=64, n_ff=3072, n_ctx=4096, tied=True, n_expert=32, n_expert_used=4,
+                    head_dim=128, n_rot=64, n_ff=3072, n_ctx=32768, tied=True, n_expert=32, n_expert_used=4,
                     n_ff_exp=512, n_expert_shared=1, n_dense_lead=1, mtp=True),
     # Step-3.5-Flash's pattern at n_embd 1024: a dense full-attention layer, two sliding-window MoE layers, a
     # full MoE layer (16 experts, 4 used, a shared expert; 16 keep the three MoE MTP blocks within ~300M),
     # twice the query heads in sliding layers, and its three chained MTP blocks
     "step35": dict(arch="step35", qtype="Q8_0", seed=0, n_embd=1024, n_layer=4, n_head=8, n_head_kv=2,
-                   head_dim=128, n_ff=3072, n_ctx=4096, tied=True, n_expert=16, n_expert_used=4, n_ff_exp=512,
+                   head_dim=128, n_ff=3072, n_ctx=32768, tied=True, n_expert=16, n_expert_used=4, n_ff_exp=512,
                    n_ff_shexp=512, n_dense_lead=1, n_swa=512, mtp=True, n_nextn=3),
 }
 BENCH_ARCHS = tuple(BENCH_MODELS)
@@ -53,7 +54,7 @@ def bench_model_path(arch: str = "qwen3", qtype: str = "Q8_0") -> Path:
         raise NextnError(f"{VOCAB} is missing: the bench models need it (reinstall nextn)")
     spec = {**BENCH_MODELS[arch], "qtype": qtype.upper()}
     tag = f"{arch}-{spec['n_layer']}l{'-mtp' if spec.get('mtp') else ''}" if arch != "qwen3" else "qwen3-300m"
-    path = default_cache_dir().parent / "bench" / f"{tag}-{qtype.lower()}-seed0.gguf"
+    path = default_cache_dir().parent / "bench" / f"{tag}-{qtype.lower()}-seed0-c{spec['n_ctx'] // 1024}k.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
