@@ -343,46 +343,46 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
             const int j_start = 0;
 #endif
             for (int zs = n_split > 1 ? z : j_start / KV_SPLIT; zs <= (n_split > 1 ? z : max_pos / KV_SPLIT); zs++) {
-            for (int k = 0; k < nr; k++) {
-                #pragma unroll
-                for (int dv = 0; dv < DV; dv++) acc[k][dv] = (floatv)(0.0f);
-                m[k] = -INFINITY;
-                l[k] = 0.0f;
-            }
-            for (int j0 = max(j_start, zs * KV_SPLIT); j0 <= min(max_pos, zs * KV_SPLIT + KV_SPLIT - 1); j0 += BC) {
-                const int cn = min(BC, max_pos - j0 + 1);  // columns valid for some row
-                for (int c = 0; c < cn; c++) {
-                    floatv kr[DV];
-                    kv_load_row(kr, kb + KV_SLOT(j0 + c) * k_pos_stride, K_TYPE);
-                    for (int k = 0; k < nr; k++) {
-                        const bool valid = c >= FIRST_COL(row_pos[k], j0) && c <= row_pos[k] - j0;
-                        sc[k][c] = valid ? score(qv[k], kr) : -INFINITY;
-                    }
-                }
                 for (int k = 0; k < nr; k++) {
-                    for (int c = cn; c < BC; c++) sc[k][c] = -INFINITY;
-                    const float alpha =
-                        softmax_tile(sc[k], &m[k], &l[k], FIRST_COL(row_pos[k], j0), row_pos[k] - j0);
                     #pragma unroll
-                    for (int dv = 0; dv < DV; dv++) acc[k][dv] *= alpha;
+                    for (int dv = 0; dv < DV; dv++) acc[k][dv] = (floatv)(0.0f);
+                    m[k] = -INFINITY;
+                    l[k] = 0.0f;
                 }
-                for (int c = 0; c < cn; c++) {
-                    floatv vr[DV];
-                    kv_load_row(vr, vb + KV_SLOT(j0 + c) * v_pos_stride, V_TYPE);
+                for (int j0 = max(j_start, zs * KV_SPLIT); j0 <= min(max_pos, zs * KV_SPLIT + KV_SPLIT - 1); j0 += BC) {
+                    const int cn = min(BC, max_pos - j0 + 1);  // columns valid for some row
+                    for (int c = 0; c < cn; c++) {
+                        floatv kr[DV];
+                        kv_load_row(kr, kb + KV_SLOT(j0 + c) * k_pos_stride, K_TYPE);
+                        for (int k = 0; k < nr; k++) {
+                            const bool valid = c >= FIRST_COL(row_pos[k], j0) && c <= row_pos[k] - j0;
+                            sc[k][c] = valid ? score(qv[k], kr) : -INFINITY;
+                        }
+                    }
                     for (int k = 0; k < nr; k++) {
-                        const floatv pk = (floatv)(sc[k][c]);
+                        for (int c = cn; c < BC; c++) sc[k][c] = -INFINITY;
+                        const float alpha =
+                            softmax_tile(sc[k], &m[k], &l[k], FIRST_COL(row_pos[k], j0), row_pos[k] - j0);
                         #pragma unroll
-                        for (int dv = 0; dv < DV; dv++) acc[k][dv] = fma(pk, vr[dv], acc[k][dv]);
+                        for (int dv = 0; dv < DV; dv++) acc[k][dv] *= alpha;
+                    }
+                    for (int c = 0; c < cn; c++) {
+                        floatv vr[DV];
+                        kv_load_row(vr, vb + KV_SLOT(j0 + c) * v_pos_stride, V_TYPE);
+                        for (int k = 0; k < nr; k++) {
+                            const floatv pk = (floatv)(sc[k][c]);
+                            #pragma unroll
+                            for (int dv = 0; dv < DV; dv++) acc[k][dv] = fma(pk, vr[dv], acc[k][dv]);
+                        }
                     }
                 }
-            }
-            for (int k = 0; k < nr; k++) {  // the split into the running state
-                float a, b;
-                if (fold_split(&M[k], &L[k], m[k], l[k], &a, &b)) {
-                    #pragma unroll
-                    for (int dv = 0; dv < DV; dv++) o_run[k][dv] = fma(o_run[k][dv], (floatv)(a), acc[k][dv] * b);
+                for (int k = 0; k < nr; k++) {  // the split into the running state
+                    float a, b;
+                    if (fold_split(&M[k], &L[k], m[k], l[k], &a, &b)) {
+                        #pragma unroll
+                        for (int dv = 0; dv < DV; dv++) o_run[k][dv] = fma(o_run[k][dv], (floatv)(a), acc[k][dv] * b);
+                    }
                 }
-            }
             }
             for (int k = 0; k < nr; k++) {
                 const int h = g * N_REP + k % N_REP;
@@ -457,126 +457,126 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
         __global const uchar *vb = v_cache + (size_t)s_cur * v_seq_stride + v_head;
 
         for (int zs = n_split > 1 ? z : j_start / KV_SPLIT; zs <= (n_split > 1 ? z : max_pos / KV_SPLIT); zs++) {
-        for (int j0 = max(j_start, zs * KV_SPLIT); j0 <= min(max_pos, zs * KV_SPLIT + KV_SPLIT - 1); j0 += BC) {
-            barrier(CLK_LOCAL_MEM_FENCE);  // the previous tile is no longer read
-            // 1. K, V tile; positions past max_pos are zero (P is 0 there, and 0 * garbage could be NaN)
-            for (int u = lid; u < BC * DV; u += WG) {
-                const int c = u / DV, dv = u % DV;
-                const int j = j0 + c;
-                const bool in = j <= max_pos;
-                vstorev(in ? kv_load(kb + KV_SLOT(j) * k_pos_stride, dv, K_TYPE) : (floatv)(0.0f), dv, Ks + c * KS);
-                vstorev(in ? kv_load(vb + KV_SLOT(j) * v_pos_stride, dv, V_TYPE) : (floatv)(0.0f), dv, Vs + c * D);
-            }
-            barrier(CLK_LOCAL_MEM_FENCE);
-            // 2. scores of RB rows x SC columns per unit (each K vector serves RB rows); -INFINITY outside a
-            //    row's valid columns or for rows of another sequence
-            for (int u = lid; u < (R / RB) * (BC / SC); u += WG) {
-                const int rb = u / (BC / SC), cb = u % (BC / SC);
-                int first[RB], last[RB];
-                bool any = false;
-                #pragma unroll
-                for (int k = 0; k < RB; k++) {
-                    const int tl = (rb * RB + k) / N_REP;
-                    last[k] = tok_seq[tl] == s_cur ? tok_pos[tl] - j0 : -1;  // last valid column
-                    first[k] = FIRST_COL(tok_pos[tl], j0);
-                    any |= last[k] >= cb * SC;
+            for (int j0 = max(j_start, zs * KV_SPLIT); j0 <= min(max_pos, zs * KV_SPLIT + KV_SPLIT - 1); j0 += BC) {
+                barrier(CLK_LOCAL_MEM_FENCE);  // the previous tile is no longer read
+                // 1. K, V tile; positions past max_pos are zero (P is 0 there, and 0 * garbage could be NaN)
+                for (int u = lid; u < BC * DV; u += WG) {
+                    const int c = u / DV, dv = u % DV;
+                    const int j = j0 + c;
+                    const bool in = j <= max_pos;
+                    vstorev(in ? kv_load(kb + KV_SLOT(j) * k_pos_stride, dv, K_TYPE) : (floatv)(0.0f), dv, Ks + c * KS);
+                    vstorev(in ? kv_load(vb + KV_SLOT(j) * v_pos_stride, dv, V_TYPE) : (floatv)(0.0f), dv, Vs + c * D);
                 }
-                for (int c = cb * SC; c < cb * SC + SC; c++) {
-                    floatv d[RB];
-                    #pragma unroll
-                    for (int k = 0; k < RB; k++) d[k] = (floatv)(0.0f);
-                    if (any) {
-                        #pragma unroll
-                        for (int dv = 0; dv < DV; dv++) {
-                            const floatv kv = vloadv(dv, Ks + c * KS);
-                            #pragma unroll
-                            for (int k = 0; k < RB; k++) d[k] = fma(vloadv(dv, Qs + (rb * RB + k) * D), kv, d[k]);
-                        }
-                    }
-                    #pragma unroll
-                    for (int k = 0; k < RB; k++) {
-                        Sc[(rb * RB + k) * BC + c] = c >= first[k] && c <= last[k] ? hsum(d[k]) : -INFINITY;
-                    }
-                }
-            }
-            barrier(CLK_LOCAL_MEM_FENCE);
-            // 3. online softmax per row (rows of another sequence: no valid column, alpha 1, P 0)
-            for (int r = lid; r < R; r += WG) {
-                const int tl = r / N_REP;
-                const int last = tok_seq[tl] == s_cur ? tok_pos[tl] - j0 : -1;
-                float sr[BC], m = m_row[r], l = l_row[r];
-                for (int cv = 0; cv < CV; cv++) vstorev(vloadv(cv, Sc + r * BC), cv, sr);
-                a_row[r] = softmax_tile(sr, &m, &l, FIRST_COL(tok_pos[tl], j0), last);
-                for (int cv = 0; cv < CV; cv++) vstorev(vloadv(cv, sr), cv, Sc + r * BC);
-                m_row[r] = m;
-                l_row[r] = l;
-            }
-            barrier(CLK_LOCAL_MEM_FENCE);
-            // 4. O update: a unit is RB rows x OB vectors of D; each V load serves RB rows, each P value OB
-            #pragma unroll
-            for (int i = 0; i < NO; i++) {
-                const int u = lid + i * WG;
-                if (NOU % WG == 0 || u < NOU) {
-                    const int rb = u / (DV / OB), ob = u % (DV / OB);
-                    int cn = 0;  // columns valid for any row of the block
+                barrier(CLK_LOCAL_MEM_FENCE);
+                // 2. scores of RB rows x SC columns per unit (each K vector serves RB rows); -INFINITY outside a
+                //    row's valid columns or for rows of another sequence
+                for (int u = lid; u < (R / RB) * (BC / SC); u += WG) {
+                    const int rb = u / (BC / SC), cb = u % (BC / SC);
+                    int first[RB], last[RB];
+                    bool any = false;
                     #pragma unroll
                     for (int k = 0; k < RB; k++) {
                         const int tl = (rb * RB + k) / N_REP;
-                        if (tok_seq[tl] == s_cur) cn = max(cn, min(BC, tok_pos[tl] - j0 + 1));
+                        last[k] = tok_seq[tl] == s_cur ? tok_pos[tl] - j0 : -1;  // last valid column
+                        first[k] = FIRST_COL(tok_pos[tl], j0);
+                        any |= last[k] >= cb * SC;
                     }
-                    if (cn > 0) {
+                    for (int c = cb * SC; c < cb * SC + SC; c++) {
+                        floatv d[RB];
+                        #pragma unroll
+                        for (int k = 0; k < RB; k++) d[k] = (floatv)(0.0f);
+                        if (any) {
+                            #pragma unroll
+                            for (int dv = 0; dv < DV; dv++) {
+                                const floatv kv = vloadv(dv, Ks + c * KS);
+                                #pragma unroll
+                                for (int k = 0; k < RB; k++) d[k] = fma(vloadv(dv, Qs + (rb * RB + k) * D), kv, d[k]);
+                            }
+                        }
                         #pragma unroll
                         for (int k = 0; k < RB; k++) {
-                            #pragma unroll
-                            for (int b = 0; b < OB; b++) acc[i][k][b] *= a_row[rb * RB + k];
+                            Sc[(rb * RB + k) * BC + c] = c >= first[k] && c <= last[k] ? hsum(d[k]) : -INFINITY;
                         }
-                        __local const float *sr = Sc + rb * RB * BC;
-                        __local const float *vs = Vs + ob * OB * VW;
-                        for (int c = 0; c < cn; c++) {
-                            floatv vv[OB];
-                            #pragma unroll
-                            for (int b = 0; b < OB; b++) vv[b] = vloadv(b, vs + c * D);
+                    }
+                }
+                barrier(CLK_LOCAL_MEM_FENCE);
+                // 3. online softmax per row (rows of another sequence: no valid column, alpha 1, P 0)
+                for (int r = lid; r < R; r += WG) {
+                    const int tl = r / N_REP;
+                    const int last = tok_seq[tl] == s_cur ? tok_pos[tl] - j0 : -1;
+                    float sr[BC], m = m_row[r], l = l_row[r];
+                    for (int cv = 0; cv < CV; cv++) vstorev(vloadv(cv, Sc + r * BC), cv, sr);
+                    a_row[r] = softmax_tile(sr, &m, &l, FIRST_COL(tok_pos[tl], j0), last);
+                    for (int cv = 0; cv < CV; cv++) vstorev(vloadv(cv, sr), cv, Sc + r * BC);
+                    m_row[r] = m;
+                    l_row[r] = l;
+                }
+                barrier(CLK_LOCAL_MEM_FENCE);
+                // 4. O update: a unit is RB rows x OB vectors of D; each V load serves RB rows, each P value OB
+                #pragma unroll
+                for (int i = 0; i < NO; i++) {
+                    const int u = lid + i * WG;
+                    if (NOU % WG == 0 || u < NOU) {
+                        const int rb = u / (DV / OB), ob = u % (DV / OB);
+                        int cn = 0;  // columns valid for any row of the block
+                        #pragma unroll
+                        for (int k = 0; k < RB; k++) {
+                            const int tl = (rb * RB + k) / N_REP;
+                            if (tok_seq[tl] == s_cur) cn = max(cn, min(BC, tok_pos[tl] - j0 + 1));
+                        }
+                        if (cn > 0) {
                             #pragma unroll
                             for (int k = 0; k < RB; k++) {
-                                const floatv pk = (floatv)(sr[k * BC + c]);
                                 #pragma unroll
-                                for (int b = 0; b < OB; b++) acc[i][k][b] = fma(pk, vv[b], acc[i][k][b]);
+                                for (int b = 0; b < OB; b++) acc[i][k][b] *= a_row[rb * RB + k];
+                            }
+                            __local const float *sr = Sc + rb * RB * BC;
+                            __local const float *vs = Vs + ob * OB * VW;
+                            for (int c = 0; c < cn; c++) {
+                                floatv vv[OB];
+                                #pragma unroll
+                                for (int b = 0; b < OB; b++) vv[b] = vloadv(b, vs + c * D);
+                                #pragma unroll
+                                for (int k = 0; k < RB; k++) {
+                                    const floatv pk = (floatv)(sr[k * BC + c]);
+                                    #pragma unroll
+                                    for (int b = 0; b < OB; b++) acc[i][k][b] = fma(pk, vv[b], acc[i][k][b]);
+                                }
                             }
                         }
                     }
                 }
             }
-        }
-        // 5. the split into the running state: each O unit with its rows' factors (m_row, l_row were written
-        //    before the barrier that precedes step 4), then each row's M, L; rows of another sequence have
-        //    m = -INFINITY and are left alone
-        #pragma unroll
-        for (int i = 0; i < NO; i++) {
-            const int u = lid + i * WG;
-            if (NOU % WG == 0 || u < NOU) {
-                const int rb = u / (DV / OB);
-                #pragma unroll
-                for (int k = 0; k < RB; k++) {
-                    const int r = rb * RB + k;
-                    float Mr = M_row[r], Lr = L_row[r], a, b;
-                    if (fold_split(&Mr, &Lr, m_row[r], l_row[r], &a, &b)) {
-                        #pragma unroll
-                        for (int ob = 0; ob < OB; ob++) o_run[i][k][ob] = fma(o_run[i][k][ob], (floatv)(a), acc[i][k][ob] * b);
-                    }
+            // 5. the split into the running state: each O unit with its rows' factors (m_row, l_row were written
+            //    before the barrier that precedes step 4), then each row's M, L; rows of another sequence have
+            //    m = -INFINITY and are left alone
+            #pragma unroll
+            for (int i = 0; i < NO; i++) {
+                const int u = lid + i * WG;
+                if (NOU % WG == 0 || u < NOU) {
+                    const int rb = u / (DV / OB);
                     #pragma unroll
-                    for (int ob = 0; ob < OB; ob++) acc[i][k][ob] = (floatv)(0.0f);
+                    for (int k = 0; k < RB; k++) {
+                        const int r = rb * RB + k;
+                        float Mr = M_row[r], Lr = L_row[r], a, b;
+                        if (fold_split(&Mr, &Lr, m_row[r], l_row[r], &a, &b)) {
+                            #pragma unroll
+                            for (int ob = 0; ob < OB; ob++) o_run[i][k][ob] = fma(o_run[i][k][ob], (floatv)(a), acc[i][k][ob] * b);
+                        }
+                        #pragma unroll
+                        for (int ob = 0; ob < OB; ob++) acc[i][k][ob] = (floatv)(0.0f);
+                    }
                 }
             }
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        for (int r = lid; r < R; r += WG) {
-            float Mr = M_row[r], Lr = L_row[r], a, b;
-            fold_split(&Mr, &Lr, m_row[r], l_row[r], &a, &b);
-            M_row[r] = Mr;
-            L_row[r] = Lr;
-            m_row[r] = -INFINITY;
-            l_row[r] = 0.0f;
-        }
+            barrier(CLK_LOCAL_MEM_FENCE);
+            for (int r = lid; r < R; r += WG) {
+                float Mr = M_row[r], Lr = L_row[r], a, b;
+                fold_split(&Mr, &Lr, m_row[r], l_row[r], &a, &b);
+                M_row[r] = Mr;
+                L_row[r] = Lr;
+                m_row[r] = -INFINITY;
+                l_row[r] = 0.0f;
+            }
         }
     }
     barrier(CLK_LOCAL_MEM_FENCE);  // the last fold's M_row, L_row
