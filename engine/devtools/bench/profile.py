@@ -59,6 +59,8 @@ def _profile(runner, launches, repeats: int, kv_bytes: int | None = None) -> lis
     median = np.median(times, axis=0)
     rows: dict[str, KernelRow] = {}
     for i, launch in enumerate(launches):
+        if not launch.runs(vars_):
+            continue
         if kv_bytes is None:
             n_bytes = 0
         elif i in attention:
