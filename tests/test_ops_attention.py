@@ -166,20 +166,21 @@ def test_a_row_is_bit_identical_in_any_batch(rt, n_head, n_head_kv, window):
 
 
 @pytest.mark.parametrize("window", [0, 80])
-@pytest.mark.parametrize("path", ["decode", "tiled", "gpu"])
+@pytest.mark.parametrize("path", ["decode", "tiled", "gpu", "odd"])
 def test_split_kv_is_bit_identical(rt, path, window):
     """Flash-decoding: with the KV walked in splits of 64 positions (5 of them at position 300), a row's
     output is the same bits from one group walking every split as from a split launch (one group per split,
     then the combine kernel), alone, among other slots (some with fewer splits than the launch has) and in a
     verify step; and it matches the float64 reference. Paths: the CPU decode path, the tiled path (no
-    DEC_T), the GPU shape (tiled, float4)."""
+    DEC_T), the GPU shape (tiled, float4), ODD_SHAPE (tiled: small tiles, a work-group size that divides no
+    unit count, so a work-item folds several O units)."""
     rng = np.random.default_rng(7 + window)
     n_head, n_head_kv, head_dim, n_ctx, n_seq = 8, 2, 128, 320, 4
     kc = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
     vc = rng.standard_normal((n_seq, n_ctx, n_head_kv, head_dim)).astype(np.float16)
     shape = {**default_shape(rt, head_dim, n_head // n_head_kv), "DEC_T": 4} if path == "decode" else \
         {k: v for k, v in default_shape(rt, head_dim, n_head // n_head_kv).items() if k != "DEC_T"} \
-        if path == "tiled" else dict(GPU_SHAPE, BQ=4)
+        if path == "tiled" else dict(GPU_SHAPE, BQ=4) if path == "gpu" else dict(ODD_SHAPE)
     shape["KV_SPLIT"] = 64
     qx = rng.standard_normal((n_head, head_dim)).astype(np.float32)
     x_seq, x_pos = 2, 300
