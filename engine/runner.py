@@ -112,8 +112,7 @@ class ModelRunner:
             bar.close()
         self.cache = arch.make_cache(self.rt, hp, n_seq, self.n_ctx, mtp, self.rollback_rows, kv_types,
                                      n_batch=self.n_batch)
-        self.kv_split = attn_ops.KvSplit(self.rt, self.n_ctx, split_tokens, split_heads, hp.head_dim)
-        self.cache.kv_split = self.kv_split
+        self.cache.kv_split = attn_ops.KvSplit(self.rt, self.n_ctx, split_tokens, split_heads, hp.head_dim)
         self._prefixes = self.cache.prefix_store()
         self.buffers = arch.step_buffers(self.rt, hp, self.n_batch, self.max_outputs)
         self.mm = MatmulOps(self.rt, batch_invariant=batch_invariant)
@@ -152,6 +151,11 @@ class ModelRunner:
         self._seq = np.zeros(self.n_batch, np.int32)
         self._out_idx = np.zeros(self.n_batch, np.int32)
         self._hid = np.zeros(self.n_batch, np.int32)
+
+    @property
+    def kv_split(self) -> "attn_ops.KvSplit":
+        """Attention's flash-decoding splits (held by the cache, which the step builders read it from)."""
+        return self.cache.kv_split
 
     @property
     def n_vocab(self) -> int:

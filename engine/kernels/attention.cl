@@ -212,11 +212,16 @@ inline bool fold_split(float *M, float *L, const float m, const float l, float *
     return true;
 }
 
+// The partials' row of token t's head h at split z: part_o[row, :D], part_ml[row, 0..1]
+inline size_t part_row(const int z, const int part_tokens, const int t, const int h, const int n_head) {
+    return ((size_t)z * part_tokens + t) * n_head + h;
+}
+
 // A row's (M, L, O_run) at split z of a split launch: part_o[z, t, h, :], part_ml[z, t, h, 0..1]
 inline void put_partial(__global float *part_o, __global float *part_ml, const int z, const int part_tokens,
                         const int t, const int h, const int n_head, const floatv *o, const float M,
                         const float L) {
-    const size_t row = ((size_t)z * part_tokens + t) * n_head + h;
+    const size_t row = part_row(z, part_tokens, t, h, n_head);
     #pragma unroll
     for (int dv = 0; dv < DV; dv++) vstorev(o[dv], dv, part_o + row * D);
     part_ml[2 * row] = M;
@@ -591,7 +596,7 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 const int t = t0 + r / N_REP;
                 const int h = g * N_REP + r % N_REP;
                 if (t < n_tokens && !small && n_split > 1) {  // this split's partial of the row
-                    const size_t row = ((size_t)z * part_tokens + t) * n_head + h;
+                    const size_t row = part_row(z, part_tokens, t, h, n_head);
                     #pragma unroll
                     for (int b = 0; b < OB; b++) vstorev(o_run[i][k][b], ob * OB + b, part_o + row * D);
                     if (ob == 0) {
@@ -623,7 +628,7 @@ __kernel void kernel_attention_combine(__global const float *part_o, __global co
     float M = -INFINITY, L = 0.0f;
     floatv o = (floatv)(0.0f);
     for (int zs = 0; zs < n_split; zs++) {
-        const size_t row = ((size_t)zs * part_tokens + t) * n_head + h;
+        const size_t row = part_row(zs, part_tokens, t, h, n_head);
         float a, b;
         if (fold_split(&M, &L, part_ml[2 * row], part_ml[2 * row + 1], &a, &b)) {
             o = fma(o, (floatv)(a), vloadv(dv, part_o + row * D) * b);

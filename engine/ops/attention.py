@@ -98,6 +98,11 @@ def split_size(n_ctx: int) -> int:
     return size
 
 
+def max_splits(n_ctx: int, size: int) -> int:
+    """Splits of `size` positions a context of n_ctx holds at most."""
+    return -(-n_ctx // size)
+
+
 class KvSplit:
     """Flash-decoding for the steps of few tokens (decode, speculative verify) at a long context: attention
     runs as n_split groups per (token block, kv head), each over one split of the KV, and a combine launch
@@ -113,7 +118,7 @@ class KvSplit:
         several splits in a small cache)."""
         self.max_tokens, self.n_head, self.head_dim = max_tokens, n_head, head_dim
         self.size = size or split_size(n_ctx)
-        self.max_splits = -(-n_ctx // self.size)
+        self.max_splits = max_splits(n_ctx, self.size)
         self.compute_units = int(rt.device.max_compute_units)
         self.mode = mode  # "auto", or "never" / "always" (tests and the bench compare them)
         self.min_groups = None  # fewest kv heads of any layer built: the grid's smallest second dimension
@@ -125,7 +130,7 @@ class KvSplit:
     @staticmethod
     def bytes_needed(n_ctx: int, max_tokens: int, n_head: int, head_dim: int) -> int:
         """Device bytes of the partials: (O_run, M, L) per split, token and head."""
-        return 4 * -(-n_ctx // split_size(n_ctx)) * max_tokens * n_head * (head_dim + 2)
+        return 4 * max_splits(n_ctx, split_size(n_ctx)) * max_tokens * n_head * (head_dim + 2)
 
     def parts(self, n_head: int, head_dim: int, n_head_kv: int):
         """(part_o, part_ml) for a layer of n_head heads of head_dim and n_head_kv kv heads."""

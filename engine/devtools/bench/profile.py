@@ -40,17 +40,17 @@ def profile_prompt_step(runner, prompt: list[int], repeats: int = 3) -> list[Ker
 
 
 def _profile(runner, launches, repeats: int, kv_bytes: int | None = None) -> list[KernelRow]:
-    """kv_bytes None: time only; else the bytes of one token's run, attention reading kv_bytes of KV."""
+    """kv_bytes None: time only; else the bytes of one token's run, attention reading kv_bytes of KV. Launches
+    the step does not enqueue (a split attention's combine launch, unsplit) are left out."""
+    rt, vars_ = runner.rt, runner._vars
+    launches = [launch for launch in launches if launch.runs(vars_)]
     attention = [i for i, launch in enumerate(launches) if launch.name == "attention"]
     experts = [i for i, launch in enumerate(launches) if launch.name.startswith("matmul_id")]
     n_used = runner.hp.n_expert_used if experts else 0  # a MoE architecture's hparams have it
-    rt, vars_ = runner.rt, runner._vars
     queue = cl.CommandQueue(rt.ctx, rt.device, properties=cl.command_queue_properties.PROFILING_ENABLE)
     times = np.zeros((repeats, len(launches)))
     for r in range(repeats):
         for i, launch in enumerate(launches):
-            if not launch.runs(vars_):
-                continue
             for arg, var in launch.dyn_args:
                 launch.kernel.set_arg(arg, np.int32(vars_[var]))
             ev = cl.enqueue_nd_range_kernel(queue, launch.kernel, launch.global_size(vars_), launch.local)
@@ -59,8 +59,6 @@ def _profile(runner, launches, repeats: int, kv_bytes: int | None = None) -> lis
     median = np.median(times, axis=0)
     rows: dict[str, KernelRow] = {}
     for i, launch in enumerate(launches):
-        if not launch.runs(vars_):
-            continue
         if kv_bytes is None:
             n_bytes = 0
         elif i in attention:
