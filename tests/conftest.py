@@ -5,6 +5,17 @@ import pyopencl as cl
 import pytest
 
 
+def kv_device(a: np.ndarray) -> np.ndarray:
+    """A KV cache held by position, [n_seq, rows, n_head_kv, ...] (as the references index it), in the device's
+    head-major layout [n_seq, n_head_kv, rows, ...] (kernels/kv_types.h: KV_ROW)."""
+    return np.ascontiguousarray(np.swapaxes(a, 1, 2))
+
+
+def kv_host(a: np.ndarray) -> np.ndarray:
+    """The inverse of kv_device: a cache read back from the device, by position."""
+    return np.ascontiguousarray(np.swapaxes(a, 1, 2))
+
+
 @pytest.fixture(scope="session")
 def rt():
     from nextn.cl.runtime import Runtime

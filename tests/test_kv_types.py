@@ -13,7 +13,7 @@ import numpy as np
 import pyopencl as cl
 import pytest
 
-from conftest import run_launches
+from conftest import kv_host, run_launches
 from nextn.ops import attention, qkv
 from nextn.ops.attention import kv_row_bytes
 from test_ops_attention import ref_attention
@@ -55,13 +55,13 @@ def test_rows_are_ggml_blocks_and_attention_reads_them(rt, k_type, v_type):
         cl.enqueue_copy(rt.queue, a, buf)
         return a
 
-    shape = (n_seq, n_ctx, n_head_kv, hd)
+    shape = (n_seq, n_head_kv, n_ctx, hd)  # the device's head-major layout
     caches = {}
     for name, buf, t, values in (("k", kc, k_type, None), ("v", vc, v_type, x[:, q_dim + kv_dim :])):
         raw = read(buf, rows * kv_row_bytes(t, hd))
-        caches[name] = dequant_rows(raw, t, shape)
+        caches[name] = kv_host(dequant_rows(raw, t, shape))
         if name == "v" and t != "f16":  # V is stored as projected: compare its blocks with ggml's quantizer
-            stored = raw.reshape(n_seq, n_ctx, n_head_kv, -1)[seq, pos].reshape(-1, kv_row_bytes(t, hd))
+            stored = raw.reshape(n_seq, n_head_kv, n_ctx, -1)[seq, :, pos].reshape(-1, kv_row_bytes(t, hd))
             want = gguf.quants.quantize(values.reshape(n * n_head_kv, hd), QT[t]).reshape(stored.shape)
             got_v = gguf.quants.dequantize(stored, QT[t])
             want_v = gguf.quants.dequantize(want, QT[t])

@@ -14,7 +14,7 @@ import numpy as np
 import pyopencl as cl
 import pytest
 
-from conftest import run_launches
+from conftest import kv_device, kv_host, run_launches
 from nextn.ops.attention import KvSplit, attention, default_shape, kv_cache_bytes, kv_store
 
 GPU_SHAPE = {"WG": 64, "BQ": 8, "BC": 32, "VW": 4, "RB": 2, "CB": 1, "OB": 1}  # the GPU default at n_rep 2
@@ -50,8 +50,8 @@ def run_case(rt, rng, head_dim, n_head, n_head_kv, pos, seq, shape=None, n_seq=2
     pos_buf = np.zeros(max_tokens, np.int32)
     seq_buf = np.zeros(max_tokens, np.int32)
     pos_buf[:n_tokens], seq_buf[:n_tokens] = pos, seq
-    b = {name: rt.upload(a, name) for name, a in dict(k=k, v=v, q=q, kc=k_cache, vc=v_cache, pos=pos_buf,
-                                                        seq=seq_buf).items()}
+    b = {name: rt.upload(a, name) for name, a in dict(k=k, v=v, q=q, kc=kv_device(k_cache), vc=kv_device(v_cache),
+                                                        pos=pos_buf, seq=seq_buf).items()}
     b["out"] = rt.upload(np.full((max_tokens, n_head * head_dim), 3.0, np.float32), "out")
     scale = 1.0 / np.sqrt(head_dim)
     launches = kv_store(rt, b["k"], b["v"], b["kc"], b["vc"], b["pos"], b["seq"], n_head_kv, head_dim, n_ctx,
@@ -64,10 +64,11 @@ def run_case(rt, rng, head_dim, n_head, n_head_kv, pos, seq, shape=None, n_seq=2
     for t in range(n_tokens):
         want_k[seq[t], pos[t]] = k[t].reshape(n_head_kv, head_dim).astype(np.float16)
         want_v[seq[t], pos[t]] = v[t].reshape(n_head_kv, head_dim).astype(np.float16)
-    got_k, got_v = np.empty_like(k_cache), np.empty_like(v_cache)
+    got_k, got_v = kv_device(np.empty_like(k_cache)), kv_device(np.empty_like(v_cache))
     out = np.empty((max_tokens, n_head * head_dim), np.float32)
     for host, name in ((got_k, "kc"), (got_v, "vc"), (out, "out")):
         cl.enqueue_copy(rt.queue, host, b[name])
+    got_k, got_v = kv_host(got_k), kv_host(got_v)
     np.testing.assert_array_equal(got_k.view(np.uint16), want_k.view(np.uint16))
     np.testing.assert_array_equal(got_v.view(np.uint16), want_v.view(np.uint16))
     ref = ref_attention(q[:n_tokens], want_k, want_v, pos, seq, n_head_kv, scale)
@@ -120,7 +121,8 @@ def attend_rows(rt, q, k_cache, v_cache, pos, seq, shape, window=0, split=None):
     KvSplit, whose count for the batch decides the step's splits (its size must be shape["KV_SPLIT"])."""
     n, n_head, head_dim = q.shape
     n_head_kv = k_cache.shape[2]
-    arrays = {"q": q, "kc": k_cache, "vc": v_cache, "pos": np.asarray(pos, np.int32), "seq": np.asarray(seq, np.int32)}
+    arrays = {"q": q, "kc": kv_device(k_cache), "vc": kv_device(v_cache), "pos": np.asarray(pos, np.int32),
+              "seq": np.asarray(seq, np.int32)}
     b = {name: rt.upload(np.ascontiguousarray(a), name) for name, a in arrays.items()}
     b["out"] = rt.upload(np.zeros((n, n_head * head_dim), np.float32), "out")
     launches = attention(rt, b["q"], b["kc"], b["vc"], b["pos"], b["seq"], b["out"], n_head, n_head_kv, head_dim,
@@ -239,12 +241,13 @@ def test_kv_store_leaves_out_of_range_tokens(rt):
     """A token whose position is past n_ctx is not stored (no write outside the cache buffer)."""
     n_ctx, kv = 8, 8
     k = np.ones((2, kv), np.float32)
-    kc = np.zeros((1, n_ctx, 2, 4), np.float16)
+    kc = np.zeros((1, 2, n_ctx, 4), np.float16)  # the device layout [n_seq, n_head_kv, n_ctx, head_dim]
     bk, bkc, bvc = rt.upload(k, "k"), rt.upload(kc, "kc"), rt.upload(kc, "vc")
     bpos, bseq = rt.upload(np.array([3, n_ctx], np.int32), "pos"), rt.upload(np.zeros(2, np.int32), "seq")
     run_launches(rt, kv_store(rt, bk, bk, bkc, bvc, bpos, bseq, 2, 4, n_ctx, 2), [2, 2, 0, 0])
     got = np.empty_like(kc)
     cl.enqueue_copy(rt.queue, got, bkc)
+    got = kv_host(got)  # by position
     assert (got[0, 3] == 1).all() and (np.delete(got[0], 3, axis=0) == 0).all()
 
 
@@ -323,7 +326,8 @@ def test_sliding_window_over_a_ring(rt, shape, window):
         for p in range(int(pos[seq == s].max()) + 1):  # in order: later positions overwrite earlier ones
             k_ring[s, p % rows], v_ring[s, p % rows] = keys[s, p], vals[s, p]
     q = rng.standard_normal((n, n_head, head_dim)).astype(np.float32)
-    b = {name: rt.upload(a, name) for name, a in {"q": q, "kc": k_ring, "vc": v_ring, "pos": pos, "seq": seq}.items()}
+    b = {name: rt.upload(a, name) for name, a in {"q": q, "kc": kv_device(k_ring), "vc": kv_device(v_ring),
+                                                  "pos": pos, "seq": seq}.items()}
     b["out"] = rt.upload(np.zeros((n, n_head * head_dim), np.float32), "out")
     scale = 1.0 / np.sqrt(head_dim)
     launches = attention(rt, b["q"], b["kc"], b["vc"], b["pos"], b["seq"], b["out"], n_head, n_head_kv, head_dim,

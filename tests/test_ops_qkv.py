@@ -9,7 +9,7 @@ so K/V agree to one half ulp (compared after float16 rounding with atol 2e-3 rel
 import numpy as np
 import pyopencl as cl
 import pytest
-from conftest import run_launches
+from conftest import kv_device, kv_host, run_launches
 from ops_testonly import rope
 
 from nextn.ops import attention, norm, qkv
@@ -31,7 +31,7 @@ def run_case(rt, *, n_head, n_head_kv, hd, n_rot, neox, qk_norm, pos, seq, n_seq
     # fused
     bx = rt.upload(x, "qkv")
     q_out = rt.alloc(4 * n * q_dim, "q")
-    kc, vc = rt.upload(init, "kc"), rt.upload(init, "vc")
+    kc, vc = rt.upload(kv_device(init), "kc"), rt.upload(kv_device(init), "vc")
     wq, wk = (rt.upload(qn, "qn"), rt.upload(kn, "kn")) if qk_norm else (None, None)
     run_launches(rt, qkv.qkv_prep(rt, bx, q_out, kc, vc, bpos, bseq, wq, wk, n_head=n_head, n_head_kv=n_head_kv,
                                   head_dim=hd, n_rot=n_rot, neox=neox, freq_base=base, freq_scale=scale, eps=eps,
@@ -41,7 +41,7 @@ def run_case(rt, *, n_head, n_head_kv, hd, n_rot, neox, qk_norm, pos, seq, n_seq
     q_sep = rt.upload(np.ascontiguousarray(x[:, :q_dim]), "q2")
     k_sep = rt.upload(np.ascontiguousarray(x[:, q_dim:q_dim + kv_dim]), "k2")
     v_sep = rt.upload(np.ascontiguousarray(x[:, q_dim + kv_dim:]), "v2")
-    kc2, vc2 = rt.upload(init, "kc2"), rt.upload(init, "vc2")
+    kc2, vc2 = rt.upload(kv_device(init), "kc2"), rt.upload(kv_device(init), "vc2")
     launches = []
     if qk_norm:
         launches += norm.rms_norm(rt, q_sep, q_sep, wq, hd, n_head, eps, n)
@@ -58,10 +58,11 @@ def run_case(rt, *, n_head, n_head_kv, hd, n_rot, neox, qk_norm, pos, seq, n_seq
 
     np.testing.assert_allclose(read(q_out, (n, q_dim), np.float32), read(q_sep, (n, q_dim), np.float32),
                                rtol=1e-5, atol=1e-5)
+    device_shape = (n_seq, n_head_kv, n_ctx, hd)
     for a, b in ((kc, kc2), (vc, vc2)):
-        got, want = read(a, cache_shape, np.float16), read(b, cache_shape, np.float16)
+        got, want = read(a, device_shape, np.float16), read(b, device_shape, np.float16)
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
-    return read(kc, cache_shape, np.float16), init
+    return kv_host(read(kc, device_shape, np.float16)), init
 
 
 @pytest.mark.parametrize("neox,qk_norm", [(True, True), (False, False), (True, False)])

@@ -1,9 +1,11 @@
 // attention.cl - KV-cache store and causal multi-sequence attention with an online softmax.
 //
-// Cache layout (both K and V, half precision, written with vstore_half_rte):
-//     cache[n_seq, n_ctx, n_head_kv, D]; token t of the batch is stored at (seq[t], pos[t]).
+// Cache layout (both K and V; kv_types.h: KV_ROW): cache[n_seq, n_head_kv, n_ctx, D], head-major, so that the
+// positions one kv head walks are one contiguous stream; token t of the batch is stored at (seq[t], g, pos[t])
+// for each kv head g.
 //
-// kernel_kv_store: k_cache[seq[t], pos[t]] = k[t], v_cache[...] = v[t]   (k, v float [n_tokens, n_head_kv*D])
+// kernel_kv_store: k_cache[seq[t], g, pos[t]] = k[t, g], v_cache[...] = v[t, g] (half, vstore_half_rte;
+//     k, v float [n_tokens, n_head_kv*D])
 //     NDRange 2-D (float4 of the row, token t): global = (n_head_kv*D/4, n_tokens), any local size.
 //     Tokens with pos/seq outside the cache are not stored (the host bounds them; this keeps a host bug from
 //     writing outside the buffer). n_tokens (per step) bounds the grid, which has at least one token row.
@@ -75,7 +77,8 @@
 
 __kernel void kernel_kv_store(__global const float *k, __global const float *v, __global half *k_cache,
                               __global half *v_cache, __global const int *pos, __global const int *seq,
-                              const int kv_dim, const int n_ctx, const int n_seq, const int n_tokens) {
+                              const int kv_dim, const int head_dim, const int n_ctx, const int n_seq,
+                              const int n_tokens) {
     const int i = get_global_id(0);
     const int t = get_global_id(1);
     if (t >= n_tokens) {
@@ -86,9 +89,10 @@ __kernel void kernel_kv_store(__global const float *k, __global const float *v, 
     if ((uint)p >= (uint)n_ctx || (uint)s >= (uint)n_seq) {
         return;
     }
-    const size_t dst = ((size_t)s * n_ctx + p) * kv_dim;
-    vstore_half4_rte(vload4(i, k + (size_t)t * kv_dim), i, k_cache + dst);
-    vstore_half4_rte(vload4(i, v + (size_t)t * kv_dim), i, v_cache + dst);
+    const int g = i * 4 / head_dim, c = i - g * (head_dim / 4);  // kv head g, float4 c of its row
+    const size_t dst = KV_ROW(s, g, p, kv_dim / head_dim, n_ctx) * head_dim;
+    vstore_half4_rte(vload4(i, k + (size_t)t * kv_dim), c, k_cache + dst);
+    vstore_half4_rte(vload4(i, v + (size_t)t * kv_dim), c, v_cache + dst);
 }
 
 #ifdef D
@@ -282,13 +286,9 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
     }
     barrier(CLK_LOCAL_MEM_FENCE);
 
-    // bytes between consecutive positions of one sequence
-    const size_t k_pos_stride = (size_t)n_head_kv * KV_ROW_BYTES(K_TYPE, D);
-    const size_t v_pos_stride = (size_t)n_head_kv * KV_ROW_BYTES(V_TYPE, D);
-    const size_t k_seq_stride = (size_t)KV_SEQ_ROWS(n_ctx) * k_pos_stride;
-    const size_t v_seq_stride = (size_t)KV_SEQ_ROWS(n_ctx) * v_pos_stride;
-    const size_t k_head = (size_t)g * KV_ROW_BYTES(K_TYPE, D);
-    const size_t v_head = (size_t)g * KV_ROW_BYTES(V_TYPE, D);
+    // consecutive positions of one sequence and kv head are consecutive rows (kv_types.h: KV_ROW)
+    const size_t k_pos_stride = KV_ROW_BYTES(K_TYPE, D);
+    const size_t v_pos_stride = KV_ROW_BYTES(V_TYPE, D);
 
 #ifdef DEC_T
     // The decode path, when every sequence of the block has at most DEC_T tokens (a decode token per slot, a
@@ -340,8 +340,8 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
                 M[k] = -INFINITY;
                 L[k] = 0.0f;
             }
-            __global const uchar *kb = k_cache + (size_t)s * k_seq_stride + k_head;
-            __global const uchar *vb = v_cache + (size_t)s * v_seq_stride + v_head;
+            __global const uchar *kb = k_cache + KV_ROW(s, g, 0, n_head_kv, n_ctx) * k_pos_stride;
+            __global const uchar *vb = v_cache + KV_ROW(s, g, 0, n_head_kv, n_ctx) * v_pos_stride;
 #ifdef SWA_W
             const int j_start = max(0, min_pos - SWA_W + 1) / BC * BC;  // tiles at multiples of BC, as every row's
 #else
@@ -458,8 +458,8 @@ void kernel_attention(__global const float *q, __global const uchar *k_cache, __
         const int j_start = 0;
 #endif
         s_prev = s_cur;
-        __global const uchar *kb = k_cache + (size_t)s_cur * k_seq_stride + k_head;
-        __global const uchar *vb = v_cache + (size_t)s_cur * v_seq_stride + v_head;
+        __global const uchar *kb = k_cache + KV_ROW(s_cur, g, 0, n_head_kv, n_ctx) * k_pos_stride;
+        __global const uchar *vb = v_cache + KV_ROW(s_cur, g, 0, n_head_kv, n_ctx) * v_pos_stride;
 
         for (int zs = n_split > 1 ? z : j_start / KV_SPLIT; zs <= (n_split > 1 ? z : max_pos / KV_SPLIT); zs++) {
             for (int j0 = max(j_start, zs * KV_SPLIT); j0 <= min(max_pos, zs * KV_SPLIT + KV_SPLIT - 1); j0 += BC) {

@@ -8,9 +8,9 @@
 //   q_out float32 [n_tokens, N_HEAD * HD] (the layout kernel_attention reads).
 // K heads: optional RMSNorm with k_norm, RoPE, stored as half at k_cache[(seq[t], pos[t])].
 // V heads: stored as half at v_cache[(seq[t], pos[t])].
-// Cache layout: [n_seq, n_ctx, N_HEAD_KV] rows of HD values of type K_TYPE / V_TYPE (kv_types.h: f16 by
-// default, as kernel_kv_store writes it; q8_0, q4_0); with KV_RING (a sliding-window layer) [n_seq, KV_RING,
-// N_HEAD_KV], position p at row p % KV_RING. Tokens with a position or sequence outside the cache store
+// Cache layout: [n_seq, N_HEAD_KV, n_ctx] rows of HD values of type K_TYPE / V_TYPE (kv_types.h: head-major,
+// KV_ROW; f16 by default, as kernel_kv_store writes it; q8_0, q4_0); with KV_RING (a sliding-window layer)
+// [n_seq, N_HEAD_KV, KV_RING], position p at row p % KV_RING. Tokens with a position or sequence outside the cache store
 // nothing (as kernel_kv_store).
 // RoPE: theta_i = pos * freq_scale * 2^(i * log2_theta_scale), log2_theta_scale = -2 log2(base) / N_ROT;
 //   NEOX rotates (i, i + N_ROT/2), otherwise adjacent pairs (2i, 2i+1) - as tests/kernels/rope.cl. With
@@ -80,7 +80,7 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
     }
     if (h >= N_HEAD + N_HEAD_KV) {  // a V head: store it
         if (in_cache) {
-            const size_t r = ((size_t)s * KV_SEQ_ROWS(n_ctx) + KV_SLOT(p)) * N_HEAD_KV + (h - N_HEAD - N_HEAD_KV);
+            const size_t r = KV_ROW(s, h - N_HEAD - N_HEAD_KV, KV_SLOT(p), N_HEAD_KV, n_ctx);
             kv_store_row(v_cache + r * KV_ROW_BYTES(V_TYPE, HD), x, HD, V_TYPE);
         }
         return;
@@ -120,7 +120,7 @@ __kernel void kernel_qkv_prep(__global const float *qkv, __global float *q_out, 
             dst[d] = x[d];
         }
     } else if (in_cache) {
-        const size_t r = ((size_t)s * KV_SEQ_ROWS(n_ctx) + KV_SLOT(p)) * N_HEAD_KV + (h - N_HEAD);
+        const size_t r = KV_ROW(s, h - N_HEAD, KV_SLOT(p), N_HEAD_KV, n_ctx);
         kv_store_row(k_cache + r * KV_ROW_BYTES(K_TYPE, HD), x, HD, K_TYPE);
     }
 }

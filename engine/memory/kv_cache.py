@@ -1,8 +1,9 @@
 """KV cache of the attention layers: per layer one K and one V buffer holding every sequence (slot).
 
-Layout per layer: [n_seq, n_ctx, n_head_kv] rows of head_dim values, half precision or q8_0 / q4_0 blocks
-(KVTypes: --cache-type-k/-v, and the MTP layer's own). A token of sequence s at position p is written at
-(s, p) by the step's qkv_prep kernel; attention for a token at position p reads positions 0..p of its own
+Layout per layer: [n_seq, n_head_kv, n_ctx] rows of head_dim values (head-major: the positions a kv head
+walks are contiguous; kernels/kv_types.h KV_ROW), half precision or q8_0 / q4_0 blocks (KVTypes:
+--cache-type-k/-v, and the MTP layer's own). A token of sequence s at position p is written at (s, g, p) for
+each kv head g by the step's qkv_prep kernel; attention for a token at position p reads positions 0..p of its own
 sequence. So the cache needs no host bookkeeping beyond how many positions of each sequence are valid:
 truncating a sequence (rejected drafts, a prompt-cache reuse of a shorter prefix) is setting its length.
 
@@ -150,11 +151,15 @@ class KVCache(SequenceCache):
             self.truncate(dst, 0)
             return
         for il, (bufs, types) in enumerate(zip(self._layers, self.types)):
+            heads = self.heads[il]
             for buf, t in zip(bufs, types):
-                row = self.heads[il] * kv_row_bytes(t, self.head_dim)  # one position of one layer's K (or V)
-                seq_bytes = self.rows[il] * row
+                row = kv_row_bytes(t, self.head_dim)  # one position of one kv head of one layer's K (or V)
+                head_bytes = self.rows[il] * row  # one kv head's rows of one sequence
                 count = n if self.rows[il] == self.n_ctx else self.rows[il]  # a ring: all of it
-                cl.enqueue_copy(self._queue, buf, buf, byte_count=count * row,
-                                src_offset=src * seq_bytes, dst_offset=dst * seq_bytes)
+                # the first `count` rows of each of src's kv heads: one rectangle of `heads` lines, head_bytes
+                # apart (sequences src and dst are disjoint, as a rectangular copy within a buffer needs)
+                cl.enqueue_copy(self._queue, buf, buf, src_origin=(0, src * heads, 0),
+                                dst_origin=(0, dst * heads, 0), region=(count * row, heads, 1),
+                                src_pitches=(head_bytes, 0), dst_pitches=(head_bytes, 0))
         self._lengths[dst] = n
         self._written[dst] = self._written[src] if self._rings else n

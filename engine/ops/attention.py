@@ -1,7 +1,8 @@
 """KV-cache store and causal multi-sequence attention (kernels/attention.cl).
 
-The cache of one layer is K and V, each [n_seq, n_ctx, n_head_kv] rows of head_dim values: token t of a batch
-is stored at (seqs[t], positions[t]) and attends to positions 0..positions[t] of its own sequence. A row is
+The cache of one layer is K and V, each [n_seq, n_head_kv, n_ctx] rows of head_dim values (head-major: a kv
+head's positions are contiguous, kernels/kv_types.h): token t of a batch is stored at (seqs[t], each kv head,
+positions[t]) and attends to positions 0..positions[t] of its own sequence. A row is
 half precision, or quantized in ggml's q8_0 / q4_0 blocks (llama-server's --cache-type-k/-v; kv_types.h).
 
 A sliding-window layer (step35) attends to the last `window` positions only; its cache may be a ring of
@@ -60,17 +61,18 @@ def _n_seq(cache, n_ctx: int, n_head_kv: int, head_dim: int, kv_type: str = "f16
 
 def kv_store(rt, k, v, k_cache, v_cache, positions, seqs, n_head_kv: int, head_dim: int, n_ctx: int,
              max_tokens: int) -> list[Launch]:
-    """Write k, v float32 [n_tokens, n_head_kv*head_dim] into the half caches at (seqs[t], positions[t])."""
+    """Write k, v float32 [n_tokens, n_head_kv*head_dim] into the half caches [n_seq, n_head_kv, n_ctx,
+    head_dim] at (seqs[t], each kv head, positions[t])."""
     kv_dim = n_head_kv * head_dim
-    if kv_dim % 4:
-        raise ValueError(f"kv_store: n_head_kv * head_dim = {kv_dim} must be a multiple of 4")
+    if head_dim % 4:
+        raise ValueError(f"kv_store: head_dim = {head_dim} must be a multiple of 4")
     check_buffer(k, 4 * max_tokens * kv_dim, "kv_store k")
     check_buffer(v, 4 * max_tokens * kv_dim, "kv_store v")
     n_seq = min(_n_seq(k_cache, n_ctx, n_head_kv, head_dim), _n_seq(v_cache, n_ctx, n_head_kv, head_dim))
     kern = rt.kernel(rt.build("attention.cl"), "kernel_kv_store")
-    kern.set_args(k, v, k_cache, v_cache, positions, seqs, np.int32(kv_dim), np.int32(n_ctx), np.int32(n_seq),
-                  np.int32(0))
-    return [Launch(kern, (kv_dim // 4, 0), (0, 1), None, [(9, VAR_N_TOKENS)], VAR_N_TOKENS, name="kv_store")]
+    kern.set_args(k, v, k_cache, v_cache, positions, seqs, np.int32(kv_dim), np.int32(head_dim), np.int32(n_ctx),
+                  np.int32(n_seq), np.int32(0))
+    return [Launch(kern, (kv_dim // 4, 0), (0, 1), None, [(10, VAR_N_TOKENS)], VAR_N_TOKENS, name="kv_store")]
 
 
 def k_tile_stride(head_dim: int, shape: dict) -> int:

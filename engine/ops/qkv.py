@@ -38,7 +38,7 @@ def qkv_prep(rt, qkv, q_out, k_cache, v_cache, positions, seqs, q_norm, k_norm, 
              mrope_sections: tuple[int, int, int, int] | None = None, k_type: str = "f16",
              v_type: str = "f16", rows: int | None = None) -> list[Launch]:
     """qkv float32 [n_tokens, (n_head + 2 n_head_kv) * head_dim] -> q_out [n_tokens, n_head * head_dim] and
-    the half K/V caches [n_seq, n_ctx, n_head_kv, head_dim]. q_norm/k_norm: float32 [head_dim] or None.
+    the K/V caches [n_seq, n_head_kv, n_ctx, head_dim]. q_norm/k_norm: float32 [head_dim] or None.
     q_gate: each Q head in qkv is followed by head_dim gate values (qwen35; ops/attention.py applies the gate). freq_factors:
     float32 [n_rot / 2] dividing each pair's angle (Llama 3.1's rope_freqs), or None. mrope_sections:
     qwen35's interleaved M-RoPE sections when pairs fall on the fourth one (those do not turn at text
