@@ -28,7 +28,7 @@ from nextn.memory.kv_cache import F16_KV, KVTypes
 from nextn.memory.plan import MemoryPlan
 from nextn.models import architecture, blocks
 from nextn.ops import attention as attn_ops
-from nextn.ops.matmul import MatmulOps
+from nextn.ops.matmul import XSUM_COLS, MatmulOps, xsum_scratch_bytes
 from nextn.ops.weights import upload_weight
 from nextn.spec.draft_vocab import draft_vocab_ids
 from nextn.tokenizer import Tokenizer
@@ -86,6 +86,9 @@ class ModelRunner:
         split_tokens, split_heads = min(VERIFY_TOKENS, self.n_batch), int(np.max(hp.n_head))
         self.memory = dataclasses.replace(self.memory, attention_splits=attn_ops.KvSplit.bytes_needed(
             self.n_ctx, split_tokens, split_heads, hp.head_dim))
+        max_cols = max((info.n_cols for info in infos.values() if len(info.ne) >= 2 and info.qtype in XSUM_COLS),
+                       default=0)
+        self.memory = dataclasses.replace(self.memory, matmul_scratch=xsum_scratch_bytes(self.n_batch, max_cols))
         parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
         self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
 
@@ -115,7 +118,7 @@ class ModelRunner:
         self.cache.kv_split = attn_ops.KvSplit(self.rt, self.n_ctx, split_tokens, split_heads, hp.head_dim)
         self._prefixes = self.cache.prefix_store()
         self.buffers = arch.step_buffers(self.rt, hp, self.n_batch, self.max_outputs)
-        self.mm = MatmulOps(self.rt, batch_invariant=batch_invariant)
+        self.mm = MatmulOps(self.rt, batch_invariant=batch_invariant, xsum_bytes=self.memory.matmul_scratch)
         buckets = sorted({1, min(VERIFY_TOKENS, self.n_batch), self.n_batch})
         self.plans = []  # (max_tokens, plan), smallest first
         self.launches = {}  # max_tokens -> the plan's Launch list (bench swaps plan kinds over the same launches)

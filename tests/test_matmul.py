@@ -15,7 +15,7 @@ from conftest import run_launches
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 from nextn.cl.launch import N_VARS, VAR_N_OUTPUTS, VAR_N_TOKENS
-from nextn.ops.matmul import MatmulOps
+from nextn.ops.matmul import XSUM_COLS, MatmulOps, xsum_scratch_bytes
 from nextn.ops.moe import upload_experts
 from nextn.ops.weights import SUPPORTED_TYPES, TILE_ROWS, device_bytes, repack, upload_weight
 
@@ -89,9 +89,13 @@ def assert_close(y, ref, scale, what):
     )
 
 
+# the block-sum scratch of the prompt variant, as a runner sizes it (n_batch 128, the widest test weight)
+XSUM_BYTES = xsum_scratch_bytes(128, 512)
+
+
 @pytest.fixture(scope="module")
 def mm(rt):
-    return MatmulOps(rt)
+    return MatmulOps(rt, xsum_bytes=XSUM_BYTES)
 
 
 def read(rt, buf, shape) -> np.ndarray:
@@ -201,14 +205,15 @@ VARIANT_CASES = [(t, True) for t in TYPES] + [(t, False) for t in (T.Q8_0, T.Q4_
                          ("invariant" if v else "shortcuts"))
 def test_variants_are_batch_invariant(rt, qtype, invariant):
     """Batch invariance (kernels/quants.h, MM_BATCH_INVARIANT): the same token through the mat-vec plan, the
-    few-token plan alone, inside 8-, 4-, 2- and 1-token groups and the prompt plan gives bit-identical rows;
-    without it the variants agree to float rounding."""
+    few-token plan alone, inside 8-, 4-, 2- and 1-token groups and the prompt plan (which reads x's block sums
+    from kernel_x_block_sums for the types in XSUM_COLS, where the others sum per tile) gives bit-identical
+    rows; without it the variants agree to float rounding."""
     rng = np.random.default_rng(7)
     for n_rows, n_cols in SHAPES[qtype]:
         raw = random_weight(qtype, n_rows, n_cols, rng)
         x = rng.standard_normal((80, n_cols)).astype(np.float32)
         scale = bound(raw, qtype, x[:2])
-        mm = MatmulOps(rt, batch_invariant=invariant)
+        mm = MatmulOps(rt, batch_invariant=invariant, xsum_bytes=XSUM_BYTES)
         w = upload_weight(rt, raw, qtype, n_rows, n_cols, "test.w")
         xb = rt.upload(x, "test.x")
         rows = []
@@ -216,7 +221,10 @@ def test_variants_are_batch_invariant(rt, qtype, invariant):
         # prompt plan; token 1 in a group of 2 and inside the 80-token prompt
         for n_max, n in ((1, 1), (16, 1), (16, 2), (16, 4), (16, 13), (80, 80), (80, 3)):
             y = rt.alloc(4 * n_max * n_rows, "test.y")
-            run_launches(rt, mm.matmul(w, xb, y, n_max), step_vars(n))
+            launches = mm.matmul(w, xb, y, n_max)
+            sums = [launch.name for launch in launches] == ["x_block_sums", launches[-1].name]
+            assert sums == (n_max == 80 and qtype in XSUM_COLS), f"{qtype.name}: {[x.name for x in launches]}"
+            run_launches(rt, launches, step_vars(n))
             rows.append(read(rt, y, (n_max, n_rows))[:2])
         token0 = [r[0] for r in rows]
         token1 = [rows[2][1], rows[5][1]]

@@ -92,9 +92,9 @@ static __attribute__((always_inline)) inline void tile_q6_k_many(const int TT, c
 
 static __attribute__((always_inline)) inline void tile_q6_k(const int TT, const int NA, MM_TILE_PARAMS) {
     if (MM_ONE_TOKEN(TT)) {
-        tile_q6_k_one(TT, NA, wt, nb, x, n_cols, y, n_rows, rows, accumulate);
+        tile_q6_k_one(TT, NA, wt, nb, x, n_cols, y, n_rows, rows, accumulate, xsum);
     } else {
-        tile_q6_k_many(TT, NA, wt, nb, x, n_cols, y, n_rows, rows, accumulate);
+        tile_q6_k_many(TT, NA, wt, nb, x, n_cols, y, n_rows, rows, accumulate, xsum);
     }
 }
 

@@ -272,7 +272,7 @@ static __attribute__((always_inline)) inline float16 mm_part_sum(float16 *s, con
 #define MM_BLOCK_END_MIN(s, scale, neg_min, xp, NCOL)                                                       \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
         acc[t_] = fma(mm_part_sum(s[t_], NA), (scale),                                                      \
-                      fma((neg_min), (float16)(x_sum##NCOL((xp) + t_ * n_cols)), acc[t_]));                \
+                      fma((neg_min), (float16)(mm_xsum##NCOL(xsum, x, (xp), t_, n_cols)), acc[t_]));        \
     }
 
 // Types with an offset per block of 32 (Q4_1, Q5_1: w = d q + m). One token: raw q summed, scale and offset
@@ -302,6 +302,33 @@ inline float x_sum32(__global const float *p) {
     return c.x + c.y;
 }
 
+// The sums of x over a block for MM_BLOCK_END_MIN: sum(x[t, col : col + N]), xp pointing at x[0, col] of
+// the token group x. Every tile needs them for every token and block; the prompt plans compute them once per
+// step instead (kernel_x_block_sums below: the same x_sum<N>, so the same bits) and pass xsum, float
+// [n_tokens, n_cols / 16] from the group's first token, the sum of the block at column col in element
+// col / N of a token's row. Without xsum (NULL: decode, verify and expert products) each tile computes them.
+inline float mm_xsum32(__global const float *xsum, __global const float *x, __global const float *xp, const int t,
+                       const int n_cols) {
+    return xsum ? xsum[(size_t)t * (n_cols / 16) + (int)(xp - x) / 32] : x_sum32(xp + (size_t)t * n_cols);
+}
+
+inline float mm_xsum16(__global const float *xsum, __global const float *x, __global const float *xp, const int t,
+                       const int n_cols) {
+    return xsum ? xsum[(size_t)t * (n_cols / 16) + (int)(xp - x) / 16] : x_sum16(xp + (size_t)t * n_cols);
+}
+
+// xsum[t, b] = x_sum<NCOL>(x[t, b * NCOL :]) for t < n_tokens, b < n_cols / NCOL; rows of xsum n_cols / 16
+// floats apart. NDRange (n_cols / NCOL, max_tokens); tokens past n_tokens (a step argument) do nothing.
+__kernel void kernel_x_block_sums(__global const float *x, __global float *xsum, const int n_cols, const int ncol,
+                                  const int n_tokens) {
+    const int b = get_global_id(0), t = get_global_id(1);
+    if (t >= n_tokens) {
+        return;
+    }
+    __global const float *p = x + (size_t)t * n_cols + (size_t)b * ncol;
+    xsum[(size_t)t * (n_cols / 16) + b] = ncol == 32 ? x_sum32(p) : x_sum16(p);
+}
+
 // y[t, :rows] (+)= acc[t]; y points at y[0, r0], rows of y are `n_rows` (the kernel's ldy) apart.
 #define MM_STORE(y)                                                                                         \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
@@ -326,7 +353,7 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
 // The parameter list every tile function takes (after TT, NA).
 #define MM_TILE_PARAMS                                                                                      \
     __global const uchar *wt, const int nb, __global const float *x, const int n_cols, __global float *y,  \
-        const int n_rows, const int rows, const int accumulate
+        const int n_rows, const int rows, const int accumulate, __global const float *xsum
 
 // The token loop shared by MM_KERNEL and MM_KERNEL_ID: rows t0 <= t < t1 of x (rows n_cols floats apart) and
 // y (rows ldy apart, from y_off + r0), in groups of 8, 4, 2 and 1 tokens.
@@ -334,18 +361,19 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
     while (t0 < t1) {                                                                                       \
         __global const float *xt = x + (size_t)t0 * n_cols;                                                 \
         __global float *yt = y + y_off + (size_t)t0 * ldy + r0;                                             \
+        __global const float *xst = xsum ? xsum + (size_t)t0 * (n_cols / 16) : xsum;                        \
         const int rem = t1 - t0;                                                                            \
         if (rem >= 8) {                                                                                     \
-            TILE_FN(8, MM_NA(1), wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                           \
+            TILE_FN(8, MM_NA(1), wt, nb, xt, n_cols, yt, ldy, rows, accumulate, xst);                      \
             t0 += 8;                                                                                        \
         } else if (rem >= 4) {                                                                              \
-            TILE_FN(4, MM_NA(2), wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                           \
+            TILE_FN(4, MM_NA(2), wt, nb, xt, n_cols, yt, ldy, rows, accumulate, xst);                      \
             t0 += 4;                                                                                        \
         } else if (rem >= 2) {                                                                              \
-            TILE_FN(2, MM_NA(4), wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                           \
+            TILE_FN(2, MM_NA(4), wt, nb, xt, n_cols, yt, ldy, rows, accumulate, xst);                      \
             t0 += 2;                                                                                        \
         } else {                                                                                            \
-            TILE_FN(1, MM_NA(4), wt, nb, xt, n_cols, yt, ldy, rows, accumulate);                           \
+            TILE_FN(1, MM_NA(4), wt, nb, xt, n_cols, yt, ldy, rows, accumulate, xst);                      \
             t0 += 1;                                                                                        \
         }                                                                                                   \
     }
@@ -367,10 +395,12 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
 //     (MM_UNROLL, MM_PREFETCH in quants.h).
 // Work-item (tile, chunk) handles rows [16 tile, 16 tile + 16) for tokens
 // [chunk * tchunk, min(n_tokens, (chunk + 1) * tchunk)), in groups of 8, 4, 2 and 1 tokens.
+// xsum: NULL, or x's block sums from kernel_x_block_sums for the types with a min or an offset
+//     (MM_BLOCK_END_MIN; the prompt variant passes them, engine/ops/matmul.py XSUM_COLS).
 #define MM_KERNEL(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                              \
     __kernel void NAME(__global const uchar *w, __global const float *x, __global float *y,                 \
                        const int n_rows, const int n_cols, const int n_tokens, const int tchunk,            \
-                       const int accumulate, const int ldy, const int y_off) {                              \
+                       const int accumulate, const int ldy, const int y_off, __global const float *xsum) {  \
         const int tile = get_global_id(0);                                                                  \
         const int r0 = tile * TILE_ROWS;                                                                    \
         if (r0 >= n_rows) {                                                                                 \
@@ -412,6 +442,7 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
         const int rows = min(TILE_ROWS, n_rows - r0);                                                       \
         const int nb = n_cols / (BLOCK_COLS);                                                               \
         const int n_tiles = (n_rows + TILE_ROWS - 1) / TILE_ROWS;                                           \
+        __global const float *xsum = 0; /* the block sums are computed per tile here */                    \
         __global const uchar *wt = w + ((size_t)e * n_tiles + tile) * nb * (TILE_BLOCK_BYTES);              \
         MM_TOKEN_LOOP(TILE_FN)                                                                              \
     }

@@ -15,6 +15,7 @@ class MemoryPlan:
     mtp_kv_cache: int = 0
     mtp_activations: int = 0
     attention_splits: int = 0  # partial results of attention split over the KV (ops/attention.py KvSplit)
+    matmul_scratch: int = 0  # x's block sums of a prompt step (ops/matmul.py xsum_scratch_bytes)
 
     @property
     def total(self) -> int:
