@@ -88,7 +88,8 @@ class ModelRunner:
             self.n_ctx, split_tokens, split_heads, hp.head_dim))
         max_cols = max((info.n_cols for info in infos.values() if len(info.ne) >= 2 and info.qtype in XSUM_COLS),
                        default=0)
-        self.memory = dataclasses.replace(self.memory, matmul_scratch=xsum_scratch_bytes(self.n_batch, max_cols))
+        self.memory = dataclasses.replace(self.memory, matmul_scratch=xsum_scratch_bytes(
+            self.n_batch, max_cols, max(1, getattr(hp, "n_expert_used", 1))))
         parts = " + ".join(name.replace("_", " ") for name, _ in self.memory.items())
         self.rt.check_fits(self.memory.total, f"{mf.path.name} ({parts}; {n_seq} x {self.n_ctx} context)")
 

@@ -179,7 +179,8 @@ def test_matmul_all_variants(rt, mm, qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matmul_id(rt, mm, qtype):
     """The expert-indexed entry of every type's kernel file (tests/test_ops_moe.py covers its contract in
-    detail for Q8_0): experts with a partial last tile, an empty expert, the three chunkings."""
+    detail for Q8_0): experts with a partial last tile, an empty expert, the three chunkings (the prompt one
+    with the rows' block sums computed once)."""
     rng = np.random.default_rng(20 + qtype.value)
     n_expert, (rows, n_cols) = 3, SHAPES[qtype][1]
     raw = random_weight(qtype, n_expert * rows, n_cols, rng)
@@ -190,11 +191,19 @@ def test_matmul_id(rt, mm, qtype):
         n = int(bounds[-1])
         x = rng.standard_normal((n, n_cols)).astype(np.float32)
         xb, yb, bb = rt.upload(x, "test.x"), rt.alloc(4 * n * rows, "test.y"), rt.upload(bounds, "test.bounds")
-        run_launches(rt, mm.matmul_id(dw, xb, yb, bb, max_tokens, n), step_vars(max(counts)))
+        launches = mm.matmul_id(dw, xb, yb, bb, max_tokens, n)
+        # the prompt chunking of a type with block mins reads the gathered rows' sums (kernel_x_block_sums)
+        assert (launches[0].name == "x_block_sums") == (max_tokens == 80 and qtype in XSUM_COLS)
+        run_launches(rt, launches, step_vars(max(counts)))
         we = w[np.repeat(np.arange(n_expert), counts)]
         ref = np.einsum("sc,src->sr", x.astype(np.float64), we)
         scale = np.einsum("sc,src->sr", np.abs(x).astype(np.float64), np.abs(we)) + 1e-30
-        assert_close(read(rt, yb, (n, rows)), ref, scale, f"{qtype.name} max_tokens={max_tokens}")
+        got = read(rt, yb, (n, rows))
+        assert_close(got, ref, scale, f"{qtype.name} max_tokens={max_tokens}")
+        if launches[0].name == "x_block_sums":  # the same bits as each tile summing x itself
+            alone = rt.alloc(4 * n * rows, "test.y")
+            run_launches(rt, MatmulOps(rt).matmul_id(dw, xb, alone, bb, max_tokens, n), step_vars(max(counts)))
+            assert np.array_equal(read(rt, alone, (n, rows)), got), qtype.name
 
 
 # the shortcuts' build only for types whose one-token tile differs (each build costs a kernel compile)

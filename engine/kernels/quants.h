@@ -317,16 +317,19 @@ inline float mm_xsum16(__global const float *xsum, __global const float *x, __gl
     return xsum ? xsum[(size_t)t * (n_cols / 16) + (int)(xp - x) / 16] : x_sum16(xp + (size_t)t * n_cols);
 }
 
-// xsum[t, b] = x_sum<NCOL>(x[t, b * NCOL :]) for t < n_tokens, b < n_cols / NCOL; rows of xsum n_cols / 16
-// floats apart. NDRange (n_cols / NCOL, max_tokens); tokens past n_tokens (a step argument) do nothing.
+// xsum[t, b] = x_sum<NCOL>(x[t, b * NCOL :]) for b < n_cols / NCOL and the rows t < n of x, n = n_rows, or
+// bounds[n_expert] with bounds (the rows an expert-indexed product's router gathered); rows of xsum n_cols / 16
+// floats apart. NDRange: one work-item per row, any count; work-items past n return.
 __kernel void kernel_x_block_sums(__global const float *x, __global float *xsum, const int n_cols, const int ncol,
-                                  const int n_tokens) {
-    const int b = get_global_id(0), t = get_global_id(1);
-    if (t >= n_tokens) {
+                                  const int n_rows, __global const int *bounds, const int n_expert) {
+    const int t = get_global_id(0);
+    if (t >= (bounds ? min(n_rows, bounds[n_expert]) : n_rows)) {
         return;
     }
-    __global const float *p = x + (size_t)t * n_cols + (size_t)b * ncol;
-    xsum[(size_t)t * (n_cols / 16) + b] = ncol == 32 ? x_sum32(p) : x_sum16(p);
+    for (int b = 0; b < n_cols / ncol; b++) {
+        __global const float *p = x + (size_t)t * n_cols + (size_t)b * ncol;
+        xsum[(size_t)t * (n_cols / 16) + b] = ncol == 32 ? x_sum32(p) : x_sum16(p);
+    }
 }
 
 // y[t, :rows] (+)= acc[t]; y points at y[0, r0], rows of y are `n_rows` (the kernel's ldy) apart.
@@ -396,7 +399,8 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
 // Work-item (tile, chunk) handles rows [16 tile, 16 tile + 16) for tokens
 // [chunk * tchunk, min(n_tokens, (chunk + 1) * tchunk)), in groups of 8, 4, 2 and 1 tokens.
 // xsum: NULL, or x's block sums from kernel_x_block_sums for the types with a min or an offset
-//     (MM_BLOCK_END_MIN; the prompt variant passes them, engine/ops/matmul.py XSUM_COLS).
+//     (MM_BLOCK_END_MIN; the prompt variant passes them, engine/ops/matmul.py XSUM_COLS; the same for
+//     MM_KERNEL_ID, whose x rows are the gathered (token, expert) pairs).
 #define MM_KERNEL(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                              \
     __kernel void NAME(__global const uchar *w, __global const float *x, __global float *y,                 \
                        const int n_rows, const int n_cols, const int n_tokens, const int tchunk,            \
@@ -429,7 +433,8 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
 #define MM_KERNEL_ID(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                           \
     __kernel void NAME(__global const uchar *w, __global const float *x, __global float *y,                 \
                        const int n_rows, const int n_cols, __global const int *bounds, const int tchunk,    \
-                       const int accumulate, const int ldy, const int y_off, const int n_expert) {          \
+                       const int accumulate, const int ldy, const int y_off, const int n_expert,            \
+                       __global const float *xsum) {                                                         \
         const int tile = get_global_id(0);                                                                  \
         const int r0 = tile * TILE_ROWS;                                                                    \
         const int e = get_global_id(1) % n_expert;                                                          \
@@ -442,7 +447,6 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
         const int rows = min(TILE_ROWS, n_rows - r0);                                                       \
         const int nb = n_cols / (BLOCK_COLS);                                                               \
         const int n_tiles = (n_rows + TILE_ROWS - 1) / TILE_ROWS;                                           \
-        __global const float *xsum = 0; /* the block sums are computed per tile here */                    \
         __global const uchar *wt = w + ((size_t)e * n_tiles + tile) * nb * (TILE_BLOCK_BYTES);              \
         MM_TOKEN_LOOP(TILE_FN)                                                                              \
     }

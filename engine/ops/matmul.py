@@ -44,10 +44,11 @@ ARG_N_TOKENS = 5  # index of n_tokens in kernel_matmul_*'s argument list (set be
 XSUM_COLS = {T.Q4_0: 32, T.Q5_0: 32, T.Q4_K: 32, T.Q5_K: 32, T.Q2_K: 16, T.Q3_K: 16, T.Q6_K: 16}
 
 
-def xsum_scratch_bytes(max_tokens: int, max_cols: int) -> int:
-    """MatmulOps' block-sum scratch for prompt steps of max_tokens over weights of at most max_cols columns
-    (0 when the prompt variant never runs)."""
-    return 4 * max_tokens * (max_cols // 16) if max_tokens > FEW_TOKENS else 0
+def xsum_scratch_bytes(max_tokens: int, max_cols: int, rows_per_token: int = 1) -> int:
+    """MatmulOps' block-sum scratch for prompt steps of max_tokens over weights of at most max_cols columns,
+    x holding rows_per_token rows per token (a MoE layer's experts used per token); 0 when the prompt variant
+    never runs."""
+    return 4 * max_tokens * rows_per_token * (max_cols // 16) if max_tokens > FEW_TOKENS else 0
 
 
 def matmul_kernel_file(qtype) -> str:
@@ -162,17 +163,21 @@ class MatmulOps:
             )
         ]
 
-    def _xsum_launch(self, w: DeviceWeight, x: cl.Buffer, max_tokens: int, tchunk: int, token_var: int
-                     ) -> list[Launch]:
-        """The launch writing x's block sums into the scratch, for a prompt-variant product of a type in
-        XSUM_COLS that the scratch holds; else none (the kernel then sums per tile: the same bits)."""
+    def _xsum_launch(self, w: DeviceWeight, x: cl.Buffer, max_rows: int, tchunk: int, token_var: int,
+                     bounds: cl.Buffer | None = None, n_expert: int = 0) -> list[Launch]:
+        """The launch writing the block sums of x's rows into the scratch, for a prompt-variant product of a
+        type in XSUM_COLS that the scratch holds; else none (the kernel then sums per tile: the same bits).
+        Rows: the step's vars[token_var] tokens, or with bounds (an expert-indexed product) the bounds[n_expert]
+        rows its router gathered, of at most max_rows."""
         ncol = XSUM_COLS.get(w.qtype)
         if ncol is None or tchunk != PROMPT_CHUNK or self.xsum is None or \
-                self.xsum.size < 4 * max_tokens * (w.n_cols // 16):
+                self.xsum.size < 4 * max_rows * (w.n_cols // 16):
             return []
         k = self.rt.kernel(self._program("matmul", w.qtype), "kernel_x_block_sums")
-        k.set_args(x, self.xsum, np.int32(w.n_cols), np.int32(ncol), np.int32(0))
-        return [Launch(k, (w.n_cols // ncol, 0), (0, 1), None, [(4, token_var)], token_var, name="x_block_sums")]
+        k.set_args(x, self.xsum, np.int32(w.n_cols), np.int32(ncol), np.int32(max_rows), bounds, np.int32(n_expert))
+        if bounds is None:  # one work-item per token of the step
+            return [Launch(k, (0,), (1,), None, [(4, token_var)], token_var, name="x_block_sums")]
+        return [Launch(k, (max_rows,), (0,), None, name="x_block_sums")]
 
     def matmul_id(
         self,
@@ -218,6 +223,7 @@ class MatmulOps:
             tchunk = PROMPT_CHUNK
         name = KERNEL_NAMES[w.qtype]
         k = self.rt.kernel(self._program("matmul", w.qtype), f"kernel_matmul_id_{name}_f32")
+        sums = self._xsum_launch(w, x, max_rows, tchunk, token_var, bounds, n_expert)
         k.set_args(
             w.buffers["tiles"],
             x,
@@ -230,13 +236,14 @@ class MatmulOps:
             np.int32(ldy),
             np.int32(y_offset),
             np.int32(n_expert),
+            self.xsum if sums else None,
         )
         wg = self._local_size(k)
         n_groups = -(-w.n_tiles // wg)
         # dim 1 walks (chunk, expert) chunk-major: one chunk per expert covers a batch of up to tchunk tokens;
         # beyond that n_expert * ceil(n / tchunk) <= n_expert + ceil(n_expert / tchunk) * n
         per_token = 0 if max_tokens <= tchunk else -(-n_expert // tchunk)
-        return [
+        return sums + [
             Launch(
                 k,
                 (n_groups * wg, n_expert),
