@@ -14,13 +14,14 @@
 // Column 128 n + 32 g + l (n: half, g: group 0..3, l: 0..31) is bits 2g, 2g+1 of qs[32 n + l]; sub-block
 // 8 n + 2 g + l / 16.
 //
-// One token: each qs load feeds one column of each of the four groups (four sub-blocks summed at once,
-// 2 chains each, as Q6_K's one-token tile), raw q summed and the scale and min applied once per sub-block
-// (the min as -dmin m sum(x)). Several tokens: one group per pass, so that only one sub-block's TT x NA
-// sums are live, and each column decoded to d sc q - dmin m (one FMA shared by the tokens: a sum of x
-// per token and sub-block of 16 cost more: 78 against 160 GFLOP/s on a prompt).
+// One token: each qs load feeds one column of each of the four groups (the eight sub-blocks of a half
+// summed at once, as Q6_K's one-token tile); several tokens: one group per pass, so that only its two
+// sub-blocks' TT x NA sums are live. Either way the block ends follow in column order. Each column is
+// decoded to d sc q - dmin m (one FMA shared by the tokens: a sum of x per token and sub-block of 16 cost
+// more: 78 against 160 GFLOP/s on a prompt), except in the one-token shortcut without batch invariance
+// (MM_ONE_TOKEN: raw q summed in 2 chains, scale and min once per sub-block, the min as -dmin m sum(x)).
 static __attribute__((always_inline)) inline void tile_q2_k(const int TT, const int NA, MM_TILE_PARAMS) {
-    const int G = MM_ONE_TOKEN(TT) ? 4 : 1;       // groups per pass
+    const int G = TT == 1 ? 4 : 1;                // groups per pass
     const int NC = MM_ONE_TOKEN(TT) ? 2 : NA;     // chains per sub-block
     const int U = MM_UNROLL(16, 4);
     MM_ACC_DECL
@@ -32,31 +33,41 @@ static __attribute__((always_inline)) inline void tile_q2_k(const int TT, const 
         _Pragma("unroll 1") for (int n = 0; n < 2; n++) {
             __global const uchar *qs = tb + Q2_K_QS + 32 * 16 * n;
             _Pragma("unroll 1") for (int g0 = 0; g0 < 4; g0 += G) {
-                _Pragma("unroll 1") for (int hl = 0; hl < 2; hl++) {  // sub-block of 16 columns
-                    __global const float *xs = x + b * 256 + 128 * n + 32 * g0 + 16 * hl;
-                    float16 dsc[4], nm[4];  // scale and -min of each group's sub-block
+                __global const float *xg = x + b * 256 + 128 * n + 32 * g0;
+                float16 dsc[2][4], nm[2][4];  // scale and -min of each group's sub-blocks (16 columns hl)
+                _Pragma("unroll") for (int hl = 0; hl < 2; hl++) {
                     _Pragma("unroll") for (int g = 0; g < G; g++) {
                         const int16 sc = convert_int16(LD_UC16(tb, 8 * n + 2 * (g0 + g) + hl));
-                        dsc[g] = d * convert_float16(sc & 15);
-                        nm[g] = -dmin * convert_float16(sc >> 4);
+                        dsc[hl][g] = d * convert_float16(sc & 15);
+                        nm[hl][g] = -dmin * convert_float16(sc >> 4);
                     }
-                    MM_PARTS_DECL(s, G)
+                }
+                MM_PARTS_DECL(s_lo, G)  // s_lo[g]: the first 16 columns of group g0 + g, s_hi[g] the next 16
+                MM_PARTS_DECL(s_hi, G)
+                _Pragma("unroll") for (int hl = 0; hl < 2; hl++) {
                     _Pragma("unroll 1") for (int l = 0; l < 16; l += U) {
                         _Pragma("unroll") for (int k = 0; k < U; k++) {
                             const int16 a = convert_int16(LD_UC16(qs, 16 * hl + l + k)) >> (2 * g0);
                             _Pragma("unroll") for (int g = 0; g < G; g++) {
                                 const float16 q = convert_float16((a >> (2 * g)) & 3);
-                                const float16 w = MM_ONE_TOKEN(TT) ? q : fma(q, dsc[g], nm[g]);
-                                MM_COL(s[g], w, xs + 32 * g + l + k, (l + k) % NC)
+                                const float16 w = MM_ONE_TOKEN(TT) ? q : fma(q, dsc[hl][g], nm[hl][g]);
+                                __global const float *xp = xg + 32 * g + 16 * hl + l + k;
+                                if (hl == 0) {
+                                    MM_COL(s_lo[g], w, xp, (l + k) % NC)
+                                } else {
+                                    MM_COL(s_hi[g], w, xp, (l + k) % NC)
+                                }
                             }
                         }
                     }
-                    _Pragma("unroll") for (int g = 0; g < G; g++) {
-                        if (MM_ONE_TOKEN(TT)) {
-                            MM_BLOCK_END_MIN(s[g], dsc[g], nm[g], xs + 32 * g, 16)
-                        } else {
-                            MM_BLOCK_END(s[g], (float16)(1.0f))
-                        }
+                }
+                _Pragma("unroll") for (int g = 0; g < G; g++) {  // sub-block after sub-block, in column order
+                    if (MM_ONE_TOKEN(TT)) {
+                        MM_BLOCK_END_MIN(s_lo[g], dsc[0][g], nm[0][g], xg + 32 * g, 16)
+                        MM_BLOCK_END_MIN(s_hi[g], dsc[1][g], nm[1][g], xg + 32 * g + 16, 16)
+                    } else {
+                        MM_BLOCK_END(s_lo[g], (float16)(1.0f))
+                        MM_BLOCK_END(s_hi[g], (float16)(1.0f))
                     }
                 }
             }

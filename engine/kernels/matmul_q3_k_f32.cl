@@ -14,12 +14,14 @@
 // Column 128 n + 32 g + l (n: half, g: group 0..3, l: 0..31) is bits 2g, 2g+1 of qs[32 n + l] below bit
 // 4 n + g of hmask[l] (ggml: q - 4 where that bit is clear, q where it is set); sub-block 8 n + 2 g + l / 16.
 //
-// One token: each (qs, hmask) load feeds one column of each of the four groups (four sub-blocks summed at
-// once, 2 chains each, as Q6_K's one-token tile), and the raw 0..7 are summed with the -4 applied once per
-// sub-block as -4 d sc sum(x). Several tokens: one group per pass, so that only one sub-block's TT x NA
-// sums are live, and the 4 subtracted per column (one integer op shared by the tokens).
+// One token: each (qs, hmask) load feeds one column of each of the four groups (the eight sub-blocks of a
+// half summed at once, as Q6_K's one-token tile); several tokens: one group per pass, so that only its two
+// sub-blocks' TT x NA sums are live. Either way the block ends follow in column order, and the 4 is
+// subtracted per column (one integer op shared by the tokens), except in the one-token shortcut without
+// batch invariance (MM_ONE_TOKEN: raw 0..7 summed in 2 chains, the -4 applied once per sub-block as
+// -4 d sc sum(x)).
 static __attribute__((always_inline)) inline void tile_q3_k(const int TT, const int NA, MM_TILE_PARAMS) {
-    const int G = MM_ONE_TOKEN(TT) ? 4 : 1;       // groups per pass
+    const int G = TT == 1 ? 4 : 1;                // groups per pass
     const int NC = MM_ONE_TOKEN(TT) ? 2 : NA;     // chains per sub-block
     const int off = MM_ONE_TOKEN(TT) ? 0 : 4;
     const int U = MM_UNROLL(16, 4);
@@ -31,26 +33,35 @@ static __attribute__((always_inline)) inline void tile_q3_k(const int TT, const 
         _Pragma("unroll 1") for (int n = 0; n < 2; n++) {
             __global const uchar *qs = tb + Q3_K_QS + 32 * 16 * n;
             _Pragma("unroll 1") for (int g0 = 0; g0 < 4; g0 += G) {
-                _Pragma("unroll 1") for (int hl = 0; hl < 2; hl++) {  // sub-block of 16 columns
-                    __global const float *xs = x + b * 256 + 128 * n + 32 * g0 + 16 * hl;
-                    MM_PARTS_DECL(s, G)
+                __global const float *xg = x + b * 256 + 128 * n + 32 * g0;
+                MM_PARTS_DECL(s_lo, G)  // s_lo[g]: the first 16 columns of group g0 + g, s_hi[g] the next 16
+                MM_PARTS_DECL(s_hi, G)
+                _Pragma("unroll") for (int hl = 0; hl < 2; hl++) {
                     _Pragma("unroll 1") for (int l = 0; l < 16; l += U) {
                         _Pragma("unroll") for (int k = 0; k < U; k++) {
                             const int16 a = convert_int16(LD_UC16(qs, 16 * hl + l + k)) >> (2 * g0);
                             const int16 h = convert_int16(LD_UC16(tb, 16 * hl + l + k)) >> (4 * n + g0);
                             _Pragma("unroll") for (int g = 0; g < G; g++) {
                                 const int16 q = (((a >> (2 * g)) & 3) | (((h >> g) & 1) << 2)) - off;
-                                MM_COL(s[g], convert_float16(q), xs + 32 * g + l + k, (l + k) % NC)
+                                __global const float *xp = xg + 32 * g + 16 * hl + l + k;
+                                if (hl == 0) {
+                                    MM_COL(s_lo[g], convert_float16(q), xp, (l + k) % NC)
+                                } else {
+                                    MM_COL(s_hi[g], convert_float16(q), xp, (l + k) % NC)
+                                }
                             }
                         }
                     }
-                    _Pragma("unroll") for (int g = 0; g < G; g++) {
-                        const float16 dsc = d * q3_k_scale(tb + Q3_K_SC, 8 * n + 2 * (g0 + g) + hl);
-                        if (MM_ONE_TOKEN(TT)) {
-                            MM_BLOCK_END_MIN(s[g], dsc, dsc * -4.0f, xs + 32 * g, 16)
-                        } else {
-                            MM_BLOCK_END(s[g], dsc)
-                        }
+                }
+                _Pragma("unroll") for (int g = 0; g < G; g++) {  // sub-block after sub-block, in column order
+                    const float16 dlo = d * q3_k_scale(tb + Q3_K_SC, 8 * n + 2 * (g0 + g));
+                    const float16 dhi = d * q3_k_scale(tb + Q3_K_SC, 8 * n + 2 * (g0 + g) + 1);
+                    if (MM_ONE_TOKEN(TT)) {
+                        MM_BLOCK_END_MIN(s_lo[g], dlo, dlo * -4.0f, xg + 32 * g, 16)
+                        MM_BLOCK_END_MIN(s_hi[g], dhi, dhi * -4.0f, xg + 32 * g + 16, 16)
+                    } else {
+                        MM_BLOCK_END(s_lo[g], dlo)
+                        MM_BLOCK_END(s_hi[g], dhi)
                     }
                 }
             }

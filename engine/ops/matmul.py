@@ -38,10 +38,11 @@ KERNEL_NAMES = {t: t.name.lower() for t in SUPPORTED_TYPES}
 GPU_MATVEC_TYPES = frozenset({T.Q8_0})
 MV_WARPS = 4
 ARG_N_TOKENS = 5  # index of n_tokens in kernel_matmul_*'s argument list (set before each launch)
-# Types whose kernels subtract min * sum(x over a block) (MM_BLOCK_END_MIN in kernels/quants.h), and that
-# block's columns. Every 16-row tile sums x for every token and block; a prompt step computes the sums once
+# Types whose several-token tiles subtract min * sum(x over a block) (MM_BLOCK_END_MIN in kernels/quants.h),
+# and that block's columns (the others use it only in the one-token shortcut of a build without batch
+# invariance). Every 16-row tile sums x for every token and block; a prompt step computes the sums once
 # (kernel_x_block_sums, one launch) into MatmulOps' scratch: Q4_K's 512-token prompt step ran 1.4x faster.
-XSUM_COLS = {T.Q4_0: 32, T.Q5_0: 32, T.Q4_K: 32, T.Q5_K: 32, T.Q2_K: 16, T.Q3_K: 16}
+XSUM_COLS = {T.Q4_K: 32, T.Q5_K: 32}
 
 
 def xsum_scratch_bytes(max_tokens: int, max_cols: int, rows_per_token: int = 1) -> int:
