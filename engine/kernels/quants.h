@@ -306,7 +306,7 @@ inline float x_sum32(__global const float *p) {
 // the token group x. Every tile needs them for every token and block; the prompt plans compute them once per
 // step instead (kernel_x_block_sums below: the same x_sum<N>, so the same bits) and pass xsum, float
 // [n_tokens, n_cols / 16] from the group's first token, the sum of the block at column col in element
-// col / N of a token's row. Without xsum (NULL: decode, verify and expert products) each tile computes them.
+// col / N of a token's row. Without xsum (NULL: decode and verify steps) each tile computes them.
 inline float mm_xsum32(__global const float *xsum, __global const float *x, __global const float *xp, const int t,
                        const int n_cols) {
     return xsum ? xsum[(size_t)t * (n_cols / 16) + (int)(xp - x) / 32] : x_sum32(xp + (size_t)t * n_cols);
@@ -398,8 +398,8 @@ inline void store_rows(float16 v, __global float *yr, const int rows, const int 
 //     (MM_UNROLL, MM_PREFETCH in quants.h).
 // Work-item (tile, chunk) handles rows [16 tile, 16 tile + 16) for tokens
 // [chunk * tchunk, min(n_tokens, (chunk + 1) * tchunk)), in groups of 8, 4, 2 and 1 tokens.
-// xsum: NULL, or x's block sums from kernel_x_block_sums for the types with a min or an offset
-//     (MM_BLOCK_END_MIN; the prompt variant passes them, engine/ops/matmul.py XSUM_COLS; the same for
+// xsum: NULL, or x's block sums from kernel_x_block_sums for the types whose several-token tiles subtract
+//     a min (MM_BLOCK_END_MIN; the prompt variant passes them, engine/ops/matmul.py XSUM_COLS; the same for
 //     MM_KERNEL_ID, whose x rows are the gathered (token, expert) pairs).
 #define MM_KERNEL(NAME, TILE_FN, BLOCK_COLS, TILE_BLOCK_BYTES)                                              \
     __kernel void NAME(__global const uchar *w, __global const float *x, __global float *y,                 \
