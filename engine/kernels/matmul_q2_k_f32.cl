@@ -42,8 +42,7 @@ static __attribute__((always_inline)) inline void tile_q2_k(const int TT, const 
                         nm[hl][g] = -dmin * convert_float16(sc >> 4);
                     }
                 }
-                MM_PARTS_DECL(s_lo, G)  // s_lo[g]: the first 16 columns of group g0 + g, s_hi[g] the next 16
-                MM_PARTS_DECL(s_hi, G)
+                MM_PARTS_DECL(s, G)  // s[hl][g]: columns 16 hl .. 16 hl + 15 of group g0 + g
                 _Pragma("unroll") for (int hl = 0; hl < 2; hl++) {
                     _Pragma("unroll 1") for (int l = 0; l < 16; l += U) {
                         _Pragma("unroll") for (int k = 0; k < U; k++) {
@@ -52,22 +51,18 @@ static __attribute__((always_inline)) inline void tile_q2_k(const int TT, const 
                                 const float16 q = convert_float16((a >> (2 * g)) & 3);
                                 const float16 w = MM_ONE_TOKEN(TT) ? q : fma(q, dsc[hl][g], nm[hl][g]);
                                 __global const float *xp = xg + 32 * g + 16 * hl + l + k;
-                                if (hl == 0) {
-                                    MM_COL(s_lo[g], w, xp, (l + k) % NC)
-                                } else {
-                                    MM_COL(s_hi[g], w, xp, (l + k) % NC)
-                                }
+                                MM_COL(s[hl][g], w, xp, (l + k) % NC)
                             }
                         }
                     }
                 }
                 _Pragma("unroll") for (int g = 0; g < G; g++) {  // sub-block after sub-block, in column order
                     if (MM_ONE_TOKEN(TT)) {
-                        MM_BLOCK_END_MIN(s_lo[g], dsc[0][g], nm[0][g], xg + 32 * g, 16)
-                        MM_BLOCK_END_MIN(s_hi[g], dsc[1][g], nm[1][g], xg + 32 * g + 16, 16)
+                        MM_BLOCK_END_MIN(s[0][g], dsc[0][g], nm[0][g], xg + 32 * g, 16)
+                        MM_BLOCK_END_MIN(s[1][g], dsc[1][g], nm[1][g], xg + 32 * g + 16, 16)
                     } else {
-                        MM_BLOCK_END(s_lo[g], (float16)(1.0f))
-                        MM_BLOCK_END(s_hi[g], (float16)(1.0f))
+                        MM_BLOCK_END(s[0][g], (float16)(1.0f))
+                        MM_BLOCK_END(s[1][g], (float16)(1.0f))
                     }
                 }
             }

@@ -34,8 +34,7 @@ static __attribute__((always_inline)) inline void tile_q3_k(const int TT, const 
             __global const uchar *qs = tb + Q3_K_QS + 32 * 16 * n;
             _Pragma("unroll 1") for (int g0 = 0; g0 < 4; g0 += G) {
                 __global const float *xg = x + b * 256 + 128 * n + 32 * g0;
-                MM_PARTS_DECL(s_lo, G)  // s_lo[g]: the first 16 columns of group g0 + g, s_hi[g] the next 16
-                MM_PARTS_DECL(s_hi, G)
+                MM_PARTS_DECL(s, G)  // s[hl][g]: columns 16 hl .. 16 hl + 15 of group g0 + g
                 _Pragma("unroll") for (int hl = 0; hl < 2; hl++) {
                     _Pragma("unroll 1") for (int l = 0; l < 16; l += U) {
                         _Pragma("unroll") for (int k = 0; k < U; k++) {
@@ -44,11 +43,7 @@ static __attribute__((always_inline)) inline void tile_q3_k(const int TT, const 
                             _Pragma("unroll") for (int g = 0; g < G; g++) {
                                 const int16 q = (((a >> (2 * g)) & 3) | (((h >> g) & 1) << 2)) - off;
                                 __global const float *xp = xg + 32 * g + 16 * hl + l + k;
-                                if (hl == 0) {
-                                    MM_COL(s_lo[g], convert_float16(q), xp, (l + k) % NC)
-                                } else {
-                                    MM_COL(s_hi[g], convert_float16(q), xp, (l + k) % NC)
-                                }
+                                MM_COL(s[hl][g], convert_float16(q), xp, (l + k) % NC)
                             }
                         }
                     }
@@ -57,11 +52,11 @@ static __attribute__((always_inline)) inline void tile_q3_k(const int TT, const 
                     const float16 dlo = d * q3_k_scale(tb + Q3_K_SC, 8 * n + 2 * (g0 + g));
                     const float16 dhi = d * q3_k_scale(tb + Q3_K_SC, 8 * n + 2 * (g0 + g) + 1);
                     if (MM_ONE_TOKEN(TT)) {
-                        MM_BLOCK_END_MIN(s_lo[g], dlo, dlo * -4.0f, xg + 32 * g, 16)
-                        MM_BLOCK_END_MIN(s_hi[g], dhi, dhi * -4.0f, xg + 32 * g + 16, 16)
+                        MM_BLOCK_END_MIN(s[0][g], dlo, dlo * -4.0f, xg + 32 * g, 16)
+                        MM_BLOCK_END_MIN(s[1][g], dhi, dhi * -4.0f, xg + 32 * g + 16, 16)
                     } else {
-                        MM_BLOCK_END(s_lo[g], dlo)
-                        MM_BLOCK_END(s_hi[g], dhi)
+                        MM_BLOCK_END(s[0][g], dlo)
+                        MM_BLOCK_END(s[1][g], dhi)
                     }
                 }
             }

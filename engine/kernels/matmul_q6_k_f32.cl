@@ -33,33 +33,25 @@ static __attribute__((always_inline)) inline void tile_q6_k_one(const int TT, co
             __global const uchar *ql = tb + 64 * 16 * n;
             __global const uchar *qh = tb + Q6_K_QH + 32 * 16 * n;
             __global const float *xn = x + b * 256 + 128 * n;
-            MM_PARTS_DECL(s_lo, 4)  // s_lo[g]: sub-block hl 0 of group g; s_hi[g]: hl 1
-            MM_PARTS_DECL(s_hi, 4)
+            MM_PARTS_DECL(s, 4)  // s[hl][g]: columns 16 hl .. 16 hl + 15 of group g
             _Pragma("unroll") for (int hl = 0; hl < 2; hl++) {
                 _Pragma("unroll") for (int l = 0; l < 16; l++) {
                     const int16 a = convert_int16(LD_UC16(ql, 16 * hl + l));
                     const int16 c = convert_int16(LD_UC16(ql, 32 + 16 * hl + l));
                     const int16 h = convert_int16(LD_UC16(qh, 16 * hl + l));
                     __global const float *xl = xn + 16 * hl + l;
-                    if (hl == 0) {
-                        MM_COL(s_lo[0], convert_float16(((a & 15) | ((h << 4) & 48)) - 32), xl, l % NA)
-                        MM_COL(s_lo[1], convert_float16(((c & 15) | ((h << 2) & 48)) - 32), xl + 32, l % NA)
-                        MM_COL(s_lo[2], convert_float16(((a >> 4) | (h & 48)) - 32), xl + 64, l % NA)
-                        MM_COL(s_lo[3], convert_float16(((c >> 4) | ((h >> 2) & 48)) - 32), xl + 96, l % NA)
-                    } else {
-                        MM_COL(s_hi[0], convert_float16(((a & 15) | ((h << 4) & 48)) - 32), xl, l % NA)
-                        MM_COL(s_hi[1], convert_float16(((c & 15) | ((h << 2) & 48)) - 32), xl + 32, l % NA)
-                        MM_COL(s_hi[2], convert_float16(((a >> 4) | (h & 48)) - 32), xl + 64, l % NA)
-                        MM_COL(s_hi[3], convert_float16(((c >> 4) | ((h >> 2) & 48)) - 32), xl + 96, l % NA)
-                    }
+                    MM_COL(s[hl][0], convert_float16(((a & 15) | ((h << 4) & 48)) - 32), xl, l % NA)
+                    MM_COL(s[hl][1], convert_float16(((c & 15) | ((h << 2) & 48)) - 32), xl + 32, l % NA)
+                    MM_COL(s[hl][2], convert_float16(((a >> 4) | (h & 48)) - 32), xl + 64, l % NA)
+                    MM_COL(s[hl][3], convert_float16(((c >> 4) | ((h >> 2) & 48)) - 32), xl + 96, l % NA)
                 }
             }
             __global const char *sc = (__global const char *)(tb + Q6_K_SC) + 16 * 8 * n;
             _Pragma("unroll") for (int g = 0; g < 4; g++) {
                 float16 dsc = d * convert_float16(LD_C16(sc, 2 * g));
-                MM_BLOCK_END(s_lo[g], dsc)
+                MM_BLOCK_END(s[0][g], dsc)
                 dsc = d * convert_float16(LD_C16(sc, 2 * g + 1));
-                MM_BLOCK_END(s_hi[g], dsc)
+                MM_BLOCK_END(s[1][g], dsc)
             }
         }
     }

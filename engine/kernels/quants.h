@@ -236,14 +236,16 @@ static __attribute__((always_inline)) inline float16 q3_k_scale(__global const u
         }                                                                                                   \
     }
 
-// NG sets of partial sums, s[g] used as one MM_PART_DECL's (sub-blocks decoded together: each load of the
-// 2-bit K-quants feeds a column of four of them)
+// 2 x NG sets of partial sums, s[h][g] used as one MM_PART_DECL's: the two 16-column sub-blocks h of NG
+// groups decoded together (Q2_K, Q3_K, Q6_K: one load feeds a column of four groups)
 #define MM_PARTS_DECL(s, NG)                                                                                \
-    float16 s[4][MM_TT_MAX][MM_NA_MAX];                                                                     \
-    _Pragma("unroll") for (int g_ = 0; g_ < (NG); g_++) {                                                   \
-        _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                 \
-            _Pragma("unroll") for (int a_ = 0; a_ < NA; a_++) {                                             \
-                s[g_][t_][a_] = (float16)(0.0f);                                                            \
+    float16 s[2][4][MM_TT_MAX][MM_NA_MAX];                                                                  \
+    _Pragma("unroll") for (int h_ = 0; h_ < 2; h_++) {                                                      \
+        _Pragma("unroll") for (int g_ = 0; g_ < (NG); g_++) {                                               \
+            _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                             \
+                _Pragma("unroll") for (int a_ = 0; a_ < NA; a_++) {                                         \
+                    s[h_][g_][t_][a_] = (float16)(0.0f);                                                    \
+                }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
     }
@@ -272,7 +274,7 @@ static __attribute__((always_inline)) inline float16 mm_part_sum(float16 *s, con
 #define MM_BLOCK_END_MIN(s, scale, neg_min, xp, NCOL)                                                       \
     _Pragma("unroll") for (int t_ = 0; t_ < TT; t_++) {                                                     \
         acc[t_] = fma(mm_part_sum(s[t_], NA), (scale),                                                      \
-                      fma((neg_min), (float16)(mm_xsum##NCOL(xsum, x, (xp), t_, n_cols)), acc[t_]));        \
+                      fma((neg_min), (float16)(mm_xsum(xsum, x, (xp), t_, n_cols, (NCOL))), acc[t_]));       \
     }
 
 // Types with an offset per block of 32 (Q4_1, Q5_1: w = d q + m). One token: raw q summed, scale and offset
@@ -302,22 +304,22 @@ inline float x_sum32(__global const float *p) {
     return c.x + c.y;
 }
 
-// The sums of x over a block for MM_BLOCK_END_MIN: sum(x[t, col : col + N]), xp pointing at x[0, col] of
+// sum(p[0 : ncol]) for a block of 32 or 16 columns (ncol is a constant wherever a tile calls it)
+inline float x_block_sum(__global const float *p, const int ncol) {
+    return ncol == 32 ? x_sum32(p) : x_sum16(p);
+}
+
+// The sums of x over a block for MM_BLOCK_END_MIN: sum(x[t, col : col + ncol]), xp pointing at x[0, col] of
 // the token group x. Every tile needs them for every token and block; the prompt plans compute them once per
-// step instead (kernel_x_block_sums below: the same x_sum<N>, so the same bits) and pass xsum, float
+// step instead (kernel_x_block_sums below: the same x_block_sum, so the same bits) and pass xsum, float
 // [n_tokens, n_cols / 16] from the group's first token, the sum of the block at column col in element
-// col / N of a token's row. Without xsum (NULL: decode and verify steps) each tile computes them.
-inline float mm_xsum32(__global const float *xsum, __global const float *x, __global const float *xp, const int t,
-                       const int n_cols) {
-    return xsum ? xsum[(size_t)t * (n_cols / 16) + (int)(xp - x) / 32] : x_sum32(xp + (size_t)t * n_cols);
+// col / ncol of a token's row. Without xsum (NULL: decode and verify steps) each tile computes them.
+inline float mm_xsum(__global const float *xsum, __global const float *x, __global const float *xp, const int t,
+                     const int n_cols, const int ncol) {
+    return xsum ? xsum[(size_t)t * (n_cols / 16) + (int)(xp - x) / ncol] : x_block_sum(xp + (size_t)t * n_cols, ncol);
 }
 
-inline float mm_xsum16(__global const float *xsum, __global const float *x, __global const float *xp, const int t,
-                       const int n_cols) {
-    return xsum ? xsum[(size_t)t * (n_cols / 16) + (int)(xp - x) / 16] : x_sum16(xp + (size_t)t * n_cols);
-}
-
-// xsum[t, b] = x_sum<NCOL>(x[t, b * NCOL :]) for b < n_cols / NCOL and the rows t < n of x, n = n_rows, or
+// xsum[t, b] = x_block_sum(x[t, b * ncol :], ncol) for b < n_cols / ncol and the rows t < n of x, n = n_rows, or
 // bounds[n_expert] with bounds (the rows an expert-indexed product's router gathered); rows of xsum n_cols / 16
 // floats apart. NDRange: one work-item per row, any count; work-items past n return.
 __kernel void kernel_x_block_sums(__global const float *x, __global float *xsum, const int n_cols, const int ncol,
@@ -327,8 +329,7 @@ __kernel void kernel_x_block_sums(__global const float *x, __global float *xsum,
         return;
     }
     for (int b = 0; b < n_cols / ncol; b++) {
-        __global const float *p = x + (size_t)t * n_cols + (size_t)b * ncol;
-        xsum[(size_t)t * (n_cols / 16) + b] = ncol == 32 ? x_sum32(p) : x_sum16(p);
+        xsum[(size_t)t * (n_cols / 16) + b] = x_block_sum(x + (size_t)t * n_cols + (size_t)b * ncol, ncol);
     }
 }
 

@@ -143,9 +143,9 @@ class MatmulOps:
         else:
             k = self.rt.kernel(self._program("matmul", w.qtype), f"kernel_matmul_{KERNEL_NAMES[w.qtype]}_f32")
         sums = [] if gpu_mv else self._xsum_launch(w, x, max_tokens, tchunk, token_var)
-        args = [w.buffers["tiles"], x, y, np.int32(w.n_rows), np.int32(w.n_cols), np.int32(0), np.int32(tchunk),
-                np.int32(1 if accumulate else 0), np.int32(ldy), np.int32(y_offset)]
-        k.set_args(*args, *([] if gpu_mv else [self.xsum if sums else None]))
+        xsum_arg = [] if gpu_mv else [self.xsum if sums else None]  # the GPU mat-vec kernel has no xsum
+        k.set_args(w.buffers["tiles"], x, y, np.int32(w.n_rows), np.int32(w.n_cols), np.int32(0), np.int32(tchunk),
+                   np.int32(1 if accumulate else 0), np.int32(ldy), np.int32(y_offset), *xsum_arg)
         if gpu_mv:  # one work-group per tile
             wg, n_groups = 32 * MV_WARPS, w.n_tiles
         else:
